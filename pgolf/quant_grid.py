@@ -1,0 +1,57 @@
+"""The symmetric per-row integer grid shared by late QAT, GPTQ and packing.
+
+One definition of the grid keeps training-time fake quantisation and the
+exported integers identical (the records clamped QAT to [-32, 31] but exported
+on [-31, 31]). A ``bits``-bit tensor stores integers in [-qmax, qmax] with
+``qmax = 2**(bits-1) - 1`` in an int8 container, and one fp16 scale per row.
+"""
+from __future__ import annotations
+
+import torch
+
+# Scales are stored as fp16; the floor keeps an all-zero row from dividing by 0
+# while staying far below any scale a trained row produces.
+SCALE_FLOOR = 2.0 ** -24
+
+
+def qmax_for_bits(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+def row_scales(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None,
+               scale_floor: float = SCALE_FLOOR) -> torch.Tensor:
+    """Per-row scale ``fp16(max(clip_r / qmax, floor))`` returned as float32.
+
+    ``w`` is (..., rows, cols); ``clip`` defaults to the row's max |w|.
+    Rounding through fp16 makes the scale exactly what the artifact stores.
+    """
+    qmax = qmax_for_bits(bits)
+    if clip is None:
+        clip = w.detach().abs().amax(dim=-1)
+    scale = torch.clamp(clip.float() / qmax, min=scale_floor)
+    return scale.to(torch.float16).to(torch.float32)
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers ``clamp(round(w / s), -qmax, qmax)`` as int8 (scale per row)."""
+    qmax = qmax_for_bits(bits)
+    q = torch.round(w.float() / scale.unsqueeze(-1))
+    return q.clamp_(-qmax, qmax).to(torch.int8)
+
+
+def dequantize_grid(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().unsqueeze(-1)
+
+
+def fake_quantize_ste(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Straight-through fake quantisation on the export grid (row-max clip).
+
+    Forward value is the dequantised weight; the gradient passes to ``w`` as
+    if the rounding were the identity.
+    """
+    scale = row_scales(w, bits)
+    qmax = qmax_for_bits(bits)
+    wq = torch.clamp(torch.round(w / scale.unsqueeze(-1).to(w.dtype)), -qmax, qmax) * scale.unsqueeze(-1).to(w.dtype)
+    return w + (wq - w).detach()

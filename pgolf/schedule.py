@@ -1,0 +1,72 @@
+"""Learning-rate warmdown and Muon momentum warm-up.
+
+There is no LR warm-up (RECIPE §3.3): the scale is 1 until the warmdown
+window, then falls linearly to 0 at the end of the run. Two ways to place the
+window:
+
+* step count: the last ``warmdown_steps`` of ``total_steps``;
+* wall clock: the last ``warmdown_frac`` of the training-time cap.
+
+The records' third form, ``warmdown_ms = WARMDOWN_ITERS × measured ms/step``,
+is deliberately not offered: when steps are slower than planned the window is
+longer than the run and the LR never reaches its peak (PR #960 started at
+scale ≈ 0.57; RECIPE §3.3 and §6.9). Both forms here give scale exactly 1 at
+the start whenever the window fits in the run, and refuse a window that does
+not fit instead of silently starting below peak.
+"""
+from __future__ import annotations
+
+import math
+
+
+def warmdown_scale_by_steps(step: int, total_steps: int, warmdown_steps: int) -> float:
+    """LR scale for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    The line through 1 at step ``total_steps − warmdown_steps`` and 0 at step
+    ``total_steps`` (the records' convention): 1 before the window, then
+    ``(total_steps − step) / warmdown_steps``, so the last step uses
+    ``1/warmdown_steps``; 0 from ``total_steps`` on.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= warmdown_steps <= total_steps:
+        raise ValueError(f"warmdown_steps must be in [0, total_steps={total_steps}] so the run "
+                         f"starts at peak LR, got {warmdown_steps}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    remaining = total_steps - step
+    if remaining <= 0:
+        return 0.0
+    if remaining >= warmdown_steps:
+        return 1.0
+    return remaining / warmdown_steps
+
+
+def warmdown_scale_by_time(elapsed_s: float, cap_s: float, warmdown_frac: float) -> float:
+    """LR scale after ``elapsed_s`` seconds of training under a ``cap_s`` cap.
+
+    ``warmdown = warmdown_frac × cap_s``; scale = 1 while the remaining time is
+    at least ``warmdown``, then ``remaining / warmdown``, and 0 at the cap.
+    """
+    if not (cap_s > 0 and math.isfinite(cap_s)):
+        raise ValueError(f"the wall-clock warmdown needs a finite cap > 0 seconds, got {cap_s}")
+    if not 0.0 <= warmdown_frac <= 1.0:
+        raise ValueError(f"warmdown_frac must be in [0, 1], got {warmdown_frac}")
+    if elapsed_s < 0:
+        raise ValueError(f"elapsed_s must be >= 0, got {elapsed_s}")
+    remaining = cap_s - elapsed_s
+    if remaining <= 0:
+        return 0.0
+    warmdown = warmdown_frac * cap_s
+    if remaining >= warmdown:
+        return 1.0
+    return remaining / warmdown
+
+
+def momentum_warmup(step: int, start: float, end: float, warmup_steps: int) -> float:
+    """``μ(t) = start + (end − start)·min(t / T, 1)``; ``T = 0`` means ``end`` from step 0."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps == 0:
+        return end
+    return start + (end - start) * min(max(step, 0) / warmup_steps, 1.0)

@@ -20,6 +20,24 @@ def qmax_for_bits(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest fp16 value (ties to even), as float32.
+
+    Equals ``x.to(float16).to(float32)`` for |x| <= 65504, but is written with
+    integer bit operations: torch.compile's inductor drops an fp32→fp16→fp32
+    cast pair as redundant (unless ``emulate_precision_casts``), which made
+    compiled late-QAT scales differ from the exported ones.
+    """
+    x = x.float()
+    bits = x.view(torch.int32)
+    # Drop the 13 low mantissa bits of fp32 (23 → fp16's 10), rounding half to even.
+    lsb = (bits >> 13) & 1
+    normal = ((bits + 0x0FFF + lsb) & ~0x1FFF).view(torch.float32)
+    # Below fp16's smallest normal (2^-14) the spacing is fixed at 2^-24.
+    subnormal = torch.round(x * 2.0 ** 24) * 2.0 ** -24
+    return torch.where(x.abs() < 2.0 ** -14, subnormal, normal)
+
+
 def row_scales(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None,
                scale_floor: float = SCALE_FLOOR) -> torch.Tensor:
     """Per-row scale ``fp16(max(clip_r / qmax, floor))`` returned as float32.
@@ -31,7 +49,7 @@ def row_scales(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None,
     if clip is None:
         clip = w.detach().abs().amax(dim=-1)
     scale = torch.clamp(clip.float() / qmax, min=scale_floor)
-    return scale.to(torch.float16).to(torch.float32)
+    return round_to_fp16(scale)
 
 
 def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

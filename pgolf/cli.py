@@ -1,4 +1,4 @@
-"""`pgolf` command line: significance (and, as they land, inspect and export)."""
+"""`pgolf` command line: significance, inspect and export."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,8 @@ import json
 import math
 import sys
 
+from pgolf import export as export_command
+from pgolf import inspect as inspect_command
 from pgolf.errors import PgolfError
 
 
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
     sig.add_argument("--json", action="store_true", help="print the result as JSON")
     sig.set_defaults(func=_cmd_significance)
+    inspect_command.add_subcommand(sub)
+    export_command.add_subcommand(sub)
     return parser
 
 

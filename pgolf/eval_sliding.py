@@ -1,0 +1,205 @@
+"""Sliding-window bits per byte of a causal LM over the validation stream (RECIPE §1.4, §5.2).
+
+The library needs only ``model.token_nll(ids [B, T], targets [B, T]) -> [B, T]``
+(fp32 nats, causal: position t may depend on ``ids[:, :t+1]`` only).
+
+Windows come from :mod:`pgolf.windows`. A batch is always
+``batch_windows × max_length`` tokens: shorter windows and the missing rows
+of the last batch are padded and masked, so a compiled forward sees a single
+shape. For a causal model padding after a position cannot change its score.
+Per batch, the masked NLL, target count and target bytes are added to one
+float64 accumulator on the device; nothing is read back until the end, so the
+GPU never waits on the host. Under ``torchrun`` each rank scores a contiguous
+share of the windows and the three sums are all-reduced (SUM) once.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pgolf.bpb import ByteTables, bits_per_byte, target_bytes
+from pgolf.config import check
+from pgolf.distributed import all_reduce_sum_, shard_range
+from pgolf.precision import autocast, compile_enabled, maybe_compile, synchronize
+from pgolf.windows import WindowPlan, eval_target_count, plan_nonoverlapping, plan_sliding
+
+# observer(target_positions, context_tokens, nll): CPU tensors of the targets a
+# batch scored, their count of earlier tokens in the window, and their NLL.
+Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+# forward(ids [B, T], targets [B, T]) -> NLL [B, T]: model.token_nll, maybe compiled.
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SlidingConfig:
+    """``eval_sliding`` params; ``eval_ttt`` scores with the same windows."""
+
+    seq_len: int            # tokens per window
+    stride: int             # targets scored per window after the first
+    batch_windows: int      # windows per forward pass (per rank)
+    trim_to_seq_len: bool   # cut the stream to whole seq_len sequences, like the records
+    compile: bool           # torch.compile the forward (CUDA only; CPU stays eager)
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 1, "seq_len", "must be >= 1")
+        check(1 <= self.stride <= self.seq_len, "stride", f"must be in [1, seq_len={self.seq_len}]")
+        check(self.batch_windows >= 1, "batch_windows", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalSums:
+    """Totals over scored targets, identical on every rank after the all-reduce."""
+
+    nll_sum: float       # Σ NLL in nats (float64)
+    scored_tokens: int
+    byte_sum: int
+
+    @classmethod
+    def from_tensor(cls, sums: torch.Tensor) -> "EvalSums":
+        nll, tokens, nbytes = sums.detach().cpu().tolist()
+        return cls(nll_sum=nll, scored_tokens=int(round(tokens)), byte_sum=int(round(nbytes)))
+
+    @property
+    def val_loss(self) -> float:
+        return self.nll_sum / self.scored_tokens if self.scored_tokens else math.nan
+
+    @property
+    def val_bpb(self) -> float:
+        return bits_per_byte(self.nll_sum, self.byte_sum) if self.byte_sum > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    sums: EvalSums
+    windows: int         # windows in the plan (all ranks)
+    seconds: float       # wall clock of the scoring, compilation included
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.sums.scored_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+def prepare_tokens(stream: np.ndarray, seq_len: int, trim_to_seq_len: bool, device: torch.device,
+                   source: str) -> torch.Tensor:
+    """The validation stream (trimmed if asked) as an int64 tensor on ``device``."""
+    targets = eval_target_count(int(stream.shape[0]), seq_len, trim_to_seq_len, source)
+    return torch.from_numpy(np.asarray(stream[:targets + 1], dtype=np.int64)).to(device)
+
+
+def nll_forward(model: torch.nn.Module, use_compile: bool, device: torch.device) -> Forward:
+    """``model.token_nll``, compiled (static shapes, full graph) when asked and on CUDA.
+
+    Build it once and pass it to every evaluation of the same model, so the
+    graph is compiled once.
+    """
+    return maybe_compile(model.token_nll, compile_enabled(use_compile, device))
+
+
+@dataclass(frozen=True, eq=False)
+class DevicePlan:
+    """A :class:`WindowPlan` uploaded once, so batches slice it without host work."""
+
+    plan: WindowPlan
+    starts: torch.Tensor
+    offsets: torch.Tensor    # score_from - starts: scored columns begin here
+    lengths: torch.Tensor
+
+
+class WindowScorer:
+    """Scores ranges of a window plan in fixed-shape batches, accumulating float64 sums."""
+
+    def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
+                 batch_windows: int, forward: Forward, observer: Observer | None = None):
+        if tokens.ndim != 1 or tokens.numel() < 2:
+            raise ValueError(f"tokens must be a 1-D stream of >= 2 ids, got shape {tuple(tokens.shape)}")
+        self.model = model
+        self.tokens = tokens
+        self.device = tokens.device
+        self.num_targets = tokens.numel() - 1
+        self.tables = tables
+        self.batch_windows = batch_windows
+        self.observer = observer
+        self.forward = forward
+
+    def upload(self, plan: WindowPlan) -> DevicePlan:
+        if plan.num_targets != self.num_targets:
+            raise ValueError(f"plan covers {plan.num_targets} targets, stream has {self.num_targets}")
+        put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        return DevicePlan(plan, put(plan.starts), put(plan.score_from - plan.starts), put(plan.lengths))
+
+    def score(self, dplan: DevicePlan, lo: int, hi: int) -> torch.Tensor:
+        """Sums (Σ NLL, targets, bytes) as float64 [3] on the device over windows [lo, hi)."""
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        width = dplan.plan.max_length
+        cols = torch.arange(width + 1, device=self.device)
+        with torch.inference_mode():
+            for a in range(lo, hi, self.batch_windows):
+                b = min(a + self.batch_windows, hi)
+                sums += self._score_batch(dplan.starts[a:b], dplan.offsets[a:b], dplan.lengths[a:b],
+                                          cols)
+        return sums
+
+    def _score_batch(self, starts: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor,
+                     cols: torch.Tensor) -> torch.Tensor:
+        width = cols.numel() - 1
+        missing = self.batch_windows - starts.numel()
+        if missing:
+            # Dummy rows read the stream's first tokens and score nothing.
+            zeros = starts.new_zeros(missing)
+            starts = torch.cat([starts, zeros])
+            offsets = torch.cat([offsets, zeros + width])
+            lengths = torch.cat([lengths, zeros])
+        index = (starts[:, None] + cols).clamp_(max=self.num_targets)
+        window = self.tokens[index]
+        ids, targets = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        with autocast(self.device):
+            nll = self.forward(ids, targets)
+        col = cols[:-1]
+        scored = (col >= offsets[:, None]) & (col < lengths[:, None])
+        nll_sum = torch.where(scored, nll.double(), 0.0).sum()
+        byte_sum = torch.where(scored, target_bytes(self.tables, ids, targets), 0).sum()
+        if self.observer is not None:
+            positions = (starts[:, None] + col)[scored]
+            context = col.expand_as(scored)[scored]
+            self.observer(positions.cpu(), context.cpu(), nll[scored].cpu())
+        return torch.stack([nll_sum, scored.sum().double(), byte_sum.double()])
+
+
+def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: int) -> EvalResult:
+    """Score every window of ``plan`` (this rank's contiguous share) and all-reduce."""
+    synchronize(scorer.device)
+    began = time.perf_counter()
+    lo, hi = shard_range(plan.num_windows, rank, world_size)
+    sums = all_reduce_sum_(scorer.score(scorer.upload(plan), lo, hi))
+    result = EvalSums.from_tensor(sums)
+    synchronize(scorer.device)
+    return EvalResult(result, plan.num_windows, time.perf_counter() - began)
+
+
+def score_sliding_windows(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
+                          cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
+                          forward: Forward | None = None, observer: Observer | None = None) -> EvalResult:
+    """Exact sliding-window eval: every target of ``tokens`` scored once (RECIPE §5.2, §6.1).
+
+    ``forward`` defaults to ``nll_forward(model, cfg.compile, tokens.device)``.
+    """
+    forward = forward or nll_forward(model, cfg.compile, tokens.device)
+    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer)
+    plan = plan_sliding(scorer.num_targets, cfg.seq_len, cfg.stride)
+    return score_plan(scorer, plan, rank, world_size)
+
+
+def score_nonoverlapping(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
+                         cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
+                         forward: Forward | None = None, observer: Observer | None = None) -> EvalResult:
+    """Diagnostic: consecutive seq_len windows, each scored in full (RECIPE §5.1)."""
+    forward = forward or nll_forward(model, cfg.compile, tokens.device)
+    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer)
+    plan = plan_nonoverlapping(scorer.num_targets, cfg.seq_len)
+    return score_plan(scorer, plan, rank, world_size)

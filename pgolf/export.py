@@ -1,0 +1,295 @@
+"""`pgolf export --out DIR`: a challenge-style submission folder from the pipeline's outputs.
+
+The folder holds::
+
+    README.md         results table (bpb, loss, bytes vs 16,000,000, training, quantisation)
+    submission.json   the same numbers for machines, plus seeds, date, versions, git commit
+    model.ptz         the quantised artifact that was scored
+    code/...          the counted code files listed in size.json (their bytes are bytes_code)
+    logs/...          every *.log under artifacts/, by its path there
+    params.yaml       the parameters, and dvc.lock when present (the exact recorded run)
+
+The headline score is the legal TTT eval when it ran, else the sliding-window
+eval (RECIPE §5: the last eval that runs). Export refuses, writing nothing,
+when a required input is missing, when size.json no longer describes the
+files (a stale size check), or when it says ``fits: false`` unless
+``allow_over_limit``. The folder is built in a temporary directory and
+renamed into place; an existing ``--out`` is replaced only if it is empty or
+an earlier export.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pgolf.errors import DataError, PgolfError
+
+ARTIFACT = Path("artifacts/quant/model.ptz")
+SIZE_JSON = Path("artifacts/size.json")
+SLIDING_METRICS = Path("artifacts/eval_sliding/metrics.json")
+TTT_METRICS = Path("artifacts/eval_ttt/metrics.json")
+TRAIN_METRICS = Path("artifacts/train/metrics.json")
+QUANT_METRICS = Path("artifacts/quant/metrics.json")
+PARAMS = Path("params.yaml")
+DVC_LOCK = Path("dvc.lock")
+LOGS_UNDER = Path("artifacts")
+REQUIRED = (ARTIFACT, SIZE_JSON, SLIDING_METRICS, TRAIN_METRICS, PARAMS)
+
+
+def _read_json(path: Path) -> dict:
+    from pgolf.run_metrics import read_metrics_file
+    return read_metrics_file(path)
+
+
+def _number(data: dict, key: str, where: Path, kind: type = float) -> Any:
+    """``data[key]`` as a number of ``kind``; DataError naming the file and key otherwise."""
+    value = data.get(key)
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        raise DataError(f"{where}: key '{key}' missing or not {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
+def _optional(data: dict | None, key: str) -> Any:
+    return None if data is None else data.get(key)
+
+
+def git_commit(root: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, working tree has uncommitted changes) or (None, None) outside a git checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return commit, (bool(status) if status is not None else None)
+
+
+def check_size_report(root: Path, size: dict) -> None:
+    """The sizes in size.json must still be those of the files (else re-run size_check)."""
+    where = root / SIZE_JSON
+    for key in ("code_bytes", "model_bytes", "total_bytes", "limit"):
+        _number(size, key, where, int)
+    if not isinstance(size.get("fits"), bool) or not isinstance(size.get("code_files"), list):
+        raise DataError(f"{where}: keys 'fits' (true/false) and 'code_files' (a list) are required")
+    model = (root / ARTIFACT).stat().st_size
+    if model != size["model_bytes"]:
+        raise DataError(f"{where}: model_bytes {size['model_bytes']:,} but {ARTIFACT} is {model:,} bytes; "
+                        "size.json is stale, re-run the size_check stage")
+    missing = [f for f in size["code_files"] if not (root / f).is_file()]
+    if missing:
+        raise DataError(f"{where}: counted code file {missing[0]} does not exist; re-run the size_check stage")
+    code = sum((root / f).stat().st_size for f in size["code_files"])
+    if code != size["code_bytes"]:
+        raise DataError(f"{where}: code_bytes {size['code_bytes']:,} but the listed code files now hold "
+                        f"{code:,} bytes; size.json is stale, re-run the size_check stage")
+
+
+def _params_summary(root: Path, model_config: dict, quant_meta: dict, num_parameters: int) -> dict:
+    from pgolf.config import load_params
+    params = load_params(root / PARAMS)
+
+    def section(name: str) -> dict:
+        value = params.get(name)
+        return value if isinstance(value, dict) else {}
+
+    model_keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult")
+    quant_keys = ("method", "attn_bits", "mlp_bits", "embed_bits", "compressor", "zstd_level", "lzma_preset",
+                  "prune")
+    return {"seeds": {"train": section("train").get("seed"), "corpus": section("corpus").get("seed"),
+                      "hessians": section("hessians").get("seed")},
+            "model": {k: model_config.get(k) for k in model_keys},
+            "num_parameters": num_parameters,
+            "quantize": {k: quant_meta.get(k) for k in quant_keys},
+            "hessian_source": section("hessians").get("source"),
+            "tokenizer_vocab": section("tokenizer").get("vocab_size")}
+
+
+def collect_submission(root: Path, allow_over_limit: bool = False, prequant_metrics: Path | None = None,
+                       now: datetime.datetime | None = None) -> dict:
+    """submission.json's content, after every check export makes (see the module docstring)."""
+    from pgolf import __version__
+    from pgolf.artifact import read_artifact
+
+    missing = [p for p in REQUIRED if not (root / p).is_file()]
+    if missing:
+        raise DataError(f"{root / missing[0]}: required input missing (run the pipeline: dvc repro)")
+    size = _read_json(root / SIZE_JSON)
+    check_size_report(root, size)
+    if not size["fits"] and not allow_over_limit:
+        raise PgolfError(f"{root / SIZE_JSON}: submission is {size['total_bytes']:,} bytes, over the "
+                         f"{size['limit']:,}-byte limit by {size['total_bytes'] - size['limit']:,}; not exporting "
+                         "(pass --allow-over-limit to export it marked as over the limit)")
+    artifact = read_artifact(root / ARTIFACT)
+    num_parameters = sum(_numel(t.shape) for t in artifact.tensors)
+    quant_meta = artifact.meta.get("quantize") if isinstance(artifact.meta.get("quantize"), dict) else {}
+
+    sliding = _read_json(root / SLIDING_METRICS)
+    ttt = _read_json(root / TTT_METRICS) if (root / TTT_METRICS).is_file() else None
+    train = _read_json(root / TRAIN_METRICS)
+    quant = _read_json(root / QUANT_METRICS) if (root / QUANT_METRICS).is_file() else None
+    sliding_bpb = _number(sliding, "val_bpb", root / SLIDING_METRICS)
+    sliding_loss = _number(sliding, "val_loss", root / SLIDING_METRICS)
+    ttt_bpb = _number(ttt, "val_bpb", root / TTT_METRICS) if ttt is not None else None
+    ttt_loss = _number(ttt, "val_loss", root / TTT_METRICS) if ttt is not None else None
+    gap = None
+    if prequant_metrics is not None:
+        gap = sliding_bpb - _number(_read_json(prequant_metrics), "val_bpb", prequant_metrics)
+    commit, dirty = git_commit(root)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "val_bpb": ttt_bpb if ttt is not None else sliding_bpb,
+        "val_loss": ttt_loss if ttt is not None else sliding_loss,
+        "headline_eval": "ttt" if ttt is not None else "sliding",
+        "val_bpb_sliding": sliding_bpb, "val_loss_sliding": sliding_loss,
+        "val_bpb_ttt": ttt_bpb, "val_loss_ttt": ttt_loss,
+        "val_bpb_nonoverlap": _optional(sliding, "nonoverlap_val_bpb"),
+        "quantization_gap_bpb": gap,
+        "quantization_weight_mse_mean": _optional(quant, "weight_mse_mean"),
+        "bytes_total": size["total_bytes"], "bytes_code": size["code_bytes"],
+        "bytes_model": size["model_bytes"], "bytes_limit": size["limit"], "fits": size["fits"],
+        "steps": _number(train, "steps", root / TRAIN_METRICS, int),
+        "train_seconds": _number(train, "train_seconds", root / TRAIN_METRICS),
+        "ms_per_step": _optional(train, "ms_per_step"), "train_tokens": _optional(train, "tokens"),
+        "final_weights": _optional(train, "final_weights"),
+        "train_world_size": _optional(train, "world_size"),
+        "eval_world_size": _optional(sliding, "world_size"),
+        **_params_summary(root, artifact.model_config, quant_meta, num_parameters),
+        "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "pgolf_version": __version__, "git_commit": commit, "git_dirty": dirty,
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for d in shape:
+        total *= d
+    return total
+
+
+def _f(value: Any, digits: int = 8) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_readme(s: dict) -> str:
+    """README.md: the results table and what the folder holds."""
+    over = s["bytes_total"] - s["bytes_limit"]
+    verdict = f"fits, headroom {-over:,}" if s["fits"] else f"**OVER THE LIMIT by {over:,}**"
+    ttt = (f"{_f(s['val_bpb_ttt'])} (gain {s['val_bpb_sliding'] - s['val_bpb_ttt']:+.6f} vs sliding)"
+           if s["val_bpb_ttt"] is not None else "not run")
+    q = s["quantize"]
+    level = q.get("zstd_level") if q.get("compressor") == "zstd" else q.get("lzma_preset")
+    quant = (f"{q.get('method')}: attn int{q.get('attn_bits')}, MLP int{q.get('mlp_bits')}, "
+             f"embeddings int{q.get('embed_bits')}; {q.get('compressor')} level {level}")
+    if s["quantization_weight_mse_mean"] is not None:
+        quant += f"; mean weight MSE {s['quantization_weight_mse_mean']:.3g}"
+    gap = (f"{s['quantization_gap_bpb']:+.6f} bpb (quantised − unquantised, sliding eval)"
+           if s["quantization_gap_bpb"] is not None else "n/a (no unquantised eval given)")
+    ms = f", {s['ms_per_step']:.1f} ms/step" if isinstance(s["ms_per_step"], (int, float)) else ""
+    m = s["model"]
+    rows = [
+        ("val_bpb, headline", f"**{_f(s['val_bpb'])}** ({s['headline_eval']})"),
+        ("val_bpb, sliding window", _f(s["val_bpb_sliding"])),
+        ("val_bpb, legal score-first TTT", ttt),
+        ("val_loss (headline, nats/token)", _f(s["val_loss"])),
+        ("artifact bytes", f"code {s['bytes_code']:,} + model {s['bytes_model']:,} = {s['bytes_total']:,} "
+                           f"of {s['bytes_limit']:,} ({verdict})"),
+        ("training", f"{s['steps']:,} steps in {s['train_seconds']:.1f} s{ms}; final weights "
+                     f"{s['final_weights'] or 'n/a'}"),
+        ("model", f"{m.get('num_layers')} layers, dim {m.get('model_dim')}, {m.get('num_heads')} heads "
+                  f"({m.get('num_kv_heads')} KV), vocab {m.get('vocab_size')}; {s['num_parameters']:,} parameters"),
+        ("quantisation", quant),
+        ("quantisation gap", gap),
+        ("seeds", ", ".join(f"{k} {'n/a' if v is None else v}" for k, v in s["seeds"].items())),
+    ]
+    commit = s["git_commit"] or "unknown (not a git checkout)"
+    if s["git_dirty"]:
+        commit += " (with uncommitted changes)"
+    lines = [f"# pgolf submission: val_bpb {_f(s['val_bpb'])}", "",
+             f"Exported {s['date']} by pgolf {s['pgolf_version']} from commit {commit}.", "",
+             "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+             "## Files", "",
+             "- `model.ptz`: the quantised artifact every score above was computed on",
+             "- `code/`: the counted code files (`bytes_code` is their total size)",
+             "- `logs/`: the pipeline's logs, by their path under `artifacts/`",
+             "- `params.yaml` (and `dvc.lock` when present): the exact parameters of the run",
+             "- `submission.json`: these numbers for machines", "",
+             "## Reproduce", "",
+             "Check out the commit above, put `params.yaml` in the repository root and run `dvc repro`.", ""]
+    return "\n".join(lines)
+
+
+def _check_out_dir(out: Path, root: Path) -> None:
+    """Refuse an ``out`` that holds the inputs, or a non-empty folder that is not an earlier export."""
+    out_r, root_r = out.resolve(), root.resolve()
+    if out_r == root_r or out_r in root_r.parents:
+        raise PgolfError(f"{out}: contains the pipeline's own files; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise PgolfError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            earlier = json.loads((out / "submission.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "pgolf_version" in earlier):
+            raise PgolfError(f"{out}: exists, is not empty and is not an earlier pgolf export; "
+                             "choose another --out")
+
+
+def export_submission(root: Path, out: Path, allow_over_limit: bool = False,
+                      prequant_metrics: Path | None = None) -> dict:
+    """Write the submission folder ``out`` from the outputs under ``root``; return submission.json."""
+    from pgolf.io import atomic_dir
+
+    _check_out_dir(out, root)
+    submission = collect_submission(root, allow_over_limit, prequant_metrics)
+    out_r = out.resolve()
+    logs = sorted(p for p in (root / LOGS_UNDER).rglob("*.log")
+                  if p.is_file() and out_r not in p.resolve().parents)
+    with atomic_dir(out) as tmp:
+        shutil.copyfile(root / ARTIFACT, tmp / "model.ptz")
+        shutil.copyfile(root / PARAMS, tmp / "params.yaml")
+        if (root / DVC_LOCK).is_file():
+            shutil.copyfile(root / DVC_LOCK, tmp / "dvc.lock")
+        for rel in _read_json(root / SIZE_JSON)["code_files"]:
+            (tmp / "code" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / rel, tmp / "code" / rel)
+        for log in logs:
+            dest = tmp / "logs" / log.relative_to(root / LOGS_UNDER)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, dest)
+        submission["files"] = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        submission["files"] += ["README.md", "submission.json"]
+        (tmp / "submission.json").write_text(json.dumps(submission, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(render_readme(submission), encoding="utf-8")
+    return submission
+
+
+def run_export(args: argparse.Namespace) -> int:
+    s = export_submission(Path(args.root), Path(args.out), args.allow_over_limit,
+                          Path(args.prequant_metrics) if args.prequant_metrics else None)
+    status = "fits" if s["fits"] else "OVER THE LIMIT"
+    print(f"export: {args.out}: val_bpb {s['val_bpb']:.8f} ({s['headline_eval']}), {s['bytes_total']:,} bytes "
+          f"({status}), {len(s['files'])} files")
+    return 0
+
+
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("export", help="write a challenge-style submission folder")
+    parser.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    parser.add_argument("--root", default=".", help="pipeline root holding artifacts/ and params.yaml (default .)")
+    parser.add_argument("--allow-over-limit", action="store_true",
+                        help="export even when size.json says fits: false (marked as over the limit)")
+    parser.add_argument("--prequant-metrics", default=None,
+                        help="metrics JSON with the val_bpb of the unquantised model under the same "
+                             "sliding eval; gives the quantisation gap")
+    parser.set_defaults(func=run_export)

@@ -1,0 +1,176 @@
+"""Summaries of the JSON reports and the training log, recognised by their keys and lines.
+
+A JSON object is matched against :data:`OBJECT_KINDS` (first kind whose
+required keys it has), a JSON list by the keys of its rows. The summary shows
+the kind's headline keys first, then every other key; ``--json`` gives the
+report itself under ``data``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pgolf.errors import DataError
+from pgolf.inspect import Summary, UnrecognisedFile, fmt, one_line, table
+
+# JSON reports are small; a file past this is not one of them.
+MAX_JSON_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class JsonKind:
+    kind: str
+    required: frozenset[str]
+    headline: tuple[str, ...] = ()
+
+
+def _kind(kind: str, required: str, headline: str = "") -> JsonKind:
+    return JsonKind(kind, frozenset(required.split()), tuple(headline.split()))
+
+
+# Order matters: more specific key sets first.
+OBJECT_KINDS = (
+    _kind("submission", "val_bpb bytes_total pgolf_version",
+          "val_bpb val_loss headline_eval bytes_total bytes_code bytes_model fits steps date git_commit"),
+    _kind("size_report", "code_bytes model_bytes total_bytes limit fits",
+          "fits total_bytes code_bytes model_bytes limit headroom"),
+    _kind("eval_ttt_metrics", "val_bpb val_loss gain_vs_sliding",
+          "val_bpb val_loss sliding_val_bpb gain_vs_sliding scored_tokens bytes chunks train_steps seconds"),
+    _kind("eval_sliding_metrics", "val_bpb val_loss nonoverlap_val_bpb",
+          "val_bpb val_loss scored_tokens bytes windows seconds nonoverlap_val_bpb nonoverlap_val_loss"),
+    _kind("train_metrics", "steps final_weights holdout_loss_live",
+          "steps tokens train_seconds ms_per_step final_weights holdout_loss_live holdout_loss_ema "
+          "holdout_loss_swa stopped_by"),
+    _kind("train_config", "model optim train", "world_size"),
+    _kind("quant_metrics", "model_bytes num_quantized num_tensors",
+          "model_bytes num_quantized num_tensors weight_mse_mean fallback_more_damping "
+          "fallback_round_to_nearest seconds"),
+    _kind("hessian_metrics", "num_matrices num_tokens num_sequences",
+          "source num_matrices num_sequences num_tokens seconds"),
+    _kind("corpus_manifest", "train_docs val_docs source_sha256",
+          "source train_docs val_docs train_bytes val_bytes dropped_docs"),
+    _kind("shards_manifest", "splits vocab_size tokenizer_sha256", "source vocab_size tokenizer_sha256"),
+    _kind("tokenizer_meta", "vocab_size sha256 sentencepiece_version", "source vocab_size sha256"),
+    _kind("data_metrics", "train_docs val_docs dropped_docs seconds"),
+    _kind("data_metrics", "train_tokens val_tokens val_bytes_per_token"),
+    _kind("data_metrics", "vocab_size seconds"),
+)
+LIST_KINDS = (
+    _kind("quant_report", "name class method bits stored_bytes"),
+    _kind("ttt_chunks", "chunk running_bpb chunk_bpb"),
+)
+
+
+def _value(key: str, v: Any) -> str:
+    if "seed" in key and isinstance(v, int):  # an identifier, not a quantity
+        return str(v)
+    if isinstance(v, (dict, list)):
+        text = json.dumps(v, sort_keys=True)
+        return text if len(text) <= 160 else text[:157] + "..."
+    return fmt(v)
+
+
+def _key_lines(data: dict, headline: tuple[str, ...]) -> list[str]:
+    keys = [k for k in headline if k in data] + sorted(k for k in data if k not in headline)
+    return [f"{k}: {_value(k, data[k])}" for k in keys]
+
+
+def _special_lines(kind: str, data: dict) -> list[str]:
+    """A one-line reading of the numbers that matter most for some kinds."""
+    try:
+        if kind == "size_report":
+            over = data["total_bytes"] - data["limit"]
+            verdict = (f"fits, headroom {-over:,}" if data["fits"] else f"OVER THE LIMIT by {over:,}")
+            return [f"code {data['code_bytes']:,} + model {data['model_bytes']:,} = {data['total_bytes']:,} "
+                    f"of {data['limit']:,} bytes: {verdict}"]
+        if kind in ("eval_sliding_metrics", "eval_ttt_metrics"):
+            return [f"val_bpb {data['val_bpb']:.8f}, val_loss {data['val_loss']:.6f} nats over "
+                    f"{data.get('scored_tokens', 0):,} targets / {data.get('bytes', 0):,} bytes"]
+        if kind == "shards_manifest":
+            return [f"{split}: {s['tokens']:,} tokens, {s['documents']:,} documents in {len(s['files'])} files"
+                    for split, s in sorted(data["splits"].items())]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ["note: some expected values are missing or not numbers"]
+    return []
+
+
+def _classify_object(data: dict) -> JsonKind | None:
+    return next((k for k in OBJECT_KINDS if k.required <= data.keys()), None)
+
+
+def _classify_list(rows: list) -> JsonKind | None:
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        return None
+    return next((k for k in LIST_KINDS if all(k.required <= r.keys() for r in rows)), None)
+
+
+def _summarise_list(kind: str, path: Path, rows: list[dict]) -> Summary:
+    if kind == "quant_report":
+        facts = {"tensors": rows, "num_tensors": len(rows),
+                 "stored_bytes": sum(r["stored_bytes"] for r in rows if isinstance(r["stored_bytes"], int))}
+        lines = [f"{len(rows)} tensors, {facts['stored_bytes']:,} bytes stored before compression",
+                 *table(["name", "class", "method", "bits", "clip", "weight mse", "fallback", "bytes"],
+                        [[r["name"], r["class"], r["method"], r["bits"], r.get("clip"), r.get("weight_mse"),
+                          r.get("fallback"), r["stored_bytes"]] for r in rows])]
+        return Summary(kind, str(path), facts, lines)
+    best = min(rows, key=lambda r: r["chunk_bpb"])
+    facts = {"chunks": len(rows), "first": rows[0], "last": rows[-1], "best_chunk": best, "series": rows}
+    lines = [f"{len(rows)} chunks; running bpb {fmt(rows[0]['running_bpb'])} after chunk {rows[0]['chunk']} "
+             f"→ {fmt(rows[-1]['running_bpb'])} after chunk {rows[-1]['chunk']}",
+             f"best chunk: {best['chunk']} at {fmt(best['chunk_bpb'])} bpb"]
+    return Summary(kind, str(path), facts, lines)
+
+
+def summarise_json(path: Path) -> Summary:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise DataError(f"{path}: {size:,}-byte JSON is too large to be a pgolf report")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({one_line(exc)})") from None
+    if isinstance(data, dict):
+        found = _classify_object(data)
+        if found is None:
+            raise UnrecognisedFile(f"{path}: JSON object with unrecognised keys ({', '.join(sorted(data)[:8])}); "
+                            "not a pgolf report")
+        # Nested, so a report's own keys (a manifest has "path") never shadow the summary's.
+        return Summary(found.kind, str(path), {"data": data},
+                       _special_lines(found.kind, data) + _key_lines(data, found.headline))
+    if isinstance(data, list):
+        found = _classify_list(data)
+        if found is None:
+            raise UnrecognisedFile(f"{path}: JSON list that is neither a quantisation report nor TTT chunks")
+        return _summarise_list(found.kind, path, data)
+    raise UnrecognisedFile(f"{path}: JSON {type(data).__name__}; not a pgolf report")
+
+
+_STEP = re.compile(r"^step (\d+)/(\d+) loss (\S+).*?train_time (\S+)s")
+
+
+def summarise_train_log(path: Path) -> Summary:
+    """Runs started (a resumed run appends), step lines, the last step and the final weights line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: training log is not UTF-8 ({one_line(exc)})") from None
+    lines = text.splitlines()
+    starts = [line for line in lines if line.startswith("train: ")]
+    steps = [m for m in map(_STEP.match, lines) if m]
+    final = next((line for line in reversed(lines) if line.startswith("final weights: ")), None)
+    facts: dict[str, Any] = {"lines": len(lines), "runs_started": len(starts), "step_lines": len(steps),
+                             "final_weights": final.removeprefix("final weights: ") if final else None}
+    out = [f"{len(lines)} lines, {len(starts)} run start(s), {len(steps)} step lines"]
+    if starts:
+        out.append(f"first start: {starts[0].removeprefix('train: ')}")
+    if steps:
+        last = steps[-1]
+        facts.update(last_step=int(last.group(1)), max_steps=int(last.group(2)),
+                     last_loss=float(last.group(3)), train_seconds=float(last.group(4).replace(",", "")))
+        out.append(f"last step {facts['last_step']}/{facts['max_steps']}: loss {facts['last_loss']:.4f}, "
+                   f"{facts['train_seconds']:.1f} s of training")
+    out.append(f"final weights: {fmt(facts['final_weights'])}")
+    return Summary("train_log", str(path), facts, out)

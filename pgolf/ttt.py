@@ -1,0 +1,279 @@
+"""Legal score-first test-time training over the validation stream (RECIPE §5.3, §5.4).
+
+The targets are cut into chunks of ``chunk_tokens``. For chunk c, in order:
+
+1. score every sliding window of chunk c (a window belongs to the chunk of
+   the first target it scores) under ``torch.inference_mode()`` with the
+   current weights, which have only been trained on chunks 0..c-1;
+2. unless c is the last chunk, train for ``epochs`` on chunk c's targets,
+   cut into sequences of ``seq_len``.
+
+So no weight ever saw a target before that target was scored. With learning
+rate 0 the weights never move and the result equals ``eval_sliding``.
+
+Distributed: each rank scores a contiguous share of each chunk's windows;
+for training, each optimizer step's sequences are shared out and every rank
+normalises its summed loss by the *global* token count of the step, so one
+SUM all-reduce of the flattened gradients gives exactly the single-process
+mean gradient and every rank applies the same update. Per-chunk score sums
+stay on the device and are all-reduced once at the end.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pgolf.bpb import ByteTables
+from pgolf.config import check
+from pgolf.distributed import all_reduce_sum_, shard_range
+from pgolf.errors import ParamError
+from pgolf.eval_sliding import EvalSums, Forward, Observer, SlidingConfig, WindowScorer, nll_forward
+from pgolf.precision import autocast, synchronize
+from pgolf.windows import chunk_sequences, chunk_window_bounds, plan_sliding
+
+_BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    """``eval_ttt`` params (the windows are ``eval_sliding``'s)."""
+
+    chunk_tokens: int     # targets per chunk: scored, then trained on
+    epochs: int           # passes over each chunk's sequences
+    optimizer: Literal["sgd", "adamw"]
+    lr: float             # peak learning rate (chunk 0)
+    lr_schedule: Literal["cosine", "constant"]   # cosine: lr·½(1+cos(π·c/(chunks-1)))
+    momentum: float       # SGD momentum; AdamW beta1
+    beta2: float          # AdamW beta2 (unused by SGD)
+    weight_decay: float   # SGD: L2 added to the gradient; AdamW: decoupled
+    freeze_blocks: int    # the first N transformer blocks stay fixed; 0 adapts everything
+    grad_clip: float      # max global gradient norm after averaging; 0 = off
+    batch_seqs: int       # sequences per optimizer step, all ranks together
+
+    def __post_init__(self) -> None:
+        check(self.chunk_tokens >= 1, "chunk_tokens", "must be >= 1")
+        check(self.epochs >= 0, "epochs", "must be >= 0")
+        check(self.lr >= 0 and math.isfinite(self.lr), "lr", "must be finite and >= 0")
+        check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        check(0.0 <= self.beta2 < 1.0, "beta2", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.freeze_blocks >= 0, "freeze_blocks", "must be >= 0")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)")
+        check(self.batch_seqs >= 1, "batch_seqs", "must be >= 1")
+
+
+def chunk_lr(cfg: TTTConfig, chunk: int, chunks: int) -> float:
+    """Learning rate while training on ``chunk`` (the records' cosine over chunk index)."""
+    if cfg.lr_schedule == "constant" or chunks <= 1:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * chunk / (chunks - 1)))
+
+
+def block_count(model: torch.nn.Module) -> int:
+    """Number of ``blocks.{i}`` modules."""
+    indices = {int(m.group(1)) for name, _ in model.named_modules()
+               if (m := _BLOCK_NAME.search(name))}
+    return max(indices) + 1 if indices else 0
+
+
+class FrozenBlocks:
+    """Keeps the first ``n`` blocks fixed during TTT.
+
+    Parameters named ``blocks.{i}.…`` with i < n stop requiring grad. A bank
+    (a parameter named ``*_bank`` whose leading dimension is L or 2L, layer i
+    at slices [i] and [L+i]) stays trainable, and a gradient hook zeroes the
+    frozen layers' slices, so they add nothing to the clip norm or momentum;
+    after each step those slices are copied back, undoing weight decay.
+    """
+
+    def __init__(self, model: torch.nn.Module, count: int):
+        layers = block_count(model)
+        if count > layers:
+            raise ParamError("eval_ttt.freeze_blocks", f"{count} exceeds the model's {layers} blocks")
+        self.trainable: list[torch.nn.Parameter] = []
+        self._unfrozen: list[torch.nn.Parameter] = []
+        self._hooks = []
+        self._pinned: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            block = _BLOCK_NAME.search(name)
+            if count and block and int(block.group(1)) < count:
+                param.requires_grad_(False)
+                self._unfrozen.append(param)
+                continue
+            if count and name.rsplit(".", 1)[-1].endswith("_bank"):
+                rows = self._frozen_rows(name, param, layers, count)
+                mask = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
+                mask[rows] = True
+                mask = mask.view(-1, *([1] * (param.ndim - 1)))
+                self._hooks.append(param.register_hook(lambda g, m=mask: g.masked_fill(m, 0)))
+                self._pinned.append((param, rows, param.detach()[rows].clone()))
+            self.trainable.append(param)
+
+    @staticmethod
+    def _frozen_rows(name: str, param: torch.Tensor, layers: int, count: int) -> torch.Tensor:
+        first = list(range(count))
+        if param.shape[0] == layers:
+            rows = first
+        elif param.shape[0] == 2 * layers:
+            rows = first + [layers + i for i in first]
+        else:
+            raise ValueError(f"bank {name} has leading dimension {param.shape[0]}, "
+                             f"expected {layers} or {2 * layers} layers' slices")
+        return torch.tensor(rows, dtype=torch.long, device=param.device)
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        for param, rows, saved in self._pinned:
+            param[rows] = saved
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for param in self._unfrozen:
+            param.requires_grad_(True)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TTTConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
+                             weight_decay=cfg.weight_decay)
+
+
+class ChunkTrainer:
+    """Trains the model on one chunk's sequences; identical updates on every rank."""
+
+    def __init__(self, model: torch.nn.Module, forward: Forward, tokens: torch.Tensor, seq_len: int,
+                 cfg: TTTConfig, params: list[torch.nn.Parameter], frozen: FrozenBlocks,
+                 rank: int, world_size: int):
+        self.model, self.forward, self.tokens = model, forward, tokens
+        self.device = tokens.device
+        self.num_targets = tokens.numel() - 1
+        self.seq_len, self.cfg = seq_len, cfg
+        self.params, self.frozen = params, frozen
+        self.rank, self.world_size = rank, world_size
+        self.optimizer = make_optimizer(params, cfg)
+        for p in params:   # grads live for the whole run: zeroed, never freed
+            p.grad = torch.zeros_like(p)
+        self.cols = torch.arange(seq_len + 1, device=self.device)
+        self.row_index = torch.arange(-(-cfg.batch_seqs // world_size), device=self.device)
+        self.steps = 0
+
+    def train_chunk(self, chunk: int, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        starts, lengths = chunk_sequences(chunk, self.cfg.chunk_tokens, self.num_targets, self.seq_len)
+        self.model.train()
+        for _ in range(self.cfg.epochs):
+            for a in range(0, starts.size, self.cfg.batch_seqs):
+                self._step(starts[a:a + self.cfg.batch_seqs], lengths[a:a + self.cfg.batch_seqs])
+
+    def _step(self, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """One optimizer step on consecutive sequences (``starts`` spaced by seq_len)."""
+        step_tokens = int(lengths.sum())
+        lo, hi = shard_range(starts.size, self.rank, self.world_size)
+        self.optimizer.zero_grad(set_to_none=False)
+        if hi > lo:
+            # This rank's rows, built on the device (a host copy would stall the GPU
+            # every step); every rank uses the same row count, extra rows train nothing.
+            rows = -(-starts.size // self.world_size)
+            end = int(starts[hi - 1] + lengths[hi - 1])
+            row_starts = int(starts[lo]) + self.seq_len * self.row_index[:rows]
+            row_lengths = (end - row_starts).clamp_(0, self.seq_len)
+            index = (row_starts[:, None] + self.cols).clamp_(max=self.num_targets)
+            window = self.tokens[index]
+            ids, targets = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+            with autocast(self.device):
+                nll = self.forward(ids, targets)
+            trained = self.cols[:-1] < row_lengths[:, None]
+            loss = torch.where(trained, nll, 0.0).sum() / step_tokens
+            loss.backward()
+        if self.world_size > 1:
+            _all_reduce_flat_(self.params)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.frozen.restore_()
+        self.steps += 1
+
+
+def _all_reduce_flat_(params: list[torch.nn.Parameter]) -> None:
+    """SUM every gradient across ranks with one collective per dtype, not one per tensor."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_sum_(flat)
+        for grad, piece in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(piece.view_as(grad))
+
+
+@dataclass(frozen=True)
+class TTTResult:
+    sums: EvalSums
+    windows: int
+    seconds: float            # scoring + training, compilation included
+    train_steps: int          # optimizer steps per rank
+    num_chunks: int
+    chunks: list[dict]        # {chunk, running_bpb, chunk_bpb} for chunks that scored bytes
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.sums.scored_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+def chunk_series(per_chunk: np.ndarray) -> list[dict]:
+    """Per-chunk and running bpb from per-chunk (Σ NLL, targets, bytes) rows."""
+    running = np.cumsum(per_chunk, axis=0)
+    series = []
+    for c, (row, total) in enumerate(zip(per_chunk, running)):
+        if row[2] > 0:
+            series.append({"chunk": c, "running_bpb": float(total[0] / math.log(2.0) / total[2]),
+                           "chunk_bpb": float(row[0] / math.log(2.0) / row[2])})
+    return series
+
+
+def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
+            windows: SlidingConfig, cfg: TTTConfig, *, rank: int = 0, world_size: int = 1,
+            forward: Forward | None = None, observer: Observer | None = None) -> TTTResult:
+    """Score-first TTT over ``tokens``; ``model`` is trained in place.
+
+    One ``forward`` (default ``nll_forward(model, windows.compile, …)``) serves
+    scoring and training: compiled, it holds an inference and a training graph.
+    """
+    forward = forward or nll_forward(model, windows.compile, tokens.device)
+    scorer = WindowScorer(model, tokens, tables, windows.batch_windows, forward, observer)
+    plan = plan_sliding(scorer.num_targets, windows.seq_len, windows.stride)
+    bounds = chunk_window_bounds(plan, cfg.chunk_tokens)
+    chunks = bounds.size - 1
+    frozen = FrozenBlocks(model, cfg.freeze_blocks)
+    try:
+        trainer = ChunkTrainer(model, scorer.forward, tokens, windows.seq_len, cfg, frozen.trainable,
+                               frozen, rank, world_size)
+        synchronize(scorer.device)
+        began = time.perf_counter()
+        dplan = scorer.upload(plan)
+        per_chunk = torch.zeros(chunks, 3, dtype=torch.float64, device=scorer.device)
+        for c in range(chunks):
+            first = int(bounds[c])
+            a, b = shard_range(int(bounds[c + 1]) - first, rank, world_size)
+            per_chunk[c] = scorer.score(dplan, first + a, first + b)
+            if c < chunks - 1 and cfg.epochs > 0:
+                trainer.train_chunk(c, chunk_lr(cfg, c, chunks))
+        all_reduce_sum_(per_chunk)
+        rows = per_chunk.cpu().numpy()
+        synchronize(scorer.device)
+        seconds = time.perf_counter() - began
+    finally:
+        frozen.remove()
+    return TTTResult(EvalSums.from_tensor(per_chunk.sum(0)), plan.num_windows, seconds,
+                     trainer.steps, chunks, chunk_series(rows))

@@ -1,0 +1,82 @@
+"""Stage eval_sliding: artifacts/quant/model.ptz + val shards → artifacts/eval_sliding/metrics.json.
+
+Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_sliding``.
+Scores the dequantised artifact (never the training weights) with exact
+sliding windows (every target once; pgolf/windows.py), then the cheap
+non-overlapping eval as a diagnostic. bpb uses the tokenizer's byte tables.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pgolf.artifact import load_dequantized_model
+from pgolf.bpb import ByteTables, build_byte_tables
+from pgolf.config import from_params
+from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
+from pgolf.eval_sliding import (SlidingConfig, nll_forward, prepare_tokens, score_nonoverlapping,
+                                score_sliding_windows)
+from pgolf.io import write_json_atomic
+from pgolf.precision import configure_backends
+from pgolf.shards import load_split
+from pgolf.size import warn_if_over
+from stages.common import launch_device, launch_facts, params, stage_main
+
+ARTIFACT = Path("artifacts/quant/model.ptz")
+SHARD_DIR = Path("data/shards")
+TOKENIZER = Path("data/tokenizer/tokenizer.model")
+SIZE_JSON = Path("artifacts/size.json")
+OUT = Path("artifacts/eval_sliding")
+
+
+def load_eval_inputs(root: Path, cfg: SlidingConfig, ctx: DistContext
+                     ) -> tuple[torch.nn.Module, torch.Tensor, ByteTables]:
+    """(dequantised model, validation stream on the device, byte tables)."""
+    configure_backends(ctx.device)
+    model = load_dequantized_model(root / ARTIFACT, ctx.device)
+    vocab = model.cfg.vocab_size
+    stream = load_split(root / SHARD_DIR, "val", vocab)
+    tokens = prepare_tokens(stream, cfg.seq_len, cfg.trim_to_seq_len, ctx.device, str(root / SHARD_DIR))
+    return model, tokens, build_byte_tables(root / TOKENIZER, vocab)
+
+
+def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict:
+    """Evaluate and (on rank 0) write the metrics under ``root``; return them."""
+    cfg = from_params(SlidingConfig, p, "eval_sliding")
+    ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
+    model, tokens, tables = load_eval_inputs(root, cfg, ctx)
+    shared = dict(rank=ctx.rank, world_size=ctx.world_size, forward=nll_forward(model, cfg.compile, ctx.device))
+    sliding = score_sliding_windows(model, tokens, tables, cfg, **shared)
+    plain = score_nonoverlapping(model, tokens, tables, cfg, **shared)
+    metrics = {
+        "val_loss": sliding.sums.val_loss, "val_bpb": sliding.sums.val_bpb,
+        "scored_tokens": sliding.sums.scored_tokens, "bytes": sliding.sums.byte_sum,
+        "seconds": round(sliding.seconds, 3), "tokens_per_s": round(sliding.tokens_per_s, 1),
+        "windows": sliding.windows,
+        "nonoverlap_val_loss": plain.sums.val_loss, "nonoverlap_val_bpb": plain.sums.val_bpb,
+        "nonoverlap_seconds": round(plain.seconds, 3),
+        "world_size": ctx.world_size, "device": ctx.device.type,
+    }
+    if ctx.is_main:
+        metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
+        write_json_atomic(root / OUT / "metrics.json", metrics)
+    barrier()
+    return metrics
+
+
+@stage_main
+def main() -> None:
+    rank, world_size, local_rank = launch_facts()
+    try:
+        m = run(params(), rank=rank, world_size=world_size, local_rank=local_rank)
+    finally:
+        shutdown()
+    if rank == 0:
+        print(f"eval_sliding: val_bpb {m['val_bpb']:.6f} (loss {m['val_loss']:.6f}) over "
+              f"{m['scored_tokens']:,} targets, {m['bytes']:,} bytes in {m['seconds']:.1f} s "
+              f"({m['tokens_per_s']:,.0f} tok/s); non-overlapping {m['nonoverlap_val_bpb']:.6f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Stage eval_ttt: legal score-first TTT → artifacts/eval_ttt/{metrics.json,chunks.json}.
+
+Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_ttt``.
+Same inputs and windows as eval_sliding (its ``eval_sliding`` params), then
+pgolf/ttt.py. ``gain_vs_sliding`` = eval_sliding's val_bpb − this val_bpb
+(positive: TTT helped). chunks.json is the per-chunk running-bpb series.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pgolf.config import from_params
+from pgolf.distributed import barrier, init_distributed, shutdown
+from pgolf.errors import DataError
+from pgolf.eval_sliding import SlidingConfig
+from pgolf.io import write_json_atomic
+from pgolf.size import warn_if_over
+from pgolf.ttt import TTTConfig, run_ttt
+from stages.common import launch_device, launch_facts, params, stage_main
+from stages.eval_sliding import OUT as SLIDING_OUT
+from stages.eval_sliding import SIZE_JSON, load_eval_inputs
+
+OUT = Path("artifacts/eval_ttt")
+
+
+def sliding_bpb(path: Path) -> float:
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["val_bpb"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read val_bpb ({type(exc).__name__}); run eval_sliding first") from None
+
+
+def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict:
+    """Run TTT and (on rank 0) write the outputs under ``root``; return the metrics."""
+    windows = from_params(SlidingConfig, p, "eval_sliding")
+    cfg = from_params(TTTConfig, p, "eval_ttt")
+    baseline = sliding_bpb(root / SLIDING_OUT / "metrics.json")
+    ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
+    model, tokens, tables = load_eval_inputs(root, windows, ctx)
+    result = run_ttt(model, tokens, tables, windows, cfg, rank=ctx.rank, world_size=ctx.world_size)
+    metrics = {
+        "val_loss": result.sums.val_loss, "val_bpb": result.sums.val_bpb,
+        "scored_tokens": result.sums.scored_tokens, "bytes": result.sums.byte_sum,
+        "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
+        "windows": result.windows, "chunks": result.num_chunks, "train_steps": result.train_steps,
+        "sliding_val_bpb": baseline, "gain_vs_sliding": baseline - result.sums.val_bpb,
+        "world_size": ctx.world_size, "device": ctx.device.type,
+    }
+    if ctx.is_main:
+        metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
+        write_json_atomic(root / OUT / "chunks.json", result.chunks)
+        write_json_atomic(root / OUT / "metrics.json", metrics)
+    barrier()
+    return metrics
+
+
+@stage_main
+def main() -> None:
+    rank, world_size, local_rank = launch_facts()
+    try:
+        m = run(params(), rank=rank, world_size=world_size, local_rank=local_rank)
+    finally:
+        shutdown()
+    if rank == 0:
+        print(f"eval_ttt: val_bpb {m['val_bpb']:.6f} (sliding {m['sliding_val_bpb']:.6f}, gain "
+              f"{m['gain_vs_sliding']:+.6f}) over {m['scored_tokens']:,} targets in {m['seconds']:.1f} s "
+              f"({m['tokens_per_s']:,.0f} tok/s), {m['train_steps']} steps")
+
+
+if __name__ == "__main__":
+    main()

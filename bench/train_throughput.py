@@ -1,0 +1,238 @@
+"""Training throughput of the real training step: tokens/s, ms/step, peak memory, MFU.
+
+Runs :class:`pgolf.train.Trainer` (the loop's own step: micro-steps with
+gradient accumulation, the composite optimizer, the EMA update) for a bounded
+number of steps after an untimed compile warm-up, on synthetic or real tokens.
+
+    # record shape on one GPU (11L/512, seq 2048, 786,432 tokens/step = 8 micro-steps of 48x2048)
+    python bench/train_throughput.py --out bench_train.json
+    # smoke test on CPU at a tiny shape
+    python bench/train_throughput.py --shape tiny --out /tmp/bench_tiny.json
+    # the model/optim sections of a params file instead of the built-in shape
+    python bench/train_throughput.py --params params.yaml --out bench.json
+
+FLOPs per token (forward + backward), written out:
+
+    6 * N_matmul + 6 * L * T * D
+
+* ``N_matmul``: weights used in matrix products once per token: the four
+  banks (Q, K, V, O, MLP up and down of every layer), the output matrix
+  (tok_emb when tied, else lm_head; V*D) and the small projections
+  (BigramHash and value-embedding ``proj``). Embedding lookups are not
+  matmuls and are excluded. 2 FLOPs per multiply-add, x3 for fwd + bwd.
+* attention scores and weighted values: per layer and token, QK^T and AV each
+  cost 2 * (T/2) * D FLOPs forward under a causal mask (a query sees T/2 keys
+  on average; D = heads * head_dim), so 2*T*D forward, 6*T*D with backward.
+  XSA's per-token projection (O(D)) is ignored.
+
+``mfu`` divides by ``--peak-tflops`` (default 790, the bf16 dense rate
+measured on the H100/H200 used for the records' comparisons). ``mfu_palm``
+uses the PaLM convention (12*L*T*D, no causal halving) for comparison with
+figures quoted that way. Reference: PR #549's own script on one H100 ran
+776 ms/step = 1.01 M tokens/s, which is 29 % MFU by the first formula.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pgolf.config import from_params, load_params  # noqa: E402
+from pgolf.distributed import init_distributed, shutdown  # noqa: E402
+from pgolf.loader import TokenStream, open_train_stream  # noqa: E402
+from pgolf.model import BANK_NAMES, GPT, ModelConfig  # noqa: E402
+from pgolf.optim import OptimConfig  # noqa: E402
+from pgolf.precision import peak_memory, synchronize  # noqa: E402
+from pgolf.shards import write_shard  # noqa: E402
+from pgolf.train import Trainer  # noqa: E402
+from pgolf.train_config import TrainConfig  # noqa: E402
+
+# PR #960's model at the record shape (RECIPE §2.1): R549 stack + VRL + BigramHash 3072.
+RECORD_MODEL = {
+    "vocab_size": 1024, "num_layers": 11, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4,
+    "mlp_mult": 3.0, "mlp_leaky_slope": 0.5, "tie_embeddings": True, "logit_softcap": 30.0,
+    "tok_emb_init_std": 0.005, "ln_scale": True, "unet_skips": True, "resid_mix": True,
+    "rope_dims": 16, "rope_base": 22082.0, "qk_norm": True, "qk_gain_init": 1.5,
+    "xsa_layers": [7, 8, 9, 10], "ve_layers": [9, 10], "ve_dim": 128, "smear_gate": True,
+    "bigram_buckets": 3072, "bigram_dim": 128, "vrl": True, "attention_backend": "auto"}
+RECORD_OPTIM = {
+    "muon_lr": 0.025, "muon_momentum": 0.99, "muon_momentum_warmup_start": 0.92,
+    "muon_momentum_warmup_steps": 1500, "muon_wd": 0.04, "ns_steps": 5, "embed_lr": 0.035,
+    "scalar_lr": 0.025, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "adam_wd": 0.04,
+    "grad_clip_norm": 0.3, "ema_decay": 0.997, "swa_lr_scale_threshold": 0.2, "swa_every": 50,
+    "swa_on_cpu": False}
+SHAPES = {
+    # name: (seq_len, tokens_per_step, micro_batch_seqs, steps, warmup_steps)
+    "record": (2048, 786_432, 48, 10, 3),
+    "tiny": (256, 4096, 8, 5, 1),
+}
+
+
+def tiny_model() -> dict:
+    return {**RECORD_MODEL, "num_layers": 4, "model_dim": 128, "num_heads": 4, "num_kv_heads": 2,
+            "rope_dims": 16, "rope_base": 10000.0, "xsa_layers": [2, 3], "ve_layers": [2, 3], "ve_dim": 32,
+            "bigram_buckets": 512, "bigram_dim": 64}
+
+
+def matmul_params(model: GPT) -> int:
+    """Weights that multiply every token once (see the module docstring)."""
+    params = dict(model.named_parameters())
+    n = sum(params[name].numel() for name in BANK_NAMES)
+    n += sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    if model.cfg.tie_embeddings:
+        n += model.tok_emb.weight.numel()  # the output projection
+    return n
+
+
+def flops_per_token(model: GPT, seq_len: int) -> tuple[float, float]:
+    """(causal convention, PaLM convention) training FLOPs per token."""
+    cfg = model.cfg
+    dense = 6.0 * matmul_params(model)
+    attn_causal = 6.0 * cfg.num_layers * seq_len * cfg.model_dim
+    return dense + attn_causal, dense + 2 * attn_causal
+
+
+def synthetic_stream(directory: Path, n_tokens: int, vocab: int, seed: int) -> TokenStream:
+    rng = np.random.default_rng(seed)
+    path = directory / "train_000000.bin"
+    write_shard(path, rng.integers(0, vocab, size=n_tokens, dtype=np.uint16))
+    return TokenStream([path], vocab)
+
+
+def profile_step(trainer: Trainer, step: int, out: Path) -> None:
+    """One more training step under torch.profiler; the op/kernel table goes to ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    synchronize(trainer.ctx.device)
+    with profile(activities=activities) as prof:
+        trainer.train_step(1.0, step)
+        trainer.ema.update(trainer.model)
+        synchronize(trainer.ctx.device)
+    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON result path")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="record")
+    ap.add_argument("--params", help="take model/optim sections from this params.yaml instead")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--seq-len", type=int, help="tokens per sequence (shape default)")
+    ap.add_argument("--tokens-per-step", type=int, help="global tokens per optimizer step (shape default)")
+    ap.add_argument("--micro-batch-seqs", type=int, help="sequences per rank per micro-step (shape default)")
+    ap.add_argument("--steps", type=int, help="timed optimizer steps (shape default)")
+    ap.add_argument("--warmup-steps", type=int, help="untimed compile warm-up steps (shape default)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch.compile on CUDA (default on; CPU always eager)")
+    ap.add_argument("--qat", action=argparse.BooleanOptionalAction, default=True,
+                    help="put the (off) late-QAT switch in the graph, as a training run with QAT does")
+    ap.add_argument("--attention-backend", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                    help="override the model's attention_backend")
+    ap.add_argument("--shards", help="directory of real train_*.bin shards (default: synthetic tokens)")
+    ap.add_argument("--profile-out", help="also profile one extra step (torch.profiler) and write its "
+                    "kernel table (sorted by device time) to this text file")
+    ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak for MFU (TFLOP/s)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from stages.common import launch_facts  # torchrun's facts, if launched by it
+    rank, world, local_rank = launch_facts()
+    ctx = init_distributed(rank, world, local_rank, args.device)
+    seq_len, tokens_per_step, micro_seqs, steps, warmup = SHAPES[args.shape]
+    seq_len = args.seq_len or seq_len
+    tokens_per_step = args.tokens_per_step or tokens_per_step
+    micro_seqs = args.micro_batch_seqs or micro_seqs
+    steps = args.steps if args.steps is not None else steps
+    warmup = args.warmup_steps if args.warmup_steps is not None else warmup
+    if args.params:
+        p = load_params(args.params)
+        model_cfg, optim_cfg = from_params(ModelConfig, p, "model"), from_params(OptimConfig, p, "optim")
+    else:
+        model_dict = RECORD_MODEL if args.shape == "record" else tiny_model()
+        model_cfg = from_params(ModelConfig, {"model": model_dict}, "model")
+        optim_cfg = from_params(OptimConfig, {"optim": RECORD_OPTIM}, "optim")
+    if args.attention_backend:
+        model_cfg = model_cfg.replace(attention_backend=args.attention_backend)
+    train_cfg = from_params(TrainConfig, {"train": {
+        "seed": 1337, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
+        "micro_batch_tokens": micro_seqs * seq_len, "max_steps": steps + 1, "max_train_seconds": 0.0,
+        "warmdown": "steps", "warmdown_steps": 0, "warmdown_frac": 0.0, "compile": args.compile,
+        "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0, "qat_bits": 6,
+        "holdout_tokens": seq_len + 1, "final_weights": "live", "checkpoint_every": 0, "log_every": 1}}, "train")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.shards:
+            stream = open_train_stream(args.shards, model_cfg.vocab_size)
+        else:
+            stream = synthetic_stream(Path(tmp), 2 * tokens_per_step + seq_len + 1, model_cfg.vocab_size, 0)
+        trainer = Trainer(model_cfg, optim_cfg, train_cfg, ctx, stream)
+        warmup_s = trainer.compile_warmup()
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        step_ms, losses = [], []
+        for i in range(steps):
+            synchronize(ctx.device)
+            t0 = time.perf_counter()
+            loss, _ = trainer.train_step(1.0, i)
+            trainer.ema.update(trainer.model)
+            synchronize(ctx.device)
+            step_ms.append(1000 * (time.perf_counter() - t0))
+            losses.append(float(loss))
+            if ctx.is_main:
+                print(f"step {i + 1}/{steps}: {step_ms[-1]:.1f} ms, loss {losses[-1]:.4f}", flush=True)
+
+        if args.profile_out and ctx.is_main:
+            profile_step(trainer, steps, Path(args.profile_out))
+
+    # The first timed step can still pay one-off costs; the median is the figure.
+    median_ms = statistics.median(step_ms)
+    tokens_per_s = tokens_per_step / (median_ms / 1000)
+    fpt, fpt_palm = flops_per_token(trainer.model, seq_len)
+    on_gpu = ctx.device.type == "cuda"
+    peak_bytes, peak_kind = peak_memory(ctx.device)
+    result = {
+        "device": torch.cuda.get_device_name(ctx.device) if on_gpu else "cpu",
+        "torch": torch.__version__, "world_size": world, "shape": args.shape, "params_file": args.params,
+        "data": args.shards or "synthetic", "attention_backend": model_cfg.attention_backend,
+        "compiled": trainer.compiled, "qat_switch_in_graph": args.qat,
+        "num_parameters": trainer.model.num_parameters(), "matmul_parameters": matmul_params(trainer.model),
+        "num_layers": model_cfg.num_layers, "model_dim": model_cfg.model_dim, "seq_len": seq_len,
+        "tokens_per_step": tokens_per_step, "micro_batch_seqs": micro_seqs, "grad_accum": trainer.accum,
+        "steps": steps, "compile_warmup_steps": warmup, "compile_warmup_seconds": warmup_s,
+        "step_ms": step_ms, "ms_per_step_median": median_ms, "ms_per_step_mean": statistics.fmean(step_ms),
+        "ms_per_step_min": min(step_ms), "tokens_per_s": tokens_per_s,
+        "flops_per_token": fpt, "flops_per_token_palm": fpt_palm,
+        "flops_formula": "6*N_matmul + 6*L*T*D (causal attention); palm: 6*N_matmul + 12*L*T*D",
+        "achieved_tflops": fpt * tokens_per_s / 1e12,
+        "peak_tflops": args.peak_tflops if on_gpu else None,
+        "mfu": fpt * tokens_per_s / (args.peak_tflops * 1e12) if on_gpu else None,
+        "mfu_palm": fpt_palm * tokens_per_s / (args.peak_tflops * 1e12) if on_gpu else None,
+        "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+    if ctx.is_main:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        mfu = f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] is not None else ""
+        print(f"{result['device']}: {median_ms:.1f} ms/step (median of {steps}), {tokens_per_s:,.0f} tokens/s"
+              f"{mfu}, peak memory {peak_bytes / 2**20:,.0f} MiB ({peak_kind}); wrote {out}")
+    shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    main()

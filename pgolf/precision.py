@@ -1,0 +1,53 @@
+"""Numeric mode of a device: bf16 autocast + TF32 + torch.compile on CUDA, plain fp32 on CPU.
+
+CPU runs stay in fp32 and eager so that tests are exact and reproducible
+(the kill -9 resume test compares final weights bit for bit); CUDA runs use
+the records' settings (RECIPE §3.6).
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+from typing import Callable, ContextManager
+
+import torch
+
+
+def configure_backends(device: torch.device) -> None:
+    """Enable TF32 matmuls/convolutions on CUDA (the records' setting)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device) -> ContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU trains in fp32)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compile_enabled(requested: bool, device: torch.device) -> bool:
+    """torch.compile only on CUDA: on CPU it costs minutes of compile for tiny models."""
+    return requested and device.type == "cuda"
+
+
+def maybe_compile(fn: Callable, enabled: bool) -> Callable:
+    """``torch.compile(fn, dynamic=False, fullgraph=True)`` when enabled (RECIPE §3.6)."""
+    if not enabled:
+        return fn
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so host timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): peak allocated CUDA memory, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "host_max_rss"

@@ -1,0 +1,67 @@
+"""TrainConfig: the `train` section of params.yaml (the loop; optimizer settings live in `optim`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pgolf.config import check
+from pgolf.errors import ParamError
+from pgolf.train_select import CANDIDATES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int
+    seq_len: int                  # tokens per sequence
+    tokens_per_step: int          # global tokens per optimizer step (all ranks, all micro-steps)
+    micro_batch_tokens: int       # tokens per rank per forward/backward (a multiple of seq_len)
+    max_steps: int                # optimizer steps; the run stops here at the latest
+    max_train_seconds: float      # wall-clock cap on training steps only; 0 = off
+    warmdown: Literal["steps", "time"]  # place the LR warmdown by step count or by wall clock
+    warmdown_steps: int           # steps form: linear decay over the last warmdown_steps of max_steps
+    warmdown_frac: float          # time form: linear decay over the last warmdown_frac of max_train_seconds
+    compile: bool                 # torch.compile the model on CUDA (CPU always runs eager)
+    compile_warmup_steps: int     # untimed steps to compile before training; state is restored after
+    qat_lr_scale_threshold: float  # late QAT switches on once lr_scale < this; 0 = off
+    qat_bits: int                 # bits of the fake-quantisation grid (must match quantize's grid)
+    holdout_tokens: int           # tail of the train stream kept out of training to choose the weights
+    final_weights: Literal["best_holdout", "live", "ema", "swa"]
+    checkpoint_every: int         # steps between resume checkpoints; 0 = none
+    log_every: int                # steps between log lines / curve points
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 1, "seq_len", "must be >= 1")
+        check(self.micro_batch_tokens >= self.seq_len and self.micro_batch_tokens % self.seq_len == 0,
+              "micro_batch_tokens", f"must be a positive multiple of seq_len ({self.seq_len})")
+        check(self.tokens_per_step >= self.micro_batch_tokens
+              and self.tokens_per_step % self.micro_batch_tokens == 0,
+              "tokens_per_step", f"must be a positive multiple of micro_batch_tokens ({self.micro_batch_tokens})")
+        check(self.max_steps >= 1, "max_steps", "must be >= 1")
+        check(math.isfinite(self.max_train_seconds) and self.max_train_seconds >= 0, "max_train_seconds",
+              "must be >= 0 (0 = no cap)")
+        if self.warmdown == "steps":
+            check(0 <= self.warmdown_steps <= self.max_steps, "warmdown_steps",
+                  f"must be in [0, max_steps={self.max_steps}] so training starts at peak LR")
+        else:
+            check(self.max_train_seconds > 0, "warmdown",
+                  "'time' needs max_train_seconds > 0 (the warmdown is a fraction of that cap)")
+            check(0.0 <= self.warmdown_frac <= 1.0, "warmdown_frac", "must be in [0, 1]")
+        check(self.compile_warmup_steps >= 0, "compile_warmup_steps", "must be >= 0")
+        check(0.0 <= self.qat_lr_scale_threshold <= 1.0, "qat_lr_scale_threshold", "must be in [0, 1] (0 = off)")
+        check(2 <= self.qat_bits <= 8, "qat_bits", "must be in 2..8")
+        check(self.holdout_tokens > self.seq_len, "holdout_tokens",
+              f"must exceed seq_len ({self.seq_len}): the holdout is scored in whole sequences")
+        check(self.final_weights == "best_holdout" or self.final_weights in CANDIDATES, "final_weights",
+              f"must be best_holdout or one of {list(CANDIDATES)}")
+        check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no resume checkpoints)")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-steps per optimizer step so that one GPU reproduces the step of N."""
+        per_micro_step = world_size * self.micro_batch_tokens
+        if self.tokens_per_step % per_micro_step:
+            raise ParamError("train.tokens_per_step",
+                             f"{self.tokens_per_step} is not a multiple of world size {world_size} x "
+                             f"micro_batch_tokens {self.micro_batch_tokens}")
+        return self.tokens_per_step // per_micro_step

@@ -1,0 +1,110 @@
+"""Stage train: train shards → artifacts/train/{model.pt,averages.pt,config.json,metrics.json,train.log}.
+
+Run as ``torchrun --standalone --nproc_per_node=N -m stages.train``. Curves go
+to artifacts/train/live (dvclive). A resume state is kept in
+artifacts/train_resume/state.pt (a persistent DVC output): re-running after a
+crash or ``kill -9`` continues from the last checkpoint (pgolf/train_state.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from pgolf.checkpoint import save_checkpoint
+from pgolf.config import from_params, to_dict
+from pgolf.distributed import barrier, init_distributed, shutdown
+from pgolf.errors import DataError, ParamError
+from pgolf.io import atomic_path, write_json_atomic
+from pgolf.loader import open_train_stream
+from pgolf.model import ModelConfig
+from pgolf.optim import OptimConfig
+from pgolf.train import RunFiles, TrainOutcome, run_training
+from pgolf.train_config import TrainConfig
+from pgolf.train_state import exclusive_run, mark_finished
+from stages.common import launch_device, launch_facts, params, stage_main
+
+SHARD_DIR = Path("data/shards")
+TOKENIZER_META = Path("data/tokenizer/meta.json")
+OUT = Path("artifacts/train")
+RESUME = Path("artifacts/train_resume/state.pt")
+
+
+def check_vocab(meta_path: Path, model_cfg: ModelConfig) -> None:
+    try:
+        vocab = json.loads(meta_path.read_text(encoding="utf-8"))["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{meta_path}: cannot read vocab_size ({type(exc).__name__})") from None
+    if vocab != model_cfg.vocab_size:
+        raise ParamError("model.vocab_size", f"{model_cfg.vocab_size} != the tokenizer's {vocab} ({meta_path})")
+
+
+def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict:
+    """Train and (on rank 0) write the outputs under ``root``; return the metrics."""
+    model_cfg = from_params(ModelConfig, p, "model")
+    optim_cfg = from_params(OptimConfig, p, "optim")
+    cfg = from_params(TrainConfig, p, "train")
+    ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
+    check_vocab(root / TOKENIZER_META, model_cfg)
+    stream = open_train_stream(root / SHARD_DIR, model_cfg.vocab_size)
+    files = RunFiles(log=root / OUT / "train.log", live_dir=root / OUT / "live", resume=root / RESUME)
+    with exclusive_run(root / RESUME) if ctx.is_main else contextlib.nullcontext():
+        outcome = run_training(model_cfg, optim_cfg, cfg, ctx, stream, files)
+        if ctx.is_main:
+            _write_outputs(root, outcome, model_cfg, optim_cfg, cfg, ctx.world_size)
+    barrier()
+    return outcome.metrics
+
+
+def _write_outputs(root: Path, outcome: TrainOutcome, model_cfg: ModelConfig, optim_cfg: OptimConfig,
+                   cfg: TrainConfig, world_size: int) -> None:
+    save_checkpoint(root / OUT / "model.pt", model_cfg, outcome.model.state_dict(), outcome.meta)
+    with atomic_path(root / OUT / "averages.pt") as tmp:
+        torch.save({"format": "pgolf-train-averages", "version": 1, "chosen": outcome.choice.name,
+                    "holdout_loss": outcome.choice.losses, "swa_count": outcome.metrics["swa_count"],
+                    "ema_updates": outcome.metrics["ema_updates"], "weights": outcome.candidates}, tmp)
+    write_json_atomic(root / OUT / "config.json", {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg),
+                                                    "train": to_dict(cfg), "world_size": world_size})
+    write_json_atomic(root / OUT / "metrics.json", outcome.metrics)
+    # Only now is the run safely on disk; until here a re-run resumes.
+    mark_finished(root / RESUME, outcome.meta["config_hash"], outcome.metrics["steps"])
+
+
+def _die_with_launcher() -> None:
+    """Under torchrun, ask Linux to SIGKILL this worker when torchrun dies.
+
+    A SIGKILLed torchrun cannot stop its workers, which then train on as
+    orphans (seen here: one kept writing the resume state beside the re-run).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(1)
+
+
+@stage_main
+def main() -> None:
+    _die_with_launcher()
+    rank, world_size, local_rank = launch_facts()
+    try:
+        m = run(params(), rank=rank, world_size=world_size, local_rank=local_rank)
+    finally:
+        shutdown()
+    if rank == 0:
+        swa = m["holdout_loss_swa"]
+        print(f"train: {m['steps']} steps, {m['tokens']:,} tokens in {m['train_seconds']:.1f} s "
+              f"({m['tokens_per_s'] or 0:,.0f} tok/s); held-out loss live {m['holdout_loss_live']:.4f} "
+              f"ema {m['holdout_loss_ema']:.4f} swa {'n/a' if swa is None else f'{swa:.4f}'} "
+              f"-> {m['final_weights']}")
+
+
+if __name__ == "__main__":
+    main()

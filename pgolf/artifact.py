@@ -1,0 +1,299 @@
+"""The quantised model file (``.ptz``): format, writer, reader, dequantiser.
+
+Format, version 1 (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic b"PGOLFQZ\\n"
+    8       2     format version (uint16) = 1
+    10      1     compressor id (uint8): 1 = zstd, 2 = lzma (xz container)
+    11      1     reserved, 0
+    12      8     payload length in bytes, compressed (uint64)
+    20      8     payload length in bytes, decompressed (uint64)
+    28      32    sha256 of the compressed payload
+    60      ...   compressed payload (exactly the stated length; nothing after)
+
+The decompressed payload is a uint32 index length ``L``, ``L`` bytes of UTF-8
+JSON (the index), then a data section of raw little-endian arrays. The index
+is ``{"model_config": {...}, "meta": {...}, "tensors": [...]}``; each tensor
+entry has ``name``, ``shape``, ``dtype`` (the dtype to restore), ``method``
+and either ``bits`` + ``q`` + ``scale`` (a quantised tensor: int8 integers
+``[rows, cols]`` on the ``pgolf.quant_grid`` grid and one fp16 scale per row)
+or ``raw`` (a passthrough tensor). Each array reference is ``{"dtype",
+"offset", "nbytes"}`` into the data section. Integers of all tensors come
+first, then scales, then passthrough data: like with like compresses better.
+
+Nothing in the file is ever unpickled: the reader parses JSON and copies
+bytes into tensors. Encoding is deterministic (sorted JSON, fixed array
+order, single-threaded compressors), so equal inputs give equal bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import zstandard
+
+from pgolf.checkpoint import Checkpoint, build_model
+from pgolf.errors import DataError, ParamError
+from pgolf.io import write_bytes_atomic
+from pgolf.model import GPT, ModelConfig, rebank_state_dict
+from pgolf.quant_grid import dequantize_grid
+
+MAGIC = b"PGOLFQZ\n"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sHBBQQ32s")
+HEADER_BYTES = _HEADER.size
+COMPRESSORS = {"zstd": 1, "lzma": 2}
+_COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
+# A decompressed payload larger than this is refused before allocating it.
+MAX_PAYLOAD_BYTES = 1 << 32
+_STORED_DTYPES = {
+    "int8": (torch.int8, "<i1"), "uint8": (torch.uint8, "<u1"), "int16": (torch.int16, "<i2"),
+    "int32": (torch.int32, "<i4"), "int64": (torch.int64, "<i8"), "bool": (torch.bool, "|b1"),
+    "float16": (torch.float16, "<f2"), "float32": (torch.float32, "<f4"),
+    "float64": (torch.float64, "<f8"),
+}
+_RESTORE_DTYPES = {name: dtype for name, (dtype, _) in _STORED_DTYPES.items()}
+_RESTORE_DTYPES["bfloat16"] = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One state-dict entry as the artifact holds it.
+
+    Quantised: ``q`` int8 [rows, cols] and ``scale`` fp16 [rows] (2-D tensors
+    per row; other shapes as one row). Passthrough: ``raw`` (floats as fp16).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    method: str
+    bits: int | None = None
+    q: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.q is not None
+
+    def stored_bytes(self) -> int:
+        if self.quantized:
+            return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
+        return self.raw.numel() * self.raw.element_size()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    tensors: list[StoredTensor]
+    model_config: dict
+    meta: dict
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _array_bytes(t: torch.Tensor) -> tuple[str, bytes]:
+    name = dtype_name(t.dtype)
+    if name not in _STORED_DTYPES:
+        raise ValueError(f"cannot store dtype {name} (allowed: {sorted(_STORED_DTYPES)})")
+    arr = t.detach().cpu().contiguous().numpy()
+    return name, arr.astype(np.dtype(_STORED_DTYPES[name][1]), copy=False).tobytes()
+
+
+def _compress(data: bytes, compressor: str, level: int) -> bytes:
+    if compressor == "zstd":
+        return zstandard.ZstdCompressor(level=level, threads=0).compress(data)
+    if compressor == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=level)
+    raise ValueError(f"unknown compressor {compressor!r} (known: {sorted(COMPRESSORS)})")
+
+
+def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
+           compressor: str, level: int) -> bytes:
+    """The complete file bytes for ``tensors`` (see the module docstring)."""
+    chunks: list[bytes] = []
+    offset = 0
+
+    def put(t: torch.Tensor) -> dict:
+        nonlocal offset
+        name, data = _array_bytes(t)
+        chunks.append(data)
+        ref = {"dtype": name, "offset": offset, "nbytes": len(data)}
+        offset += len(data)
+        return ref
+
+    entries = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "method": t.method}
+               for t in tensors]
+    for entry, t in zip(entries, tensors):
+        if t.quantized:
+            entry["bits"] = t.bits
+            entry["q"] = put(t.q)
+    for entry, t in zip(entries, tensors):
+        if t.quantized:
+            entry["scale"] = put(t.scale)
+    for entry, t in zip(entries, tensors):
+        if not t.quantized:
+            entry["raw"] = put(t.raw)
+    index = json.dumps({"model_config": model_config, "meta": meta, "tensors": entries},
+                       sort_keys=True, separators=(",", ":")).encode("utf-8")
+    payload = struct.pack("<I", len(index)) + index + b"".join(chunks)
+    packed = _compress(payload, compressor, level)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, COMPRESSORS[compressor], 0, len(packed),
+                          len(payload), hashlib.sha256(packed).digest())
+    return header + packed
+
+
+def write_artifact(path: str | Path, tensors: Sequence[StoredTensor], model_config: dict,
+                   meta: dict, compressor: str, level: int) -> int:
+    """Encode and write atomically; returns the file size in bytes."""
+    data = encode(tensors, model_config, meta, compressor, level)
+    write_bytes_atomic(path, data)
+    return len(data)
+
+
+def _decompress(packed: bytes, compressor_id: int, raw_length: int, where: str) -> bytes:
+    try:
+        if compressor_id == COMPRESSORS["zstd"]:
+            data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=raw_length)
+        else:
+            decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            data = decompressor.decompress(packed, max_length=raw_length + 1)
+            if not decompressor.eof or decompressor.unused_data:
+                raise DataError(f"{where}: compressed payload is incomplete or has trailing data")
+    except (zstandard.ZstdError, lzma.LZMAError) as exc:
+        raise DataError(f"{where}: payload does not decompress ({exc})") from None
+    if len(data) != raw_length:
+        raise DataError(f"{where}: payload decompressed to {len(data)} bytes, header says {raw_length}")
+    return data
+
+
+def _read_array(data: memoryview, ref: Any, where: str) -> torch.Tensor:
+    if not isinstance(ref, dict) or ref.get("dtype") not in _STORED_DTYPES:
+        raise DataError(f"{where}: bad array reference {ref!r}")
+    offset, nbytes = ref.get("offset"), ref.get("nbytes")
+    if not (isinstance(offset, int) and isinstance(nbytes, int) and 0 <= offset
+            and 0 <= nbytes and offset + nbytes <= len(data)):
+        raise DataError(f"{where}: array reference {ref!r} is outside the {len(data)}-byte data section")
+    torch_dtype, np_dtype = _STORED_DTYPES[ref["dtype"]]
+    if nbytes % np.dtype(np_dtype).itemsize:
+        raise DataError(f"{where}: {nbytes} bytes is not a whole number of {ref['dtype']} values")
+    arr = np.frombuffer(data[offset:offset + nbytes], dtype=np_dtype)
+    return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True)).to(torch_dtype)
+
+
+def _parse_tensor(entry: Any, data: memoryview, where: str) -> StoredTensor:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise DataError(f"{where}: bad tensor entry {str(entry)[:80]}")
+    name = entry["name"]
+    at = f"{where}: tensor {name}"
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise DataError(f"{at}: bad shape {shape!r}")
+    if entry.get("dtype") not in _RESTORE_DTYPES:
+        raise DataError(f"{at}: unknown dtype {entry.get('dtype')!r}")
+    numel = int(np.prod(shape, dtype=np.int64))
+    common = dict(name=name, shape=tuple(shape), dtype=entry["dtype"], method=str(entry.get("method")))
+    if "q" in entry:
+        bits = entry.get("bits")
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise DataError(f"{at}: bad bit width {bits!r}")
+        q, scale = _read_array(data, entry["q"], at), _read_array(data, entry.get("scale"), at)
+        rows = shape[0] if len(shape) == 2 else 1
+        if q.dtype != torch.int8 or scale.dtype != torch.float16 or q.numel() != numel or scale.numel() != rows:
+            raise DataError(f"{at}: integer/scale arrays do not match shape {shape}")
+        qmax = (1 << (bits - 1)) - 1
+        if q.numel() and int(q.abs().max()) > qmax:
+            raise DataError(f"{at}: integers exceed ±{qmax} for {bits} bits")
+        q = q.reshape(shape) if len(shape) == 2 else q.reshape(1, numel)
+        return StoredTensor(**common, bits=bits, q=q, scale=scale)
+    raw = _read_array(data, entry.get("raw"), at)
+    if raw.numel() != numel:
+        raise DataError(f"{at}: {raw.numel()} stored values for shape {shape}")
+    return StoredTensor(**common, raw=raw.reshape(shape))
+
+
+def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
+    """Parse and verify file bytes; every problem is a DataError naming ``where``."""
+    if len(blob) < HEADER_BYTES:
+        raise DataError(f"{where}: {len(blob)} bytes is shorter than the {HEADER_BYTES}-byte header (truncated?)")
+    magic, version, comp_id, _, packed_len, raw_len, digest = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise DataError(f"{where}: not a pgolf quantised artifact (bad magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{where}: artifact format version {version} is not supported (this code reads {FORMAT_VERSION})")
+    if comp_id not in _COMPRESSOR_NAMES:
+        raise DataError(f"{where}: unknown compressor id {comp_id}")
+    if len(blob) != HEADER_BYTES + packed_len:
+        raise DataError(f"{where}: file has {len(blob) - HEADER_BYTES} payload bytes, header says {packed_len} (truncated or padded)")
+    if raw_len > MAX_PAYLOAD_BYTES:
+        raise DataError(f"{where}: header claims an implausible {raw_len}-byte payload")
+    packed = blob[HEADER_BYTES:]
+    if hashlib.sha256(packed).digest() != digest:
+        raise DataError(f"{where}: checksum mismatch, the file is corrupted")
+    payload = memoryview(_decompress(packed, comp_id, raw_len, where))
+    if len(payload) < 4:
+        raise DataError(f"{where}: payload too short for its index")
+    (index_len,) = struct.unpack_from("<I", payload)
+    if 4 + index_len > len(payload):
+        raise DataError(f"{where}: index length {index_len} exceeds the payload")
+    try:
+        index = json.loads(bytes(payload[4:4 + index_len]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{where}: index is not valid JSON ({exc})") from None
+    if not (isinstance(index, dict) and isinstance(index.get("tensors"), list)
+            and isinstance(index.get("model_config"), dict) and isinstance(index.get("meta"), dict)):
+        raise DataError(f"{where}: index lacks tensors/model_config/meta")
+    data = payload[4 + index_len:]
+    tensors = [_parse_tensor(e, data, where) for e in index["tensors"]]
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise DataError(f"{where}: duplicate tensor names")
+    return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"])
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: quantised artifact not found")
+    return decode(path.read_bytes(), str(path))
+
+
+def dequantize_tensor(t: StoredTensor) -> torch.Tensor:
+    """Float tensor of the original shape and dtype (``q·s`` per row, or the passthrough)."""
+    value = dequantize_grid(t.q, t.scale) if t.quantized else t.raw
+    return value.reshape(t.shape).to(_RESTORE_DTYPES[t.dtype])
+
+
+def dequantize(artifact: Artifact) -> dict[str, torch.Tensor]:
+    """The unbanked state dict (conventional 2-D names) the artifact encodes."""
+    return {t.name: dequantize_tensor(t) for t in artifact.tensors}
+
+
+def load_dequantized_model(path: str | Path, device: str | torch.device) -> GPT:
+    """Rebuild the ``GPT`` stored in ``path`` (config from the artifact) with
+    dequantised weights, in eval mode on ``device``.
+
+    Every eval stage scores this model, never the training weights.
+    """
+    artifact = read_artifact(path)
+    try:
+        cfg = ModelConfig.from_dict(artifact.model_config)
+    except ParamError as exc:
+        raise DataError(f"{path}: bad model_config: {exc.key}: {exc.message}") from None
+    try:
+        state = rebank_state_dict(dequantize(artifact), cfg)
+        model = build_model(Checkpoint(model_config=cfg, state_dict=state, meta=artifact.meta), device)
+    except (KeyError, RuntimeError) as exc:
+        raise DataError(f"{path}: artifact does not match its model config "
+                        f"({str(exc).splitlines()[0]})") from None
+    return model.eval()

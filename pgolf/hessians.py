@@ -1,0 +1,272 @@
+"""GPTQ calibration: H = Σ xᵀx of every block linear's input, from the real model.
+
+Forward-pre-hooks on the model's parameter-free ``BankLinear`` modules see the
+exact input of each block matmul, so value embeddings, VRL and every other
+mixing path are what the trained model computes (RECIPE §4.3, §6.7). Q, K and
+V read one input, stored once under ``blocks.{i}.attn.qkv``; the others are
+keyed by their module name (``blocks.{i}.attn.proj``, ``blocks.{i}.mlp.fc``,
+``blocks.{i}.mlp.proj``). Under CUDA bf16 autocast the sums are of the bf16
+operands the matmuls really use. Sums are kept in float64 and saved as
+float32, raw: no averaging, no damping (the solver damps exactly once).
+
+Calibration sequences come from one of two sources:
+
+- ``train``: consecutive sequences from the start of the *train* shards;
+  :func:`train_calibration_batches` refuses any file not named like a train
+  shard, so validation data cannot be used (RECIPE §6.10);
+- ``autoregressive``: sequences sampled from the model itself with a KV cache,
+  in fixed global batches each seeded from ``(seed, batch index)``, so the
+  samples do not depend on how many ranks share the work.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+from pgolf.config import check
+from pgolf.distributed import all_reduce_sum_, shard_range
+from pgolf.errors import DataError
+from pgolf.io import atomic_path
+from pgolf.loader import TokenStream
+
+_MODULE = re.compile(r"^blocks\.(\d+)\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))$")
+_TRAIN_SHARD = re.compile(r"^train_\d+\.bin$")
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """Section ``hessians`` of params.yaml."""
+
+    source: Literal["train", "autoregressive"]
+    seq_len: int  # tokens per calibration sequence
+    train_batches: int  # source=train: number of batches
+    train_batch_seqs: int  # source=train: sequences per batch (all ranks together)
+    ar_num_seqs: int  # source=autoregressive: sequences to sample
+    ar_batch_seqs: int  # source=autoregressive: sequences sampled together
+    ar_temperature: float
+    seed: int  # source=autoregressive: sampling seed
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 1, "seq_len", "must be >= 1")
+        check(self.train_batches >= 1, "train_batches", "must be >= 1")
+        check(self.train_batch_seqs >= 1, "train_batch_seqs", "must be >= 1")
+        check(self.ar_num_seqs >= 1, "ar_num_seqs", "must be >= 1")
+        check(self.ar_batch_seqs >= 1, "ar_batch_seqs", "must be >= 1")
+        check(self.ar_temperature > 0, "ar_temperature", "must be > 0")
+
+
+@dataclass(frozen=True)
+class HessianSet:
+    """Raw second moments keyed as in the module docstring, plus what they cover."""
+
+    hessians: dict[str, torch.Tensor]
+    num_tokens: int
+    num_sequences: int
+
+
+def hessian_key_for_module(module_name: str) -> str | None:
+    """``blocks.3.attn.c_k`` → ``blocks.3.attn.qkv``; None for modules without one."""
+    match = _MODULE.match(module_name)
+    if match is None:
+        return None
+    if match.group(3) in ("c_q", "c_k", "c_v"):
+        return f"blocks.{match.group(1)}.attn.qkv"
+    return module_name
+
+
+def hessian_key_for_weight(weight_name: str) -> str | None:
+    """``blocks.3.attn.c_k.weight`` → ``blocks.3.attn.qkv`` (unbanked weight names)."""
+    if not weight_name.endswith(".weight"):
+        return None
+    return hessian_key_for_module(weight_name.removesuffix(".weight"))
+
+
+def matmul_operand(x: torch.Tensor) -> torch.Tensor:
+    """What ``F.linear`` really multiplies: under CUDA autocast, x in the autocast dtype.
+
+    (An fp32 input reaches the hook when it comes from a norm or a ``pow``,
+    which autocast keeps in fp32; the linear then casts it.)
+    """
+    if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        return x.to(torch.get_autocast_dtype("cuda"))
+    return x
+
+
+def batch_second_moment(flat: torch.Tensor) -> torch.Tensor:
+    """``xᵀx`` of one batch [n, d] as float64 [d, d].
+
+    16-bit CUDA inputs (bf16 autocast) take one GEMM with fp32 output: every
+    product of two 16-bit floats is exact in fp32, so only the in-GEMM fp32
+    summation rounds, at tensor-core speed (13x a float64 GEMM at 98,304 x
+    1536 on an H200). Other inputs use float64.
+    """
+    if flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(flat.T, flat, out_dtype=torch.float32).to(torch.float64)
+    wide = flat.to(torch.float64)
+    return wide.T @ wide
+
+
+class HessianCollector:
+    """Context manager: while open, every forward of ``model`` adds to the sums.
+
+    Q's hook accumulates the shared attention input; K's and V's hooks only
+    check that they really receive the same tensor, so a model change that
+    breaks the sharing fails loudly instead of producing a wrong Hessian.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._qkv_input: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, module_name: str, key: str) -> Callable:
+        shared_reader = module_name.endswith((".c_k", ".c_v"))
+
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if shared_reader:
+                seen = self._qkv_input.get(key)
+                if seen is None or (seen is not x and not torch.equal(seen, x)):
+                    raise RuntimeError(f"{module_name} got a different input than its c_q; "
+                                       f"the shared {key} Hessian would be wrong")
+                return
+            if key.endswith(".qkv"):
+                self._qkv_input[key] = x
+            flat = matmul_operand(x.detach()).reshape(-1, x.shape[-1])
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64,
+                                             device=flat.device)
+                self.rows[key] = 0
+            self.sums[key] += batch_second_moment(flat)
+            self.rows[key] += flat.shape[0]
+        return hook
+
+    def __enter__(self) -> "HessianCollector":
+        for name, module in self.model.named_modules():
+            key = hessian_key_for_module(name)
+            if key is not None:
+                self._handles.append(module.register_forward_pre_hook(self._hook(name, key)))
+        if not self._handles:
+            raise ValueError("model has no blocks.{i}.attn/mlp hook modules to calibrate")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._qkv_input.clear()
+
+
+def check_train_shards(paths: Sequence[str | Path]) -> list[Path]:
+    """The paths, if every one is named like a train shard; DataError otherwise."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DataError("hessians: no train shards given for calibration")
+    for path in paths:
+        if not _TRAIN_SHARD.match(path.name):
+            raise DataError(f"{path}: not a train shard (train_NNNNNN.bin); Hessian calibration "
+                            f"never reads validation or other data")
+    return paths
+
+
+def train_calibration_batches(paths: Sequence[str | Path], vocab_size: int, cfg: HessianConfig,
+                              rank: int, world_size: int) -> Iterator[torch.Tensor]:
+    """This rank's share of ``train_batches`` batches of consecutive train sequences.
+
+    Batch b holds sequences ``[b·S, (b+1)·S)`` of the train stream (S =
+    ``train_batch_seqs``, each ``seq_len`` tokens); rank r takes its
+    contiguous share of every batch. Yields int64 [n, seq_len].
+    """
+    stream = TokenStream(check_train_shards(paths), vocab_size)
+    needed = cfg.train_batches * cfg.train_batch_seqs * cfg.seq_len
+    if needed > stream.total:
+        raise DataError(f"{paths[0]}: calibration needs {needed} train tokens "
+                        f"({cfg.train_batches} x {cfg.train_batch_seqs} x {cfg.seq_len}), "
+                        f"the train shards hold {stream.total}")
+    lo, hi = shard_range(cfg.train_batch_seqs, rank, world_size)
+    for b in range(cfg.train_batches):
+        if hi > lo:
+            first = b * cfg.train_batch_seqs + lo
+            tokens = stream.tokens(first * cfg.seq_len, (hi - lo) * cfg.seq_len)
+            yield torch.from_numpy(tokens).view(hi - lo, cfg.seq_len)
+
+
+def autoregressive_batches(model: nn.Module, cfg: HessianConfig, rank: int, world_size: int,
+                           device: torch.device) -> Iterator[torch.Tensor]:
+    """This rank's share of ``ar_num_seqs`` sampled sequences, int64 [n, seq_len] on ``device``."""
+    num_batches = -(-cfg.ar_num_seqs // cfg.ar_batch_seqs)
+    lo, hi = shard_range(num_batches, rank, world_size)
+    for b in range(lo, hi):
+        size = min(cfg.ar_batch_seqs, cfg.ar_num_seqs - b * cfg.ar_batch_seqs)
+        generator = torch.Generator(device=device)
+        # Distinct, reproducible streams per (seed, batch), whatever the rank count.
+        generator.manual_seed(cfg.seed * 1_000_003 + b)
+        yield model.sample(size, cfg.seq_len, cfg.ar_temperature, generator, device)
+
+
+def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
+                     autocast: Callable[[], ContextManager]) -> HessianSet:
+    """Run ``model.forward_logits`` over ``batches`` with hooks; sum over ranks.
+
+    Every rank must call this (the sums are all-reduced) even with no batches.
+    """
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # tokens, sequences
+    with HessianCollector(model) as collector, torch.no_grad():
+        for ids in batches:
+            ids = ids.to(device)
+            with autocast():
+                model.forward_logits(ids)
+            counts += torch.tensor([ids.numel(), ids.shape[0]], dtype=torch.float64, device=device)
+    keys = sorted({key for name, _ in model.named_modules()
+                   if (key := hessian_key_for_module(name)) is not None})
+    hessians = {}
+    for key in keys:
+        h = collector.sums.get(key)
+        if h is None:  # this rank saw no data; still join the reduction
+            width = _input_width(model, key)
+            h = torch.zeros(width, width, dtype=torch.float64, device=device)
+        hessians[key] = all_reduce_sum_(h).float().cpu()
+    all_reduce_sum_(counts)
+    rows = set(collector.rows.values())
+    if len(rows) > 1:
+        raise RuntimeError(f"hook modules saw different token counts {sorted(rows)}")
+    return HessianSet(hessians=hessians, num_tokens=int(counts[0]), num_sequences=int(counts[1]))
+
+
+def _input_width(model: nn.Module, key: str) -> int:
+    """Input features of the matrices behind ``key`` (from the model config)."""
+    cfg = model.cfg
+    return cfg.mlp_hidden if key.endswith("mlp.proj") else cfg.model_dim
+
+
+def save_hessians(path: str | Path, hs: HessianSet) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"hessians": hs.hessians, "num_tokens": torch.tensor(hs.num_tokens),
+                    "num_sequences": torch.tensor(hs.num_sequences)}, tmp)
+
+
+def load_hessians(path: str | Path) -> HessianSet:
+    """Tensors-only load (``weights_only=True``); DataError naming the file on any mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: Hessian file not found (run the hessians stage)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt zip or a pickle that is not tensors-only
+        raise DataError(f"{path}: cannot read Hessians ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if not (isinstance(data, dict) and isinstance(data.get("hessians"), dict)
+            and isinstance(data.get("num_tokens"), torch.Tensor)):
+        raise DataError(f"{path}: not a Hessian file (expected hessians/num_tokens/num_sequences)")
+    for key, h in data["hessians"].items():
+        if not (isinstance(h, torch.Tensor) and h.dim() == 2 and h.shape[0] == h.shape[1]):
+            raise DataError(f"{path}: Hessian {key!r} is not a square matrix")
+    return HessianSet(hessians=data["hessians"], num_tokens=int(data["num_tokens"]),
+                      num_sequences=int(data.get("num_sequences", torch.tensor(0))))

@@ -1,0 +1,161 @@
+"""The submission size gate: counted code bytes + compressed model bytes ≤ 16,000,000.
+
+What counts (RECIPE §4.7; decimal bytes, never MiB):
+
+* **Model bytes**: the size of ``artifacts/quant/model.ptz``, the whole file
+  (header, checksum and compressed payload).
+* **Code bytes**: the raw on-disk bytes (no minification, no re-encoding) of
+  every file needed to rebuild the model from the artifact and evaluate it:
+  the evaluation entry points ``stages/eval_sliding.py`` and
+  ``stages/eval_ttt.py``, plus every module of the project's own packages
+  (``pgolf``, ``stages``) that they import, transitively, found by parsing
+  their ``import`` statements (including imports inside functions), plus the
+  ``__init__.py`` of each package on the way (importing a module runs it).
+  Third-party libraries (torch, numpy, sentencepiece, zstandard) are not
+  counted, as the challenge does not count its own ``torch`` either; neither
+  are params.yaml, the tokenizer or data, which the challenge treats as
+  evaluation inputs rather than submission code.
+
+The list is computed, not hand-maintained, so a new import in an eval module
+is counted on the next run. Total = code bytes + model bytes; it fits when
+total ≤ 16,000,000 (exactly 16,000,000 fits).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from pgolf.errors import DataError
+
+LIMIT_BYTES = 16_000_000
+EVAL_ENTRY_POINTS = ("stages/eval_sliding.py", "stages/eval_ttt.py")
+LOCAL_PACKAGES = ("pgolf", "stages")
+
+
+@dataclass(frozen=True)
+class SizeConfig:
+    """Section ``size`` of params.yaml."""
+
+    enforce: bool  # over the limit → size_check fails (else it only reports fits: false)
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    code_bytes: int
+    model_bytes: int
+    total_bytes: int
+    limit: int
+    headroom: int
+    fits: bool
+    code_files: list[str]
+
+
+def _module_file(root: Path, dotted: str) -> Path | None:
+    """File of module ``dotted`` under ``root`` (module.py or package/__init__.py)."""
+    base = root.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(root: Path, path: Path) -> set[str]:
+    """Dotted names of local modules ``path`` imports (``from pkg import mod`` included)."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as exc:
+        raise DataError(f"{path}: cannot parse for import analysis ({exc.msg}, line {exc.lineno})") from None
+    is_package = path.name == "__init__.py"
+    own_package = _module_name(root, path) if is_package else _module_name(root, path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = own_package.split(".")[:len(own_package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            # ``from pkg import mod`` imports a module when pkg/mod.py exists.
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] in LOCAL_PACKAGES}
+
+
+def counted_code_files(root: str | Path = ".", entry_points: Sequence[str] = EVAL_ENTRY_POINTS) -> list[str]:
+    """Sorted root-relative paths of the counted code (see the module docstring)."""
+    root = Path(root).resolve()
+    todo: list[Path] = []
+    for entry in entry_points:
+        path = root / entry
+        if not path.is_file():
+            raise DataError(f"{entry}: evaluation entry point not found; cannot count code bytes")
+        todo.append(path)
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for dotted in _imported_modules(root, path):
+            parts = dotted.split(".")
+            # Importing a.b.c runs a/__init__.py and a/b/__init__.py too.
+            for depth in range(1, len(parts) + 1):
+                found = _module_file(root, ".".join(parts[:depth]))
+                if found is not None and found not in seen:
+                    todo.append(found)
+    return sorted(p.relative_to(root).as_posix() for p in seen)
+
+
+def code_bytes(root: str | Path, files: Sequence[str]) -> int:
+    root = Path(root)
+    return sum((root / f).stat().st_size for f in files)
+
+
+def size_report(model_path: str | Path, root: str | Path = ".", limit: int = LIMIT_BYTES,
+                files: Sequence[str] | None = None) -> SizeReport:
+    """Measure ``model_path`` plus the counted code against ``limit`` bytes."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise DataError(f"{model_path}: quantised artifact not found (run the quantize stage)")
+    files = list(counted_code_files(root) if files is None else files)
+    code = code_bytes(root, files)
+    model = model_path.stat().st_size
+    total = code + model
+    return SizeReport(code_bytes=code, model_bytes=model, total_bytes=total, limit=limit,
+                      headroom=limit - total, fits=total <= limit, code_files=files)
+
+
+def report_dict(report: SizeReport) -> dict:
+    return asdict(report)
+
+
+def warn_if_over(size_json_path: str | Path) -> bool:
+    """Print a warning to stderr unless ``size.json`` says the submission fits.
+
+    For the eval stages: returns True when a warning was printed (over the
+    limit, or the size was never checked), so scores of an over-limit
+    artifact cannot pass unnoticed.
+    """
+    path = Path(size_json_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        fits, total, limit = bool(data["fits"]), int(data["total_bytes"]), int(data["limit"])
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"warning: {path}: submission size unknown (run the size_check stage)", file=sys.stderr)
+        return True
+    if not fits:
+        print(f"warning: {path}: submission is {total:,} bytes, over the {limit:,}-byte limit "
+              f"by {total - limit:,}; this score is not a valid submission", file=sys.stderr)
+        return True
+    return False

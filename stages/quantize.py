@@ -1,0 +1,100 @@
+"""Stage quantize: trained weights + Hessians → artifacts/quant/{model.ptz,report.json,metrics.json}.
+
+Policy and solver: pgolf/quantize.py, pgolf/gptq.py; file format:
+pgolf/artifact.py. With ``quantize.prune`` the ±1 pruning aims at
+``16,000,000 − code bytes − prune_margin_bytes`` (code bytes as counted by
+pgolf/size.py); the size_check stage is the gate either way.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from pgolf.artifact import encode, write_artifact
+from pgolf.checkpoint import load_checkpoint
+from pgolf.config import from_params, to_dict
+from pgolf.distributed import resolve_device
+from pgolf.hessians import load_hessians
+from pgolf.io import write_json_atomic
+from pgolf.model import unbank_state_dict
+from pgolf.precision import synchronize
+from pgolf.quantize import QuantizeConfig, prune_to_target, quantize_state_dict
+from pgolf.size import LIMIT_BYTES, code_bytes, counted_code_files
+from stages.common import launch_device, params, stage_main
+
+CHECKPOINT = Path("artifacts/train/model.pt")
+HESSIANS = Path("artifacts/hessians/hessians.pt")
+OUT_DIR = Path("artifacts/quant")
+
+
+def qat_bits(meta: dict) -> int | None:
+    """Bits of late QAT if the checkpoint's run switched it on (meta ``qat``), else None."""
+    qat = meta.get("qat")
+    if isinstance(qat, dict) and qat.get("enabled"):
+        return int(qat["bits"])
+    return None
+
+
+def run(p: dict, root: Path = Path(".")) -> dict:
+    """Quantise the checkpoint under ``root``; return the metrics."""
+    cfg = from_params(QuantizeConfig, p, "quantize")
+    device = resolve_device(launch_device(p))
+    started = time.perf_counter()
+    ckpt = load_checkpoint(root / CHECKPOINT)
+    trained_bits = qat_bits(ckpt.meta)
+    if trained_bits is not None and trained_bits not in (cfg.attn_bits, cfg.mlp_bits):
+        print(f"warning: the model was trained with late QAT at {trained_bits} bits but quantize uses "
+              f"attn_bits={cfg.attn_bits}, mlp_bits={cfg.mlp_bits}", file=sys.stderr)
+    hs = load_hessians(root / HESSIANS)
+    state = unbank_state_dict(ckpt.state_dict, ckpt.model_config)
+    result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, str(root / HESSIANS))
+    synchronize(device)
+    quantized = time.perf_counter()
+
+    model_config = ckpt.model_config.to_dict()
+    meta = {"quantize": to_dict(cfg)}
+    tensors, prune_metrics = result.tensors, {}
+    if cfg.prune:
+        code = code_bytes(root, counted_code_files(root))
+        outcome = prune_to_target(
+            tensors, LIMIT_BYTES - code - cfg.prune_margin_bytes,
+            lambda ts: len(encode(ts, model_config, meta, cfg.compressor, cfg.compression_level)))
+        tensors = outcome.tensors
+        prune_metrics = {"prune_candidates": outcome.candidates, "pruned": outcome.pruned,
+                         "prune_target_bytes": outcome.target_bytes, "prune_fits": outcome.fits,
+                         "prune_probes": outcome.probes, "prune_code_bytes": code}
+        if not outcome.fits:
+            print(f"warning: pruning every ±1 entry cannot reach {outcome.target_bytes:,} bytes",
+                  file=sys.stderr)
+    model_bytes = write_artifact(root / OUT_DIR / "model.ptz", tensors, model_config, meta,
+                                 cfg.compressor, cfg.compression_level)
+    finished = time.perf_counter()
+
+    quantized_rows = [r for r in result.report if r["bits"] is not None]
+    metrics = {
+        "model_bytes": model_bytes,
+        "stored_bytes": sum(t.stored_bytes() for t in tensors),
+        "num_tensors": len(tensors), "num_quantized": len(quantized_rows),
+        "fallback_more_damping": result.fallbacks["more_damping"],
+        "fallback_round_to_nearest": result.fallbacks["round_to_nearest"],
+        "weight_mse_mean": sum(r["weight_mse"] for r in quantized_rows) / max(len(quantized_rows), 1),
+        "hessian_error_total": sum(r["hessian_error"] or 0.0 for r in quantized_rows),
+        "calibration_tokens": hs.num_tokens, "device": device.type,
+        "seconds": round(finished - started, 3), "seconds_quantize": round(quantized - started, 3),
+        **prune_metrics, "params": to_dict(cfg)}
+    write_json_atomic(root / OUT_DIR / "report.json", result.report)
+    write_json_atomic(root / OUT_DIR / "metrics.json", metrics)
+    return metrics
+
+
+@stage_main
+def main() -> None:
+    m = run(params())
+    print(f"quantize: {m['num_quantized']}/{m['num_tensors']} tensors quantised, artifact "
+          f"{m['model_bytes']:,} bytes in {m['seconds']:.1f} s; fallbacks: "
+          f"{m['fallback_more_damping']} more damping, {m['fallback_round_to_nearest']} round-to-nearest")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Causal self-attention whose weights are slices of the GPT's banks.
+
+One layer's attention (RECIPE §2.2): q, k, v projections → value embedding
+added to v (chosen layers) → VRL mix of layer 0's value (layers ≥ 1) → RMSNorm
+of q and k per head → partial RoPE → per-head q gain → causal SDPA with native
+GQA → XSA (chosen layers) → output projection.
+
+The projections are parameter-free :class:`BankLinear` modules called as
+``module(x, weight)``: the weights live in the GPT's 3-D banks (Muon updates
+them batched), while a forward-pre-hook on ``blocks.{i}.attn.c_q`` still sees
+the exact input of that matmul (what GPTQ's Hessian collection needs).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pgolf.rope import apply_partial_rope
+
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+_SDPA_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+    # KV-cache decoding steps: one query against a cache that grows every step.
+    # "auto" picked cuDNN there at 52 ms/step (vs 14 with flash) for the record
+    # model, 64 sequences, on an H200; math covers dtypes flash lacks (fp32).
+    "decode": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+}
+
+# Backends whose kernels reject ``enable_gqa=True``: for these the KV heads are
+# repeated to the query head count before the call (same result, more memory).
+# Measured with bench/attention.py on an H200 (torch 2.11+cu130, cuDNN 9.19,
+# 48×2048, 8/4 heads, fwd+bwd): cuDNN 2.31 ms native GQA (2.56 expanded),
+# flash 3.68 (3.81), efficient: no native GQA kernel, 7.66 ms expanded.
+EXPAND_KV_BACKENDS: frozenset[str] = frozenset({"efficient"})
+
+
+class BankLinear(nn.Module):
+    """``F.linear(x, weight)`` with the weight passed in: a named hook point, no parameters."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+
+def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *,
+             is_causal: bool, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA for q [B, H, T, hd] against k, v [B, KV, S, hd] with H a multiple of KV.
+
+    Query head h reads KV head h // (H/KV) (the ``repeat_interleave`` grouping).
+    ``backend`` picks the CUDA kernel for half-precision inputs (the bf16
+    autocast of training and evaluation). PyTorch chooses instead on other
+    devices (the CUDA kernels do not exist there: a GPU-trained checkpoint
+    still evaluates on CPU), for fp32/fp64 inputs (flash and cuDNN are
+    half-precision only) and with an explicit ``attn_mask`` (KV-cache prefill
+    after a prefix), which flash and cuDNN reject.
+    """
+    group = q.shape[1] // k.shape[1]
+    use_kernel = (backend != "auto" and q.device.type == "cuda" and attn_mask is None
+                  and q.dtype in (torch.float16, torch.bfloat16))
+    if use_kernel and group > 1 and backend in EXPAND_KV_BACKENDS:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    context = sdpa_kernel(_SDPA_BACKENDS[backend]) if use_kernel else contextlib.nullcontext()
+    with context:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head output its component along its own token's value.
+
+    y [B, H, T, hd], v [B, KV, T, hd]; ``y_h ← y_h − (y_h·v̂) v̂`` with v̂ the unit
+    value of head h's KV group at the same position (RECIPE §2.4).
+    """
+    b, h, t, hd = y.shape
+    kv = v.shape[1]
+    grouped = y.reshape(b, kv, h // kv, t, hd)
+    unit_v = F.normalize(v, dim=-1).unsqueeze(2)
+    grouped = grouped - (grouped * unit_v).sum(dim=-1, keepdim=True) * unit_v
+    return grouped.reshape(b, h, t, hd)
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every layer for autoregressive sampling, filled in place.
+
+    ``keys[i]``/``values[i]`` are [N, KV, max_len, hd] (allocated on first
+    write with the activation dtype). ``length`` counts cached positions;
+    ``prev_ids``/``prev_embed`` carry the last token and its normalised
+    embedding for BigramHash and SmearGate, which look one position back.
+    """
+
+    num_layers: int
+    max_len: int
+    length: int = 0
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    prev_ids: torch.Tensor | None = None
+    prev_embed: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [N, KV, C, hd] after ``length``; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = v.new_zeros(shape)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, *, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 qk_norm: bool, qk_gain_init: float, use_xsa: bool, use_vrl_gate: bool,
+                 backend: str):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.qk_norm = qk_norm
+        self.qk_gain_init = qk_gain_init
+        self.use_xsa = use_xsa
+        self.backend = backend
+        self.c_q = BankLinear()
+        self.c_k = BankLinear()
+        self.c_v = BankLinear()
+        self.proj = BankLinear()
+        self.q_gain = nn.Parameter(torch.empty(num_heads))
+        # VRL gate σ(α) on layer 0's value; layer 0 has none (it would get no gradient).
+        self.vrl_alpha = nn.Parameter(torch.empty(())) if use_vrl_gate else None
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.q_gain.fill_(self.qk_gain_init)
+            if self.vrl_alpha is not None:
+                self.vrl_alpha.zero_()
+
+    def forward(self, x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
+                w_o: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                value_add: torch.Tensor | None = None, first_value: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] (already normalised) → (output [B, T, D], value before VRL [B, T, KV·hd]).
+
+        ``value_add`` is the value embedding for this layer; ``first_value`` is
+        layer 0's returned value, mixed in when this layer has a VRL gate.
+        """
+        b, t, _ = x.shape
+        q = self.c_q(x, w_q).view(b, t, self.num_heads, self.head_dim)
+        k = self.c_k(x, w_k).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x, w_v)
+        if value_add is not None:
+            v = v + value_add
+        own_value = v
+        if self.vrl_alpha is not None:
+            if first_value is None:
+                raise ValueError(f"layer {self.layer_idx} has a VRL gate but got no layer-0 value")
+            v = v + torch.sigmoid(self.vrl_alpha).to(v.dtype) * first_value
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = F.rms_norm(q, (self.head_dim,))
+            k = F.rms_norm(k, (self.head_dim,))
+        if rope is not None:
+            q = apply_partial_rope(q, *rope)
+            k = apply_partial_rope(k, *rope)
+        # Gain and casts in the projection's [B, T, heads, hd] layout; the
+        # transposes are views (SDPA takes strided inputs). The casts to v's dtype
+        # undo any upcast by the norms or fp32 tables under autocast.
+        q = (q * self.q_gain.to(q.dtype)[None, None, :, None]).to(v.dtype).transpose(1, 2)
+        k = k.to(v.dtype).transpose(1, 2)
+        v = v.transpose(1, 2)
+        own_v = v
+        is_causal, mask = True, None
+        if cache is not None:
+            prefix = cache.length
+            k, v = cache.append(self.layer_idx, k, v)
+            if prefix > 0:
+                is_causal = False
+                if t > 1:
+                    key_pos = torch.arange(prefix + t, device=x.device)
+                    query_pos = prefix + torch.arange(t, device=x.device)
+                    mask = key_pos[None, :] <= query_pos[:, None]
+        # The training kernel is chosen for full sequences; cuDNN rejects decoding shapes.
+        backend = self.backend if cache is None else "decode"
+        y = sdpa_gqa(q, k, v, backend, is_causal=is_causal, attn_mask=mask)
+        if self.use_xsa:
+            y = exclude_self_value(y, own_v)
+        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.proj(y, w_o), own_value

@@ -1,0 +1,384 @@
+"""The GPT of the PR #549 / PR #960 recipe, every component switchable from params.yaml.
+
+Architecture (RECIPE §2; each item is a :class:`ModelConfig` field):
+
+- token embedding (+ BigramHash) → weightless RMSNorm → SmearGate = ``x0``;
+- ``num_layers`` blocks, optionally a U-Net: the first ``L//2`` (encoder)
+  push their outputs, decoder layer j adds ``skip_weights[j] ⊙`` the output of
+  encoder layer ``L_enc-1-j`` before running;
+- block: ``x ← m0⊙x + m1⊙x0`` (resid_mix), then attention and a
+  LeakyReLU(slope)² MLP on ``RMSNorm(x)·1/√(l+1)`` (ln_scale), each added with
+  a per-channel scale;
+- attention (:mod:`pgolf.attention`): GQA, QK RMSNorm + per-head gain,
+  partial RoPE, XSA on chosen layers, shared value embedding on chosen
+  layers, VRL gates σ(α_l) mixing layer 0's value into layers 1..L-1;
+- final RMSNorm, tied (or separate) output matrix, ``c·tanh(z/c)`` soft-cap,
+  cross-entropy in fp32.
+
+The 66 block matrices live in four banks (``qo_bank`` [2L, D, D]: Q of layers
+0..L-1 then O; ``kv_bank`` [2L, KV·hd, D]: K then V; ``mlp_up_bank`` [L, H, D];
+``mlp_down_bank`` [L, D, H]) so Muon can orthogonalise them batched. Layer i
+uses slices ``[i]`` and ``[L+i]``; :func:`unbank_state_dict` gives the
+conventional 2-D names used by quantisation.
+
+RoPE base: one fixed ``rope_base`` is used for training, evaluation and
+sampling alike. The records built their rotary tables with a hard-coded
+1024-token reference length and NTK-rescaled the base for longer inputs,
+so at T=2048 they effectively trained with base ≈22,082 and generation saw a
+length-dependent base. We do not reproduce that length dependence; the record
+profile sets ``rope_base: 22082`` to match what the records effectively
+trained with (RECIPE §2.3, §6.11).
+
+Dtypes: every parameter is fp32 in the module and the training loop runs bf16
+autocast on GPU. The records kept the three embedding tables as bf16
+parameters (RECIPE §2.9); we keep them fp32 so the AdamW update is not
+rounded to bf16 (the int8 export of those tables is unaffected).
+
+Late QAT (RECIPE §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
+the export grid (:func:`pgolf.quant_grid.fake_quantize_ste`) in training-mode
+forwards, switched by a tensor buffer so a compiled graph honours the switch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pgolf.attention import BankLinear, CausalSelfAttention, KVCache
+from pgolf.embeddings import BigramHash, SmearGate, ValueEmbedding, rms_norm
+from pgolf.model_config import ModelConfig
+from pgolf.quant_grid import fake_quantize_ste, qmax_for_bits
+from pgolf.rope import rope_tables
+
+# Initial values fixed by the recipe (RECIPE §2.5-§2.7, §2.9).
+VE_EMBED_INIT_STD = 0.01
+VE_SCALE_INIT = 0.1
+BIGRAM_SCALE_INIT = 0.05
+# Positions covered by the precomputed RoPE tables (longer inputs compute theirs).
+ROPE_TABLE_POSITIONS = 4096
+
+__all__ = ["GPT", "ModelConfig", "param_roles", "param_groups_by_role",
+           "unbank_state_dict", "rebank_state_dict", "KVCache"]
+
+ROLE_BANK = "bank"
+ROLE_EMBEDDING = "embed"
+ROLE_SCALAR = "scalar"
+ROLES = (ROLE_BANK, ROLE_EMBEDDING, ROLE_SCALAR)
+BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+
+
+class MLP(nn.Module):
+    def __init__(self, leaky_slope: float):
+        super().__init__()
+        self.leaky_slope = leaky_slope
+        self.fc = BankLinear()
+        self.proj = BankLinear()
+
+    def forward(self, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        hidden = F.leaky_relu(self.fc(x, w_up), negative_slope=self.leaky_slope)
+        return self.proj(hidden.square(), w_down)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_scale = (layer_idx + 1) ** -0.5 if cfg.ln_scale else 1.0
+        self.attn = CausalSelfAttention(
+            layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, qk_norm=cfg.qk_norm, qk_gain_init=cfg.qk_gain_init,
+            use_xsa=layer_idx in cfg.xsa_layers, use_vrl_gate=cfg.vrl and layer_idx > 0,
+            backend=cfg.attention_backend)
+        self.mlp = MLP(cfg.mlp_leaky_slope)
+        self.attn_scale = nn.Parameter(torch.empty(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.empty(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.empty(2, cfg.model_dim)) if cfg.resid_mix else None
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.attn_scale.fill_(1.0)
+            self.mlp_scale.fill_(1.0)
+            if self.resid_mix is not None:
+                self.resid_mix[0].fill_(1.0)
+                self.resid_mix[1].zero_()
+        self.attn.reset_parameters()
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                rope: tuple[torch.Tensor, torch.Tensor] | None, value_add: torch.Tensor | None,
+                first_value: torch.Tensor | None, cache: KVCache | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, x0 [B, T, D]; weights = (W_q, W_k, W_v, W_o, W_up, W_down) → (x, own value)."""
+        w_q, w_k, w_v, w_o, w_up, w_down = weights
+        if self.resid_mix is not None:
+            x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        attn_out, value = self.attn(rms_norm(x) * self.input_scale, w_q, w_k, w_v, w_o, rope,
+                                    value_add, first_value, cache)
+        x = x + self.attn_scale * attn_out
+        x = x + self.mlp_scale * self.mlp(rms_norm(x) * self.input_scale, w_up, w_down)
+        return x, value
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, D, V = cfg.num_layers, cfg.model_dim, cfg.vocab_size
+        self.tok_emb = nn.Embedding(V, D)
+        self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D) if cfg.bigram_buckets else None
+        self.smear = SmearGate(D) if cfg.smear_gate else None
+        self.value_embed = (ValueEmbedding(V, cfg.ve_dim, cfg.kv_dim, len(cfg.ve_layers))
+                            if cfg.ve_layers else None)
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, cfg.kv_dim, D))
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, cfg.mlp_hidden, D))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, D, cfg.mlp_hidden))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.skip_weights = (nn.Parameter(torch.empty(cfg.num_skip_weights, D))
+                             if cfg.num_skip_weights else None)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(D, V, bias=False)
+        # Late-QAT switch: a tensor so torch.compile reads it at run time instead
+        # of baking it in; bits are a Python int (changing them may recompile).
+        self.register_buffer("qat_enabled", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.qat_bits: int | None = None
+        # RoPE tables for the first ROPE_TABLE_POSITIONS positions, precomputed:
+        # computed inside a compiled graph, inductor re-evaluated pow/cos/sin per
+        # q/k element in every layer's kernel (forward and backward).
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
+        if self.tok_emb.weight.device.type != "meta":
+            self.reset_parameters()
+
+    # ----------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """RECIPE §2.9: orthogonal Q/K/V/up and side projections, zero O/down."""
+        cfg, L = self.cfg, self.cfg.num_layers
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tok_emb_init_std)
+        for i in range(L):
+            nn.init.orthogonal_(self.qo_bank[i])
+            nn.init.orthogonal_(self.kv_bank[i])
+            nn.init.orthogonal_(self.kv_bank[L + i])
+            nn.init.orthogonal_(self.mlp_up_bank[i])
+        self.qo_bank[L:].zero_()
+        self.mlp_down_bank.zero_()
+        if self.bigram is not None:
+            # Zero table + orthogonal projection: the path starts silent but learns.
+            self.bigram.embed.weight.zero_()
+            nn.init.orthogonal_(self.bigram.proj.weight)
+            self.bigram.scale.fill_(BIGRAM_SCALE_INIT)
+        if self.smear is not None:
+            self.smear.gate.zero_()
+        if self.value_embed is not None:
+            nn.init.normal_(self.value_embed.embed.weight, std=VE_EMBED_INIT_STD)
+            nn.init.orthogonal_(self.value_embed.proj.weight)
+            self.value_embed.scale.fill_(VE_SCALE_INIT)
+            self.value_embed.layer_scales.fill_(1.0)
+        if self.skip_weights is not None:
+            self.skip_weights.fill_(1.0)
+        if self.lm_head is not None:
+            self.lm_head.weight.zero_()
+        for block in self.blocks:
+            block.reset_parameters()
+
+    def reset_buffers(self) -> None:
+        """Re-create non-persistent state (late QAT off, RoPE tables), e.g. after ``to_empty``."""
+        device = self.qat_enabled.device
+        self.qat_enabled = torch.zeros((), dtype=torch.bool, device=device)
+        self.qat_bits = None
+        positions = torch.arange(ROPE_TABLE_POSITIONS if self.cfg.rope_dims else 0, device=device)
+        self.rope_cos, self.rope_sin = rope_tables(positions, self.cfg.rope_dims, self.cfg.rope_base)
+
+    def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) [length, rope_dims/2] for positions start..start+length-1."""
+        if not self.cfg.rope_dims:
+            return None
+        end = start + length
+        if end <= self.rope_cos.shape[0]:
+            return self.rope_cos[start:end], self.rope_sin[start:end]
+        positions = torch.arange(start, end, device=self.rope_cos.device)
+        return rope_tables(positions, self.cfg.rope_dims, self.cfg.rope_base)
+
+    # ------------------------------------------------------------ late QAT
+    def set_qat(self, enabled: bool, bits: int) -> None:
+        """Turn STE fake quantisation of every bank slice on/off for training forwards.
+
+        Call once with ``enabled=False`` before compiling to put the switch in
+        the graph; later flips then take effect without recompiling.
+        """
+        qmax_for_bits(bits)
+        self.qat_bits = int(bits)
+        self.qat_enabled.fill_(bool(enabled))
+
+    def _banks(self) -> tuple[torch.Tensor, ...]:
+        banks = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
+        if self.training and self.qat_bits is not None:
+            banks = tuple(torch.where(self.qat_enabled, fake_quantize_ste(b, self.qat_bits), b)
+                          for b in banks)
+        return banks
+
+    # -------------------------------------------------------------- forward
+    def _hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """ids [B, T] → final normalised hidden states [B, T, D]."""
+        cfg, L = self.cfg, self.cfg.num_layers
+        prev_ids = cache.prev_ids if cache is not None else None
+        prev_embed = cache.prev_embed if cache is not None else None
+        h = self.tok_emb(ids)
+        if self.bigram is not None:
+            h = h + self.bigram(ids, prev_ids)
+        h = rms_norm(h)
+        if cache is not None:
+            cache.prev_ids, cache.prev_embed = ids[:, -1], h[:, -1]
+        if self.smear is not None:
+            h = self.smear(h, prev_embed)
+        x = x0 = h
+        rope = self._rope(cache.length if cache is not None else 0, ids.shape[1])
+        value_base = self.value_embed(ids) if self.value_embed is not None else None
+        qo, kv, up, down = self._banks()
+        skips: list[torch.Tensor] = []
+        first_value = None
+        for i, block in enumerate(self.blocks):
+            decoder_idx = i - cfg.num_encoder_layers
+            if self.skip_weights is not None and decoder_idx >= 0 and skips:
+                x = x + self.skip_weights[decoder_idx] * skips.pop()
+            value_add = None
+            if value_base is not None and i in cfg.ve_layers:
+                value_add = value_base * self.value_embed.layer_scales[cfg.ve_layers.index(i)]
+            weights = (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i])
+            x, value = block(x, x0, weights, rope, value_add, first_value, cache)
+            if i == 0:
+                first_value = value
+            if decoder_idx < 0 and self.skip_weights is not None:
+                skips.append(x)
+        if cache is not None:
+            cache.length += ids.shape[1]
+        return rms_norm(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32, fp64 stays
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] → soft-capped fp32 logits [B, T, V]."""
+        return self._logits(self._hidden(ids))
+
+    def token_nll(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-position cross-entropy in nats, fp32 [B, T]."""
+        logits = self.forward_logits(ids)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all positions (fp32 scalar)."""
+        logits = self.forward_logits(ids)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    # ------------------------------------------------------------- sampling
+    def new_kv_cache(self, max_len: int) -> KVCache:
+        return KVCache(num_layers=self.cfg.num_layers, max_len=max_len)
+
+    def forward_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [N, C, V] of ``ids`` [N, C] continuing the cached prefix; updates ``cache``."""
+        return self._logits(self._hidden(ids, cache))
+
+    @torch.no_grad()
+    def sample(self, num_seqs: int, seq_len: int, temperature: float,
+               generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+        """Autoregressive samples [num_seqs, seq_len] (int64) with a KV cache.
+
+        First token uniform over the vocabulary, then multinomial from
+        softmax(logits / temperature). ``generator`` must live on ``device``.
+        Call in eval mode (late QAT acts only in training mode).
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        out = torch.empty(num_seqs, seq_len, dtype=torch.long, device=device)
+        out[:, 0] = torch.randint(self.cfg.vocab_size, (num_seqs,), generator=generator, device=device)
+        cache = self.new_kv_cache(seq_len)
+        for t in range(seq_len - 1):
+            logits = self.forward_step(out[:, t:t + 1], cache)[:, -1]
+            probs = torch.softmax(logits / temperature, dim=-1)
+            out[:, t + 1] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return out
+
+    # ----------------------------------------------------------- bookkeeping
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def param_roles(model: GPT) -> dict[str, str]:
+    """Optimizer role of every parameter name (RECIPE §3.1).
+
+    ``bank``: the four 3-D banks (Muon). ``embed``: token-indexed tables
+    (tok_emb, bigram and value-embedding tables, and an untied lm_head).
+    ``scalar``: everything else, including the bigram and VE projections.
+    """
+    embedding_names = {"tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight",
+                       "lm_head.weight"}
+    roles = {}
+    for name, _ in model.named_parameters():
+        if name in BANK_NAMES:
+            roles[name] = ROLE_BANK
+        elif name in embedding_names:
+            roles[name] = ROLE_EMBEDDING
+        else:
+            roles[name] = ROLE_SCALAR
+    return roles
+
+
+def param_groups_by_role(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """(name, parameter) pairs per role; the groups partition ``model.parameters()``."""
+    roles = param_roles(model)
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {role: [] for role in ROLES}
+    for name, param in model.named_parameters():
+        groups[roles[name]].append((name, param))
+    seen = {id(p) for pairs in groups.values() for _, p in pairs}
+    total = sum(len(pairs) for pairs in groups.values())
+    assert total == len(seen) == len(list(model.parameters())), "parameter roles must partition the model"
+    return groups
+
+
+def _bank_layout(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+    """2-D name → (bank name, slice index)."""
+    L = cfg.num_layers
+    layout = {}
+    for i in range(L):
+        prefix = f"blocks.{i}"
+        layout[f"{prefix}.attn.c_q.weight"] = ("qo_bank", i)
+        layout[f"{prefix}.attn.proj.weight"] = ("qo_bank", L + i)
+        layout[f"{prefix}.attn.c_k.weight"] = ("kv_bank", i)
+        layout[f"{prefix}.attn.c_v.weight"] = ("kv_bank", L + i)
+        layout[f"{prefix}.mlp.fc.weight"] = ("mlp_up_bank", i)
+        layout[f"{prefix}.mlp.proj.weight"] = ("mlp_down_bank", i)
+    return layout
+
+
+def unbank_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Split the banks into per-layer 2-D tensors with conventional names.
+
+    Each slice is cloned, so saving the result does not drag the whole bank's
+    storage along. Tensors other than the banks keep their names.
+    """
+    missing = [name for name in BANK_NAMES if name not in sd]
+    if missing:
+        raise KeyError(f"state dict has no {missing[0]}")
+    out = {name: t for name, t in sd.items() if name not in BANK_NAMES}
+    for name, (bank, index) in _bank_layout(cfg).items():
+        out[name] = sd[bank][index].clone()
+    return out
+
+
+def rebank_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`unbank_state_dict` (exact)."""
+    layout = _bank_layout(cfg)
+    missing = [name for name in layout if name not in sd]
+    if missing:
+        raise KeyError(f"state dict has no {missing[0]}")
+    slices: dict[str, dict[int, torch.Tensor]] = {name: {} for name in BANK_NAMES}
+    for name, (bank, index) in layout.items():
+        slices[bank][index] = sd[name]
+    out = {name: t for name, t in sd.items() if name not in layout}
+    for bank, by_index in slices.items():
+        out[bank] = torch.stack([by_index[i] for i in range(len(by_index))])
+    return out

@@ -45,15 +45,19 @@ def check_vocab(meta_path: Path, model_cfg: ModelConfig) -> None:
         raise ParamError("model.vocab_size", f"{model_cfg.vocab_size} != the tokenizer's {vocab} ({meta_path})")
 
 
-def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict:
-    """Train and (on rank 0) write the outputs under ``root``; return the metrics."""
+def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, local_rank: int = 0,
+        curves: bool = True) -> dict:
+    """Train and (on rank 0) write the outputs under ``root``; return the metrics.
+
+    ``curves=False`` skips the dvclive curves (bench/pipeline.py runs where dvclive is absent).
+    """
     model_cfg = from_params(ModelConfig, p, "model")
     optim_cfg = from_params(OptimConfig, p, "optim")
     cfg = from_params(TrainConfig, p, "train")
     ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
     check_vocab(root / TOKENIZER_META, model_cfg)
     stream = open_train_stream(root / SHARD_DIR, model_cfg.vocab_size)
-    files = RunFiles(log=root / OUT / "train.log", live_dir=root / OUT / "live", resume=root / RESUME)
+    files = RunFiles(log=root / OUT / "train.log", live_dir=root / OUT / "live" if curves else None, resume=root / RESUME)
     with exclusive_run(root / RESUME) if ctx.is_main else contextlib.nullcontext():
         outcome = run_training(model_cfg, optim_cfg, cfg, ctx, stream, files)
         if ctx.is_main:

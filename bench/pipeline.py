@@ -1,0 +1,172 @@
+"""The GPU benchmark harness: every pipeline stage at record shape, bounded in time, one table.
+
+Runs, in one process on whatever device it finds, the real stage functions
+(`stages.<name>.run`) on a profile composed exactly as `dvc exp run -S
+profile=<name>` would (conf/ + overrides), over data already prepared under
+``--root`` (run the data stages on a CPU first and carry `data/`):
+
+    train (bounded by --train-seconds) → hessians → quantize → size_check
+    → float-checkpoint sliding eval (for the quantisation gap) → eval_sliding → eval_ttt
+
+and prints one table (also written as JSON): train tokens/s and MFU, steps,
+pre-quant and quantised bpb and the gap, artifact bytes and headroom under
+16,000,000, Hessian + GPTQ seconds, sliding and TTT scored tokens/s and their
+projected 8-GPU times for the challenge's 62,021,632-token validation set.
+
+    python bench/pipeline.py --root .carry --profile gpu_smoke --train-seconds 120 --out bench.json
+
+MFU uses 6·N_matmul + 6·L·T·D FLOPs per token (causal attention halves the
+12·L·T·D term) against --peak-tflops (790 = measured bf16 dense on this H100/H200).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+CHALLENGE_VAL_TOKENS = 62_021_632
+LIMIT = 16_000_000
+
+
+def compose_params(profile: str, overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        return OmegaConf.to_container(compose("config", overrides=[f"profile={profile}", *overrides]))
+
+
+def compose_params_without_hydra(profile: str, overrides: list[str]) -> dict:
+    """Same merge as Hydra's for our flat profiles (GPU images may lack hydra)."""
+    import yaml
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def merge(base: dict, extra: dict) -> dict:
+        for k, v in extra.items():
+            base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+        return base
+
+    def load_profile(name: str) -> dict:
+        data = yaml.safe_load((conf / "profile" / f"{name}.yaml").read_text()) or {}
+        out: dict = {}
+        for parent in data.pop("defaults", []) or []:
+            merge(out, load_profile(parent))
+        return merge(out, data)
+
+    params = yaml.safe_load((conf / "config.yaml").read_text())
+    params.pop("defaults", None)
+    merge(params, load_profile(profile))
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node = params
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
+def float_sliding_bpb(root: Path, p: dict) -> dict:
+    """Sliding-window bpb of the unquantised training checkpoint, same windows as eval_sliding."""
+    from pgolf.bpb import build_byte_tables
+    from pgolf.checkpoint import build_model, load_checkpoint
+    from pgolf.config import from_params
+    from pgolf.eval_sliding import SlidingConfig, nll_forward, prepare_tokens, score_sliding_windows
+    from pgolf.shards import load_split
+    cfg = from_params(SlidingConfig, p, "eval_sliding")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(load_checkpoint(root / "artifacts/train/model.pt"), device).eval()
+    stream = load_split(root / "data/shards", "val", model.cfg.vocab_size)
+    tokens = prepare_tokens(stream, cfg.seq_len, cfg.trim_to_seq_len, device, str(root / "data/shards"))
+    tables = build_byte_tables(root / "data/tokenizer/tokenizer.model", model.cfg.vocab_size)
+    res = score_sliding_windows(model, tokens, tables, cfg, rank=0, world_size=1,
+                                forward=nll_forward(model, cfg.compile, device))
+    return {"val_loss": res.sums.val_loss, "val_bpb": res.sums.val_bpb, "seconds": res.seconds}
+
+
+def mfu(p: dict, tokens_per_s: float, peak_tflops: float) -> tuple[float, float]:
+    from pgolf.model import GPT, ModelConfig
+    from pgolf.config import from_params
+    cfg = from_params(ModelConfig, p, "model")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    matmul = sum(v.numel() for k, v in model.named_parameters() if k.endswith("_bank"))
+    matmul += cfg.vocab_size * cfg.model_dim  # tied output projection
+    flops_per_token = 6 * matmul + 6 * cfg.num_layers * p["train"]["seq_len"] * cfg.model_dim
+    return flops_per_token, tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path("."), help="folder holding data/ (outputs go to its artifacts/)")
+    ap.add_argument("--profile", default="gpu_smoke")
+    ap.add_argument("--train-seconds", type=float, default=120.0)
+    ap.add_argument("--eval-compile", choices=["true", "false"], default=None,
+                    help="override eval_sliding.compile (eager avoids ~80 s of compile on small val sets)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
+    ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--out", type=Path, default=Path("bench_pipeline.json"))
+    args = ap.parse_args()
+
+    overrides = [f"train.max_train_seconds={args.train_seconds}", *args.set]
+    if args.eval_compile:
+        overrides.append(f"eval_sliding.compile={args.eval_compile}")
+    try:
+        p = compose_params(args.profile, overrides)
+    except ImportError:
+        p = compose_params_without_hydra(args.profile, overrides)
+
+    from stages import eval_sliding, eval_ttt, hessians, quantize, size_check, train
+    root = args.root
+    row: dict = {"profile": args.profile, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                 "train_seconds_cap": args.train_seconds}
+    stage_seconds: dict = {}
+
+    def timed(name, fn, *a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        stage_seconds[name] = round(time.perf_counter() - t0, 2)
+        print(f"[bench] {name}: {stage_seconds[name]} s", flush=True)
+        return out
+
+    tm = timed("train", train.run, p, root, curves=False)
+    row.update(steps=tm.get("steps"), train_tokens_per_s=tm.get("tokens_per_s"),
+               train_loss=tm.get("final_train_loss"), weights=tm.get("final_weights"),
+               holdout_live_ema_swa=[tm.get(f"holdout_loss_{k}") for k in ("live", "ema", "swa")])
+    fpt, util = mfu(p, float(tm.get("tokens_per_s") or 0.0), args.peak_tflops)
+    row.update(flops_per_token=fpt, mfu=util)
+    hm = timed("hessians", hessians.run, p, root)
+    qm = timed("quantize", quantize.run, p, root)
+    sm = timed("size_check", size_check.run, p, root)
+    row.update(hessian_seconds=hm.get("seconds"), gptq_seconds=qm.get("seconds_quantize"), quantize_seconds=qm.get("seconds"),
+               artifact_bytes=sm["total_bytes"], model_bytes=sm["model_bytes"], code_bytes=sm["code_bytes"],
+               headroom=LIMIT - sm["total_bytes"], fits=sm["fits"])
+    fm = timed("float_eval", float_sliding_bpb, root, p)
+    em = timed("eval_sliding", eval_sliding.run, p, root)
+    tt = timed("eval_ttt", eval_ttt.run, p, root)
+    row.update(prequant_bpb=fm["val_bpb"], quant_bpb=em["val_bpb"], quant_gap_bpb=em["val_bpb"] - fm["val_bpb"],
+               ttt_bpb=tt["val_bpb"], sliding_tokens_per_s=em["tokens_per_s"], ttt_tokens_per_s=tt["tokens_per_s"],
+               sliding_8gpu_projected_s=CHALLENGE_VAL_TOKENS / (8 * em["tokens_per_s"]),
+               ttt_8gpu_projected_s=CHALLENGE_VAL_TOKENS / (8 * tt["tokens_per_s"]),
+               stage_seconds=stage_seconds, train_metrics=tm, quantize_metrics=qm, sliding_metrics=em, ttt_metrics=tt)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(row, indent=2, default=str))
+    keys = ["device", "profile", "steps", "train_tokens_per_s", "mfu", "train_loss", "weights", "prequant_bpb", "quant_bpb", "quant_gap_bpb",
+            "ttt_bpb", "artifact_bytes", "headroom", "fits", "hessian_seconds", "gptq_seconds",
+            "sliding_tokens_per_s", "sliding_8gpu_projected_s", "ttt_tokens_per_s", "ttt_8gpu_projected_s"]
+    width = max(map(len, keys))
+    print("\n| metric | value |\n|---|---|")
+    for k in keys:
+        v = row.get(k)
+        print(f"| {k:<{width}} | {v:.6g} |" if isinstance(v, float) else f"| {k:<{width}} | {v} |")
+    print("stage seconds:", stage_seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,46 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from pgolf.profiles import compose  # noqa: E402
+
 CHALLENGE_VAL_TOKENS = 62_021_632
 LIMIT = 16_000_000
-
-
-def compose_params(profile: str, overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
-        return OmegaConf.to_container(compose("config", overrides=[f"profile={profile}", *overrides]))
-
-
-def compose_params_without_hydra(profile: str, overrides: list[str]) -> dict:
-    """Same merge as Hydra's for our flat profiles (GPU images may lack hydra)."""
-    import yaml
-    conf = Path(__file__).resolve().parents[1] / "conf"
-
-    def merge(base: dict, extra: dict) -> dict:
-        for k, v in extra.items():
-            base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-        return base
-
-    def load_profile(name: str) -> dict:
-        data = yaml.safe_load((conf / "profile" / f"{name}.yaml").read_text()) or {}
-        out: dict = {}
-        for parent in data.pop("defaults", []) or []:
-            merge(out, load_profile(parent))
-        return merge(out, data)
-
-    params = yaml.safe_load((conf / "config.yaml").read_text())
-    params.pop("defaults", None)
-    merge(params, load_profile(profile))
-    for item in overrides:
-        key, value = item.split("=", 1)
-        node = params
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-    return params
 
 
 def float_sliding_bpb(root: Path, p: dict) -> dict:
@@ -117,10 +81,7 @@ def main() -> None:
     overrides = [f"train.max_train_seconds={args.train_seconds}", *args.set]
     if args.eval_compile:
         overrides.append(f"eval_sliding.compile={args.eval_compile}")
-    try:
-        p = compose_params(args.profile, overrides)
-    except ImportError:
-        p = compose_params_without_hydra(args.profile, overrides)
+    p = compose(args.profile, overrides)
 
     from stages import eval_sliding, eval_ttt, hessians, quantize, size_check, train
     root = args.root

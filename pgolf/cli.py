@@ -52,6 +52,13 @@ def _cmd_significance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_params(args: argparse.Namespace) -> int:
+    from pgolf.profiles import compose, write_params
+    write_params(args.out, compose(args.profile, args.set), args.profile)
+    print(f"wrote {args.out} (profile {args.profile}{', ' + ' '.join(args.set) if args.set else ''})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgolf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
     sig.add_argument("--json", action="store_true", help="print the result as JSON")
     sig.set_defaults(func=_cmd_significance)
+    prm = sub.add_parser("params", help="write params.yaml for a profile (cpu, record, gpu1, gpu_smoke)")
+    prm.add_argument("--profile", default="cpu", help="conf/profile/<name>.yaml overlay (default cpu)")
+    prm.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides, e.g. train.seed=7")
+    prm.add_argument("--out", default="params.yaml", help="file to write (default params.yaml)")
+    prm.set_defaults(func=_cmd_params)
     inspect_command.add_subcommand(sub)
     export_command.add_subcommand(sub)
     return parser

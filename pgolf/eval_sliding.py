@@ -9,8 +9,10 @@ of the last batch are padded and masked, so a compiled forward sees a single
 shape. For a causal model padding after a position cannot change its score.
 Per batch, the masked NLL, target count and target bytes are added to one
 float64 accumulator on the device; nothing is read back until the end, so the
-GPU never waits on the host. Under ``torchrun`` each rank scores a contiguous
-share of the windows and the three sums are all-reduced (SUM) once.
+GPU never waits on the host (an optional ``progress`` is told each batch's
+windows and targets from the host copy of the plan). Under ``torchrun`` each
+rank scores a contiguous share of the windows and the three sums are
+all-reduced (SUM) once.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pgolf.bpb import ByteTables, bits_per_byte, target_bytes
 from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.precision import autocast, compile_enabled, maybe_compile, synchronize
+from pgolf.progress import Progress
 from pgolf.windows import WindowPlan, eval_target_count, plan_nonoverlapping, plan_sliding
 
 # observer(target_positions, context_tokens, nll): CPU tensors of the targets a
@@ -114,7 +117,8 @@ class WindowScorer:
     """Scores ranges of a window plan in fixed-shape batches, accumulating float64 sums."""
 
     def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
-                 batch_windows: int, forward: Forward, observer: Observer | None = None):
+                 batch_windows: int, forward: Forward, observer: Observer | None = None,
+                 progress: Progress | None = None):
         if tokens.ndim != 1 or tokens.numel() < 2:
             raise ValueError(f"tokens must be a 1-D stream of >= 2 ids, got shape {tuple(tokens.shape)}")
         self.model = model
@@ -125,6 +129,7 @@ class WindowScorer:
         self.batch_windows = batch_windows
         self.observer = observer
         self.forward = forward
+        self.progress = progress
 
     def upload(self, plan: WindowPlan) -> DevicePlan:
         if plan.num_targets != self.num_targets:
@@ -138,11 +143,17 @@ class WindowScorer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         width = dplan.plan.max_length
         cols = torch.arange(width + 1, device=self.device)
+        if self.progress is not None:  # targets per window, from the host copy of the plan
+            p = dplan.plan
+            scored = np.cumsum(p.lengths[lo:hi] - (p.score_from[lo:hi] - p.starts[lo:hi]))
         with torch.inference_mode():
             for a in range(lo, hi, self.batch_windows):
                 b = min(a + self.batch_windows, hi)
                 sums += self._score_batch(dplan.starts[a:b], dplan.offsets[a:b], dplan.lengths[a:b],
                                           cols)
+                if self.progress is not None:
+                    tokens = int(scored[b - lo - 1]) - (int(scored[a - lo - 1]) if a > lo else 0)
+                    self.progress.advance(b - a, tokens)
         return sums
 
     def _score_batch(self, starts: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor,
@@ -171,11 +182,14 @@ class WindowScorer:
         return torch.stack([nll_sum, scored.sum().double(), byte_sum.double()])
 
 
-def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: int) -> EvalResult:
+def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: int,
+               task: str = "windows") -> EvalResult:
     """Score every window of ``plan`` (this rank's contiguous share) and all-reduce."""
     synchronize(scorer.device)
     began = time.perf_counter()
     lo, hi = shard_range(plan.num_windows, rank, world_size)
+    if scorer.progress is not None:
+        scorer.progress.start(task, hi - lo, "windows")
     sums = all_reduce_sum_(scorer.score(scorer.upload(plan), lo, hi))
     result = EvalSums.from_tensor(sums)
     synchronize(scorer.device)
@@ -184,22 +198,24 @@ def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: in
 
 def score_sliding_windows(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
                           cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
-                          forward: Forward | None = None, observer: Observer | None = None) -> EvalResult:
+                          forward: Forward | None = None, observer: Observer | None = None,
+                          progress: Progress | None = None) -> EvalResult:
     """Exact sliding-window eval: every target of ``tokens`` scored once (RECIPE §5.2, §6.1).
 
     ``forward`` defaults to ``nll_forward(model, cfg.compile, tokens.device)``.
     """
     forward = forward or nll_forward(model, cfg.compile, tokens.device)
-    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer)
+    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress)
     plan = plan_sliding(scorer.num_targets, cfg.seq_len, cfg.stride)
-    return score_plan(scorer, plan, rank, world_size)
+    return score_plan(scorer, plan, rank, world_size, "sliding windows")
 
 
 def score_nonoverlapping(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
                          cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
-                         forward: Forward | None = None, observer: Observer | None = None) -> EvalResult:
+                         forward: Forward | None = None, observer: Observer | None = None,
+                         progress: Progress | None = None) -> EvalResult:
     """Diagnostic: consecutive seq_len windows, each scored in full (RECIPE §5.1)."""
     forward = forward or nll_forward(model, cfg.compile, tokens.device)
-    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer)
+    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress)
     plan = plan_nonoverlapping(scorer.num_targets, cfg.seq_len)
-    return score_plan(scorer, plan, rank, world_size)
+    return score_plan(scorer, plan, rank, world_size, "non-overlapping windows")

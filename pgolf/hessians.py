@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Iterator, Literal, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Literal, Sequence, Sized
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import DataError
 from pgolf.io import atomic_path
 from pgolf.loader import TokenStream
+from pgolf.progress import Progress
 
 _MODULE = re.compile(r"^blocks\.(\d+)\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))$")
 _TRAIN_SHARD = re.compile(r"^train_\d+\.bin$")
@@ -199,32 +200,41 @@ def train_calibration_batches(paths: Sequence[str | Path], vocab_size: int, cfg:
 
 
 def autoregressive_batches(model: nn.Module, cfg: HessianConfig, rank: int, world_size: int,
-                           device: torch.device) -> Iterator[torch.Tensor]:
+                           device: torch.device, progress: Progress | None = None) -> Iterator[torch.Tensor]:
     """This rank's share of ``ar_num_seqs`` sampled sequences, int64 [n, seq_len] on ``device``."""
     num_batches = -(-cfg.ar_num_seqs // cfg.ar_batch_seqs)
     lo, hi = shard_range(num_batches, rank, world_size)
+    if progress is not None:
+        progress.start("sampling", hi - lo, "batches")
     for b in range(lo, hi):
         size = min(cfg.ar_batch_seqs, cfg.ar_num_seqs - b * cfg.ar_batch_seqs)
         generator = torch.Generator(device=device)
         # Distinct, reproducible streams per (seed, batch), whatever the rank count.
         generator.manual_seed(cfg.seed * 1_000_003 + b)
-        yield model.sample(size, cfg.seq_len, cfg.ar_temperature, generator, device)
+        sample = model.sample(size, cfg.seq_len, cfg.ar_temperature, generator, device)
+        if progress is not None:
+            progress.advance(1, sample.numel())
+        yield sample
 
 
 def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
-                     autocast: Callable[[], ContextManager]) -> HessianSet:
+                     autocast: Callable[[], ContextManager], progress: Progress | None = None) -> HessianSet:
     """Run ``model.forward_logits`` over ``batches`` with hooks; sum over ranks.
 
     Every rank must call this (the sums are all-reduced) even with no batches.
     """
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # tokens, sequences
+    if progress is not None:
+        progress.start("calibration", len(batches) if isinstance(batches, Sized) else None, "batches")
     with HessianCollector(model) as collector, torch.no_grad():
         for ids in batches:
             ids = ids.to(device)
             with autocast():
                 model.forward_logits(ids)
             counts += torch.tensor([ids.numel(), ids.shape[0]], dtype=torch.float64, device=device)
+            if progress is not None:
+                progress.advance(1, ids.numel())
     keys = sorted({key for name, _ in model.named_modules()
                    if (key := hessian_key_for_module(name)) is not None})
     hessians = {}

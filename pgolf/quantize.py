@@ -30,6 +30,7 @@ from pgolf.config import check
 from pgolf.errors import DataError
 from pgolf.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
 from pgolf.hessians import hessian_key_for_weight
+from pgolf.progress import Progress
 from pgolf.quant_grid import SCALE_FLOOR, quantize_to_grid, row_scales
 
 _BLOCK_MATRIX = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
@@ -206,12 +207,13 @@ def _hessian_for(name: str, width: int, hessians: Mapping[str, torch.Tensor], so
 
 def quantize_state_dict(state: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
                         num_tokens: int, cfg: QuantizeConfig, device: torch.device,
-                        hessian_source: str = "hessians") -> QuantizeResult:
+                        hessian_source: str = "hessians", progress: Progress | None = None) -> QuantizeResult:
     """Quantise an unbanked state dict; tensors come back in sorted name order.
 
     ``hessians`` maps ``pgolf.hessians`` keys to raw (undamped) H; block
     matrices need theirs when GPTQ or the Hessian metric is used, and a
     missing or mis-shaped one is a DataError naming ``hessian_source``.
+    ``progress`` counts block matrices, advancing per same-shape group.
     """
     need_h = cfg.method == "gptq" or cfg.clip_metric == "hessian"
     bits_of = {"attn": cfg.attn_bits, "mlp": cfg.mlp_bits}
@@ -227,6 +229,8 @@ def quantize_state_dict(state: Mapping[str, torch.Tensor], hessians: Mapping[str
         else:
             groups.setdefault((tuple(t.shape), bits_of[cls]), []).append(name)
     fallbacks = {"more_damping": 0, "round_to_nearest": 0}
+    if progress is not None:
+        progress.start(f"quantize ({cfg.method})", sum(map(len, groups.values())), "matrices")
     for (shape, bits), names in sorted(groups.items()):
         # Hessians also feed the report's Hessian-weighted error when available.
         hs = None
@@ -236,6 +240,8 @@ def quantize_state_dict(state: Mapping[str, torch.Tensor], hessians: Mapping[str
                 names, [state[n] for n in names], hs, bits, num_tokens, cfg, device, fallbacks)):
             row["class"] = tensor_class(name, state[name], cfg)
             done[name] = (stored, row)
+        if progress is not None:
+            progress.advance(len(names))
     ordered = [done[name] for name in sorted(done)]
     return QuantizeResult(tensors=[s for s, _ in ordered], report=[r for _, r in ordered],
                           fallbacks=fallbacks)

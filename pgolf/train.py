@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class TrainOutcome:
     candidates: dict[str, dict[str, torch.Tensor] | None]  # live / ema / swa weights (swa None if absent)
     metrics: dict[str, Any]
     meta: dict[str, Any]                         # checkpoint meta: weights choice, QAT, run facts
+    curve_rows: list[dict[str, float]] = field(default_factory=list)  # logged steps (rank 0), resume included
 
 
 @dataclass
@@ -313,4 +314,5 @@ def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float)
     meta = {"weights": choice.name, "weights_reason": choice.reason, "holdout_loss": losses,
             "swa_count": t.swa.count, "qat": qat, "steps": p.step, "tokens": tokens,
             "stopped_by": stopped_by, "seed": cfg.seed, "config_hash": run_hash}
-    return TrainOutcome(model=model, choice=choice, candidates=candidates, metrics=metrics, meta=meta)
+    return TrainOutcome(model=model, choice=choice, candidates=candidates, metrics=metrics, meta=meta,
+                        curve_rows=list(reporter.rows))

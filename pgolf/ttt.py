@@ -35,6 +35,7 @@ from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import ParamError
 from pgolf.eval_sliding import EvalSums, Forward, Observer, SlidingConfig, WindowScorer, nll_forward
 from pgolf.precision import autocast, synchronize
+from pgolf.progress import Progress
 from pgolf.windows import chunk_sequences, chunk_window_bounds, plan_sliding
 
 _BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
@@ -244,11 +245,14 @@ def chunk_series(per_chunk: np.ndarray) -> list[dict]:
 
 def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
             windows: SlidingConfig, cfg: TTTConfig, *, rank: int = 0, world_size: int = 1,
-            forward: Forward | None = None, observer: Observer | None = None) -> TTTResult:
+            forward: Forward | None = None, observer: Observer | None = None,
+            progress: Progress | None = None) -> TTTResult:
     """Score-first TTT over ``tokens``; ``model`` is trained in place.
 
     One ``forward`` (default ``nll_forward(model, windows.compile, …)``) serves
     scoring and training: compiled, it holds an inference and a training graph.
+    ``progress`` advances once per chunk (scored and trained), by the chunk's
+    targets over all ranks.
     """
     forward = forward or nll_forward(model, windows.compile, tokens.device)
     scorer = WindowScorer(model, tokens, tables, windows.batch_windows, forward, observer)
@@ -263,12 +267,17 @@ def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
         began = time.perf_counter()
         dplan = scorer.upload(plan)
         per_chunk = torch.zeros(chunks, 3, dtype=torch.float64, device=scorer.device)
+        if progress is not None:  # targets scored before each window, from the host plan
+            scored = np.concatenate([[0], np.cumsum(plan.lengths - (plan.score_from - plan.starts))])
+            progress.start("ttt chunks", chunks, "chunks")
         for c in range(chunks):
             first = int(bounds[c])
             a, b = shard_range(int(bounds[c + 1]) - first, rank, world_size)
             per_chunk[c] = scorer.score(dplan, first + a, first + b)
             if c < chunks - 1 and cfg.epochs > 0:
                 trainer.train_chunk(c, chunk_lr(cfg, c, chunks))
+            if progress is not None:
+                progress.advance(1, int(scored[bounds[c + 1]] - scored[first]))
         all_reduce_sum_(per_chunk)
         rows = per_chunk.cpu().numpy()
         synchronize(scorer.device)

@@ -1,0 +1,1 @@
+"""Stage entry points: `python -m stages.<name>` (one thin module per DVC stage)."""

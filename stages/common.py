@@ -4,12 +4,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Callable
+from typing import Callable, Mapping
 
 from pgolf.config import load_params
 from pgolf.errors import ParamError, PgolfError
 
 PARAMS_FILE = "params.yaml"
+# The launch section: nproc_per_node is read by torchrun (the cmd of dvc.yaml), device by the stages.
+LAUNCH_KEYS = ("nproc_per_node", "device")
 
 
 def params() -> dict:
@@ -22,9 +24,15 @@ def launch_facts() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def launch_device(p: dict) -> str:
-    """``launch.device`` from params (auto | cpu | cuda); ParamError if missing or unknown."""
-    value = p.get("launch", {}).get("device") if isinstance(p.get("launch"), dict) else None
+def launch_device(p: Mapping) -> str:
+    """``launch.device`` from params (auto | cpu | cuda); ParamError if missing or unknown,
+    or if the launch section has a key that nothing reads (a typo)."""
+    launch = p.get("launch")
+    launch = launch if isinstance(launch, Mapping) else {}
+    unknown = sorted(set(launch) - set(LAUNCH_KEYS))
+    if unknown:
+        raise ParamError(f"launch.{unknown[0]}", f"unknown key (known: {', '.join(sorted(LAUNCH_KEYS))})")
+    value = launch.get("device")
     if value not in ("auto", "cpu", "cuda"):
         raise ParamError("launch.device", f"must be one of ['auto', 'cpu', 'cuda'], got {value!r}")
     return value

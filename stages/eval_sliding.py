@@ -4,6 +4,7 @@ Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_sliding``.
 Scores the dequantised artifact (never the training weights) with exact
 sliding windows (every target once; pgolf/windows.py), then the cheap
 non-overlapping eval as a diagnostic. bpb uses the tokenizer's byte tables.
+Progress and the result go to artifacts/eval_sliding/eval_sliding.log.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pgolf.eval_sliding import (SlidingConfig, nll_forward, prepare_tokens, scor
                                 score_sliding_windows)
 from pgolf.io import write_json_atomic
 from pgolf.precision import configure_backends
+from pgolf.progress import StageLog
 from pgolf.shards import load_split
 from pgolf.size import warn_if_over
 from stages.common import launch_device, launch_facts, params, stage_main
@@ -45,37 +47,44 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
     """Evaluate and (on rank 0) write the metrics under ``root``; return them."""
     cfg = from_params(SlidingConfig, p, "eval_sliding")
     ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
-    model, tokens, tables = load_eval_inputs(root, cfg, ctx)
-    shared = dict(rank=ctx.rank, world_size=ctx.world_size, forward=nll_forward(model, cfg.compile, ctx.device))
-    sliding = score_sliding_windows(model, tokens, tables, cfg, **shared)
-    plain = score_nonoverlapping(model, tokens, tables, cfg, **shared)
-    metrics = {
-        "val_loss": sliding.sums.val_loss, "val_bpb": sliding.sums.val_bpb,
-        "scored_tokens": sliding.sums.scored_tokens, "bytes": sliding.sums.byte_sum,
-        "seconds": round(sliding.seconds, 3), "tokens_per_s": round(sliding.tokens_per_s, 1),
-        "windows": sliding.windows,
-        "nonoverlap_val_loss": plain.sums.val_loss, "nonoverlap_val_bpb": plain.sums.val_bpb,
-        "nonoverlap_seconds": round(plain.seconds, 3),
-        "world_size": ctx.world_size, "device": ctx.device.type,
-    }
-    if ctx.is_main:
-        metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
-        write_json_atomic(root / OUT / "metrics.json", metrics)
+    with StageLog(root / OUT / "eval_sliding.log", enabled=ctx.is_main) as log:
+        model, tokens, tables = load_eval_inputs(root, cfg, ctx)
+        log.line(f"eval_sliding: {tokens.numel() - 1:,} targets, world {ctx.world_size}, "
+                 f"device {ctx.device.type}")
+        shared = dict(rank=ctx.rank, world_size=ctx.world_size, progress=log,
+                      forward=nll_forward(model, cfg.compile, ctx.device))
+        sliding = score_sliding_windows(model, tokens, tables, cfg, **shared)
+        plain = score_nonoverlapping(model, tokens, tables, cfg, **shared)
+        metrics = {
+            "val_loss": sliding.sums.val_loss, "val_bpb": sliding.sums.val_bpb,
+            "scored_tokens": sliding.sums.scored_tokens, "bytes": sliding.sums.byte_sum,
+            "seconds": round(sliding.seconds, 3), "tokens_per_s": round(sliding.tokens_per_s, 1),
+            "windows": sliding.windows,
+            "nonoverlap_val_loss": plain.sums.val_loss, "nonoverlap_val_bpb": plain.sums.val_bpb,
+            "nonoverlap_seconds": round(plain.seconds, 3),
+            "world_size": ctx.world_size, "device": ctx.device.type,
+        }
+        if ctx.is_main:
+            metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
+            write_json_atomic(root / OUT / "metrics.json", metrics)
+        log.line(summary(metrics))
     barrier()
     return metrics
+
+
+def summary(m: dict) -> str:
+    return (f"eval_sliding: val_bpb {m['val_bpb']:.6f} (loss {m['val_loss']:.6f}) over "
+            f"{m['scored_tokens']:,} targets, {m['bytes']:,} bytes in {m['seconds']:.1f} s "
+            f"({m['tokens_per_s']:,.0f} tok/s); non-overlapping {m['nonoverlap_val_bpb']:.6f}")
 
 
 @stage_main
 def main() -> None:
     rank, world_size, local_rank = launch_facts()
     try:
-        m = run(params(), rank=rank, world_size=world_size, local_rank=local_rank)
+        run(params(), rank=rank, world_size=world_size, local_rank=local_rank)  # rank 0 logs the summary
     finally:
         shutdown()
-    if rank == 0:
-        print(f"eval_sliding: val_bpb {m['val_bpb']:.6f} (loss {m['val_loss']:.6f}) over "
-              f"{m['scored_tokens']:,} targets, {m['bytes']:,} bytes in {m['seconds']:.1f} s "
-              f"({m['tokens_per_s']:,.0f} tok/s); non-overlapping {m['nonoverlap_val_bpb']:.6f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage hessians: trained model + calibration sequences → raw GPTQ Hessians.
+"""Stage hessians: trained model + calibration sequences → raw GPTQ Hessians (+ hessians.log).
 
 Run as ``torchrun --standalone --nproc_per_node=N -m stages.hessians``: each
 rank collects its share and the sums are all-reduced. Calibration reads only
@@ -18,6 +18,7 @@ from pgolf.hessians import (HessianConfig, autoregressive_batches, collect_hessi
                             train_calibration_batches)
 from pgolf.io import write_json_atomic
 from pgolf.precision import autocast, synchronize
+from pgolf.progress import StageLog
 from pgolf.shards import list_shards
 from stages.common import launch_device, launch_facts, params, stage_main
 
@@ -25,49 +26,55 @@ CHECKPOINT = Path("artifacts/train/model.pt")
 SHARD_DIR = Path("data/shards")
 OUT = Path("artifacts/hessians/hessians.pt")
 METRICS = Path("artifacts/hessians/metrics.json")
+LOG = Path("artifacts/hessians/hessians.log")
 
 
 def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict:
     """Collect and (on rank 0) write the Hessians under ``root``; return the metrics."""
     cfg = from_params(HessianConfig, p, "hessians")
     ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
-    started = time.perf_counter()
-    ckpt = load_checkpoint(root / CHECKPOINT)
-    model = build_model(ckpt, ctx.device).eval()
-    if cfg.source == "train":
-        batches = list(train_calibration_batches(list_shards(root / SHARD_DIR, "train"),
-                                                 ckpt.model_config.vocab_size, cfg, rank, world_size))
-    else:
-        with autocast(ctx.device):
-            batches = list(autoregressive_batches(model, cfg, rank, world_size, ctx.device))
-    synchronize(ctx.device)
-    sampled = time.perf_counter()
-    hs = collect_hessians(model, batches, ctx.device, lambda: autocast(ctx.device))
-    synchronize(ctx.device)
-    finished = time.perf_counter()
-    metrics = {"source": cfg.source, "num_sequences": hs.num_sequences, "num_tokens": hs.num_tokens,
-               "num_matrices": len(hs.hessians), "world_size": world_size, "device": ctx.device.type,
-               "seconds": round(finished - started, 3),
-               "seconds_data": round(sampled - started, 3),
-               "seconds_collect": round(finished - sampled, 3), "params": to_dict(cfg)}
-    if ctx.is_main:
-        save_hessians(root / OUT, hs)
-        write_json_atomic(root / METRICS, metrics)
+    with StageLog(root / LOG, enabled=ctx.is_main) as log:
+        log.line(f"hessians: source {cfg.source}, world {world_size}, device {ctx.device.type}")
+        started = time.perf_counter()
+        ckpt = load_checkpoint(root / CHECKPOINT)
+        model = build_model(ckpt, ctx.device).eval()
+        if cfg.source == "train":
+            batches = list(train_calibration_batches(list_shards(root / SHARD_DIR, "train"),
+                                                     ckpt.model_config.vocab_size, cfg, rank, world_size))
+        else:
+            with autocast(ctx.device):
+                batches = list(autoregressive_batches(model, cfg, rank, world_size, ctx.device, log))
+        synchronize(ctx.device)
+        sampled = time.perf_counter()
+        hs = collect_hessians(model, batches, ctx.device, lambda: autocast(ctx.device), log)
+        synchronize(ctx.device)
+        finished = time.perf_counter()
+        metrics = {"source": cfg.source, "num_sequences": hs.num_sequences, "num_tokens": hs.num_tokens,
+                   "num_matrices": len(hs.hessians), "world_size": world_size, "device": ctx.device.type,
+                   "seconds": round(finished - started, 3),
+                   "seconds_data": round(sampled - started, 3),
+                   "seconds_collect": round(finished - sampled, 3), "params": to_dict(cfg)}
+        if ctx.is_main:
+            save_hessians(root / OUT, hs)
+            write_json_atomic(root / METRICS, metrics)
+        log.line(summary(metrics))
     barrier()
     return metrics
+
+
+def summary(m: dict) -> str:
+    return (f"hessians ({m['source']}): {m['num_matrices']} matrices from {m['num_sequences']} "
+            f"sequences / {m['num_tokens']} tokens in {m['seconds']:.1f} s "
+            f"(data {m['seconds_data']:.1f} s, collection {m['seconds_collect']:.1f} s)")
 
 
 @stage_main
 def main() -> None:
     rank, world_size, local_rank = launch_facts()
     try:
-        m = run(params(), rank=rank, world_size=world_size, local_rank=local_rank)
+        run(params(), rank=rank, world_size=world_size, local_rank=local_rank)  # rank 0 logs the summary
     finally:
         shutdown()
-    if rank == 0:
-        print(f"hessians ({m['source']}): {m['num_matrices']} matrices from {m['num_sequences']} "
-              f"sequences / {m['num_tokens']} tokens in {m['seconds']:.1f} s "
-              f"(data {m['seconds_data']:.1f} s, collection {m['seconds_collect']:.1f} s)")
 
 
 if __name__ == "__main__":

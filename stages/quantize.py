@@ -1,5 +1,8 @@
 """Stage quantize: trained weights + Hessians → artifacts/quant/{model.ptz,report.json,metrics.json}.
 
+Also layer_error.{json,png} (the error of each quantised block matrix, a DVC
+plot and its offline picture) and quantize.log.
+
 Policy and solver: pgolf/quantize.py, pgolf/gptq.py; file format:
 pgolf/artifact.py. With ``quantize.prune`` the ±1 pruning aims at
 ``16,000,000 − code bytes − prune_margin_bytes`` (code bytes as counted by
@@ -7,9 +10,10 @@ pgolf/size.py); the size_check stage is the gate either way.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
+
+import torch
 
 from pgolf.artifact import encode, write_artifact
 from pgolf.checkpoint import load_checkpoint
@@ -18,7 +22,9 @@ from pgolf.distributed import resolve_device
 from pgolf.hessians import load_hessians
 from pgolf.io import write_json_atomic
 from pgolf.model import unbank_state_dict
+from pgolf.plots import plot_bars
 from pgolf.precision import synchronize
+from pgolf.progress import StageLog
 from pgolf.quantize import QuantizeConfig, prune_to_target, quantize_state_dict
 from pgolf.size import LIMIT_BYTES, code_bytes, counted_code_files
 from stages.common import launch_device, params, stage_main
@@ -26,6 +32,8 @@ from stages.common import launch_device, params, stage_main
 CHECKPOINT = Path("artifacts/train/model.pt")
 HESSIANS = Path("artifacts/hessians/hessians.pt")
 OUT_DIR = Path("artifacts/quant")
+LOG = OUT_DIR / "quantize.log"
+BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quantize.tensor_class of the GPTQ block matrices
 
 
 def qat_bits(meta: dict) -> int | None:
@@ -40,15 +48,22 @@ def run(p: dict, root: Path = Path(".")) -> dict:
     """Quantise the checkpoint under ``root``; return the metrics."""
     cfg = from_params(QuantizeConfig, p, "quantize")
     device = resolve_device(launch_device(p))
+    with StageLog(root / LOG) as log:
+        metrics = _quantize(cfg, device, root, log)
+        log.line(summary(metrics))
+    return metrics
+
+
+def _quantize(cfg: QuantizeConfig, device: torch.device, root: Path, log: StageLog) -> dict:
     started = time.perf_counter()
     ckpt = load_checkpoint(root / CHECKPOINT)
     trained_bits = qat_bits(ckpt.meta)
     if trained_bits is not None and trained_bits not in (cfg.attn_bits, cfg.mlp_bits):
-        print(f"warning: the model was trained with late QAT at {trained_bits} bits but quantize uses "
-              f"attn_bits={cfg.attn_bits}, mlp_bits={cfg.mlp_bits}", file=sys.stderr)
+        log.warning(f"the model was trained with late QAT at {trained_bits} bits but quantize uses "
+                    f"attn_bits={cfg.attn_bits}, mlp_bits={cfg.mlp_bits}")
     hs = load_hessians(root / HESSIANS)
     state = unbank_state_dict(ckpt.state_dict, ckpt.model_config)
-    result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, str(root / HESSIANS))
+    result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, str(root / HESSIANS), log)
     synchronize(device)
     quantized = time.perf_counter()
 
@@ -57,16 +72,23 @@ def run(p: dict, root: Path = Path(".")) -> dict:
     tensors, prune_metrics = result.tensors, {}
     if cfg.prune:
         code = code_bytes(root, counted_code_files(root))
-        outcome = prune_to_target(
-            tensors, LIMIT_BYTES - code - cfg.prune_margin_bytes,
-            lambda ts: len(encode(ts, model_config, meta, cfg.compressor, cfg.compression_level)))
+        target = LIMIT_BYTES - code - cfg.prune_margin_bytes
+        log.line(f"prune: target {target:,} bytes (code {code:,}, margin {cfg.prune_margin_bytes:,})")
+
+        def encoded_size(ts: list) -> int:
+            began = time.perf_counter()
+            size = len(encode(ts, model_config, meta, cfg.compressor, cfg.compression_level))
+            log.line(f"prune probe: {size:,} bytes ({size - target:+,} vs target) in "
+                     f"{time.perf_counter() - began:.1f} s")
+            return size
+
+        outcome = prune_to_target(tensors, target, encoded_size)
         tensors = outcome.tensors
         prune_metrics = {"prune_candidates": outcome.candidates, "pruned": outcome.pruned,
                          "prune_target_bytes": outcome.target_bytes, "prune_fits": outcome.fits,
                          "prune_probes": outcome.probes, "prune_code_bytes": code}
         if not outcome.fits:
-            print(f"warning: pruning every ±1 entry cannot reach {outcome.target_bytes:,} bytes",
-                  file=sys.stderr)
+            log.warning(f"pruning every ±1 entry cannot reach {outcome.target_bytes:,} bytes")
     model_bytes = write_artifact(root / OUT_DIR / "model.ptz", tensors, model_config, meta,
                                  cfg.compressor, cfg.compression_level)
     finished = time.perf_counter()
@@ -84,16 +106,32 @@ def run(p: dict, root: Path = Path(".")) -> dict:
         "seconds": round(finished - started, 3), "seconds_quantize": round(quantized - started, 3),
         **prune_metrics, "params": to_dict(cfg)}
     write_json_atomic(root / OUT_DIR / "report.json", result.report)
+    write_layer_error(root / OUT_DIR, result.report)
     write_json_atomic(root / OUT_DIR / "metrics.json", metrics)
     return metrics
 
 
+def write_layer_error(out_dir: Path, report: list[dict]) -> None:
+    """layer_error.json (the DVC plot) and layer_error.png: one entry per quantised block matrix."""
+    rows = [{"tensor": r["name"], "weight_mse": r["weight_mse"], "hessian_error": r["hessian_error"]}
+            for r in report if r["class"] in BLOCK_CLASSES]
+    write_json_atomic(out_dir / "layer_error.json", rows)
+    # The output error per token when every matrix has a Hessian: what GPTQ minimises.
+    key = "hessian_error" if rows and all(r["hessian_error"] is not None for r in rows) else "weight_mse"
+    plot_bars(out_dir / "layer_error.png", [r["tensor"].removesuffix(".weight") for r in rows],
+              [r[key] for r in rows], f"quantisation error per block matrix ({key})",
+              "tr((W-Q)H(W-Q)^T) / tokens" if key == "hessian_error" else "mean (W-Q)^2")
+
+
+def summary(m: dict) -> str:
+    return (f"quantize: {m['num_quantized']}/{m['num_tensors']} tensors quantised, artifact "
+            f"{m['model_bytes']:,} bytes in {m['seconds']:.1f} s; fallbacks: "
+            f"{m['fallback_more_damping']} more damping, {m['fallback_round_to_nearest']} round-to-nearest")
+
+
 @stage_main
 def main() -> None:
-    m = run(params())
-    print(f"quantize: {m['num_quantized']}/{m['num_tensors']} tensors quantised, artifact "
-          f"{m['model_bytes']:,} bytes in {m['seconds']:.1f} s; fallbacks: "
-          f"{m['fallback_more_damping']} more damping, {m['fallback_round_to_nearest']} round-to-nearest")
+    run(params())  # logs the summary line
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from pgolf.schedule import warmdown_scale_by_steps, warmdown_scale_by_time
 from pgolf.train_config import TrainConfig
 from pgolf.train_log import TrainReporter
 from pgolf.train_select import Choice, choose_weights, holdout_loss
-from pgolf.train_state import (ResumeState, capture_rng, config_hash, load_resume_state, mark_finished,
+from pgolf.train_state import (ResumeState, capture_rng, config_hash, load_resume_state,
                                remove_stale_temporaries, restore_rng, save_resume_state)
 
 

@@ -1,8 +1,10 @@
 """Glue shared by every stage entry point: params, launch facts, clean failure."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import signal
 import sys
 from typing import Callable, Mapping
 
@@ -36,6 +38,34 @@ def launch_device(p: Mapping) -> str:
     if value not in ("auto", "cpu", "cuda"):
         raise ParamError("launch.device", f"must be one of ['auto', 'cpu', 'cuda'], got {value!r}")
     return value
+
+def die_with_launcher() -> None:
+    """Under torchrun, ask Linux to SIGKILL this worker when torchrun dies.
+
+    A SIGKILLed torchrun cannot stop its workers, which then train on as
+    orphans (seen here: one kept writing the resume state beside the re-run).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(1)
+
+
+
+def run_distributed(run: Callable[..., dict]) -> dict:
+    """Call a stage's ``run(params, rank=, world_size=, local_rank=)`` under torchrun's launch facts.
+
+    The worker dies with its launcher, and the process group is torn down even on failure.
+    """
+    die_with_launcher()
+    rank, world_size, local_rank = launch_facts()
+    from pgolf.distributed import shutdown
+    try:
+        return run(params(), rank=rank, world_size=world_size, local_rank=local_rank)
+    finally:
+        shutdown()
 
 
 def stage_main(fn: Callable[[], None]) -> Callable[[], None]:

@@ -15,7 +15,7 @@ import torch
 from pgolf.artifact import load_dequantized_model
 from pgolf.bpb import ByteTables, build_byte_tables
 from pgolf.config import from_params
-from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
+from pgolf.distributed import DistContext, barrier, init_distributed
 from pgolf.eval_sliding import (SlidingConfig, nll_forward, prepare_tokens, score_nonoverlapping,
                                 score_sliding_windows)
 from pgolf.io import write_json_atomic
@@ -23,7 +23,7 @@ from pgolf.precision import configure_backends
 from pgolf.progress import StageLog
 from pgolf.shards import load_split
 from pgolf.size import warn_if_over
-from stages.common import launch_device, launch_facts, params, stage_main
+from stages.common import launch_device, run_distributed, stage_main
 
 ARTIFACT = Path("artifacts/quant/model.ptz")
 SHARD_DIR = Path("data/shards")
@@ -80,11 +80,7 @@ def summary(m: dict) -> str:
 
 @stage_main
 def main() -> None:
-    rank, world_size, local_rank = launch_facts()
-    try:
-        run(params(), rank=rank, world_size=world_size, local_rank=local_rank)  # rank 0 logs the summary
-    finally:
-        shutdown()
+    run_distributed(run)  # rank 0 logs the summary
 
 
 if __name__ == "__main__":

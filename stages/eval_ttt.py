@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from pgolf.config import from_params
-from pgolf.distributed import barrier, init_distributed, shutdown
+from pgolf.distributed import barrier, init_distributed
 from pgolf.errors import DataError
 from pgolf.eval_sliding import SlidingConfig
 from pgolf.io import write_json_atomic
@@ -20,7 +20,7 @@ from pgolf.plots import plot_lines
 from pgolf.progress import StageLog
 from pgolf.size import warn_if_over
 from pgolf.ttt import TTTConfig, run_ttt
-from stages.common import launch_device, launch_facts, params, stage_main
+from stages.common import launch_device, run_distributed, stage_main
 from stages.eval_sliding import OUT as SLIDING_OUT
 from stages.eval_sliding import SIZE_JSON, load_eval_inputs
 
@@ -83,11 +83,7 @@ def summary(m: dict) -> str:
 
 @stage_main
 def main() -> None:
-    rank, world_size, local_rank = launch_facts()
-    try:
-        run(params(), rank=rank, world_size=world_size, local_rank=local_rank)  # rank 0 logs the summary
-    finally:
-        shutdown()
+    run_distributed(run)  # rank 0 logs the summary
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ from pathlib import Path
 
 from pgolf.checkpoint import build_model, load_checkpoint
 from pgolf.config import from_params, to_dict
-from pgolf.distributed import barrier, init_distributed, shutdown
+from pgolf.distributed import barrier, init_distributed
 from pgolf.hessians import (HessianConfig, autoregressive_batches, collect_hessians, save_hessians,
                             train_calibration_batches)
 from pgolf.io import write_json_atomic
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import StageLog
 from pgolf.shards import list_shards
-from stages.common import launch_device, launch_facts, params, stage_main
+from stages.common import launch_device, run_distributed, stage_main
 
 CHECKPOINT = Path("artifacts/train/model.pt")
 SHARD_DIR = Path("data/shards")
@@ -70,11 +70,7 @@ def summary(m: dict) -> str:
 
 @stage_main
 def main() -> None:
-    rank, world_size, local_rank = launch_facts()
-    try:
-        run(params(), rank=rank, world_size=world_size, local_rank=local_rank)  # rank 0 logs the summary
-    finally:
-        shutdown()
+    run_distributed(run)  # rank 0 logs the summary
 
 
 if __name__ == "__main__":

@@ -9,18 +9,14 @@ checkpoint (pgolf/train_state.py).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
-import os
-import signal
-import sys
 from pathlib import Path
 
 import torch
 
 from pgolf.checkpoint import save_checkpoint
 from pgolf.config import from_params, to_dict
-from pgolf.distributed import barrier, init_distributed, shutdown
+from pgolf.distributed import barrier, init_distributed
 from pgolf.errors import DataError, ParamError
 from pgolf.io import atomic_path, write_json_atomic
 from pgolf.loader import open_train_stream
@@ -30,7 +26,7 @@ from pgolf.plots import plot_lines
 from pgolf.train import LOSS_CURVE, RunFiles, TrainOutcome, run_training
 from pgolf.train_config import TrainConfig
 from pgolf.train_state import exclusive_run, mark_finished
-from stages.common import launch_device, launch_facts, params, stage_main
+from stages.common import launch_device, launch_facts, run_distributed, stage_main
 
 SHARD_DIR = Path("data/shards")
 TOKENIZER_META = Path("data/tokenizer/meta.json")
@@ -115,29 +111,10 @@ def plot_loss(path: Path, rows: list[dict], metrics: dict) -> None:
     plot_lines(path, series, f"training (final weights: {metrics['final_weights']})", "step", "loss (nats)")
 
 
-def _die_with_launcher() -> None:
-    """Under torchrun, ask Linux to SIGKILL this worker when torchrun dies.
-
-    A SIGKILLed torchrun cannot stop its workers, which then train on as
-    orphans (seen here: one kept writing the resume state beside the re-run).
-    """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before the call above
-        os._exit(1)
-
-
 @stage_main
 def main() -> None:
-    _die_with_launcher()
-    rank, world_size, local_rank = launch_facts()
-    try:
-        m = run(params(), rank=rank, world_size=world_size, local_rank=local_rank)
-    finally:
-        shutdown()
-    if rank == 0:
+    m = run_distributed(run)
+    if launch_facts()[0] == 0:
         swa = m["holdout_loss_swa"]
         print(f"train: {m['steps']} steps, {m['tokens']:,} tokens in {m['train_seconds']:.1f} s "
               f"({m['tokens_per_s'] or 0:,.0f} tok/s); held-out loss live {m['holdout_loss_live']:.4f} "

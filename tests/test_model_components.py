@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pgolf.attention import CausalSelfAttention, exclude_self_value, sdpa_gqa
 from pgolf.embeddings import BigramHash, SmearGate, bigram_bucket_ids

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from pgolf.errors import DataError, ParamError
-from pgolf.io import atomic_path
+from pgolf.io import atomic_path, load_tensor_file
 from pgolf.model import GPT, ModelConfig
 
 FORMAT = "pgolf-checkpoint"
@@ -80,13 +80,7 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, state_dict: Mapping[str,
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a checkpoint; any problem is a DataError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise DataError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    payload = load_tensor_file(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{path}: not a {FORMAT} file")
     if payload.get("version") != VERSION:

@@ -31,7 +31,7 @@ from torch import nn
 from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import DataError
-from pgolf.io import atomic_path
+from pgolf.io import atomic_path, load_tensor_file
 from pgolf.loader import TokenStream
 from pgolf.progress import Progress
 
@@ -266,12 +266,7 @@ def save_hessians(path: str | Path, hs: HessianSet) -> None:
 def load_hessians(path: str | Path) -> HessianSet:
     """Tensors-only load (``weights_only=True``); DataError naming the file on any mismatch."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: Hessian file not found (run the hessians stage)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt zip or a pickle that is not tensors-only
-        raise DataError(f"{path}: cannot read Hessians ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    data = load_tensor_file(path, "Hessian file", "run the hessians stage")
     if not (isinstance(data, dict) and isinstance(data.get("hessians"), dict)
             and isinstance(data.get("num_tokens"), torch.Tensor)):
         raise DataError(f"{path}: not a Hessian file (expected hessians/num_tokens/num_sequences)")

@@ -65,3 +65,27 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_tensor_file(path: str | Path, what: str, hint: str = "") -> Any:
+    """``torch.load(..., weights_only=True)`` on the CPU; any failure is one DataError line.
+
+    ``what`` names the kind of file in the message ("checkpoint", "Hessian file");
+    ``hint`` is appended (e.g. which stage makes it). Never unpickles code.
+    """
+    import torch
+
+    from pgolf.errors import DataError
+    path = Path(path)
+    suffix = f" ({hint})" if hint else ""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found{suffix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated, foreign or code-carrying file
+        import pickle
+        if isinstance(exc, pickle.UnpicklingError):
+            detail = "it holds objects other than tensors; refused without unpickling them"
+        else:
+            detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise DataError(f"{path}: not a readable {what} ({type(exc).__name__}: {detail}){suffix}") from None

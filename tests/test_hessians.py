@@ -188,7 +188,7 @@ class _NotATensor:
 
 def test_load_refuses_files_that_are_not_tensors_only(tmp_path):
     torch.save({"hessians": {"x": _NotATensor()}, "num_tokens": torch.tensor(1)}, tmp_path / "bad.pt")
-    with pytest.raises(DataError, match="bad.pt: cannot read Hessians"):
+    with pytest.raises(DataError, match="bad.pt: not a readable Hessian file"):
         load_hessians(tmp_path / "bad.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(DataError, match="junk.pt"):

@@ -19,7 +19,7 @@ def _pyplot():
 
 
 def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-               title: str, xlabel: str, ylabel: str, logy: bool = False) -> None:
+               title: str, xlabel: str, ylabel: str, logy: bool = False, logx: bool = False) -> None:
     """One line per named (x, y) series, written atomically to ``path``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -31,6 +31,8 @@ def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()

@@ -95,3 +95,13 @@ def link_data(root: Path, data_root: Path) -> Path:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(data_root / sub, target_is_directory=True)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: the suite shares 2 cores, and one is the fastest at tiny sizes."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,12 +18,12 @@ from pgolf.checkpoint import save_checkpoint
 from pgolf.cli import main
 from pgolf.hessians import HessianSet, save_hessians
 from pgolf.io import write_json_atomic
-from pgolf.model import GPT, ModelConfig, unbank_state_dict
+from pgolf.model import GPT, unbank_state_dict
 from pgolf.quantize import QuantizeConfig, quantize_state_dict
 from pgolf.shards import write_shard
 from pgolf.size import report_dict, size_report
 from pgolf.train_state import mark_finished
-from test_hessians import TINY_MODEL
+from test_hessians import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,14 +32,6 @@ RTN = QuantizeConfig(
     clip_metric="weight_mse", attn_bits=6, mlp_bits=5, embed_bits=8, embed_clip_quantile=0.9999,
     passthrough_numel=64, compressor="lzma", zstd_level=3, lzma_preset=6, prune=False, prune_margin_bytes=0)
 
-
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig.from_dict(TINY_MODEL))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def write_tiny_artifact(path: Path, with_report: bool = True) -> GPT:

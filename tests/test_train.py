@@ -22,13 +22,7 @@ from pgolf.train_log import TrainReporter
 OUT = Path("artifacts/train")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tests run on a shared 2-core machine; one thread is also the fastest at these sizes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_in(root: Path, tiny_data: Path, **overrides: dict) -> dict:

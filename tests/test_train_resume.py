@@ -28,12 +28,7 @@ class SimulatedCrash(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

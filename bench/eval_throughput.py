@@ -32,6 +32,7 @@ from pgolf.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import resolve_device  # noqa: E402
 from pgolf.eval_sliding import SlidingConfig, nll_forward, score_sliding_windows  # noqa: E402
 from pgolf.model import GPT, ModelConfig  # noqa: E402
+from pgolf.profiles import compose  # noqa: E402
 from pgolf.precision import configure_backends, synchronize  # noqa: E402
 from pgolf.ttt import TTTConfig, run_ttt  # noqa: E402
 
@@ -42,11 +43,7 @@ GOAL_SECONDS = {"sliding": 75.0, "ttt": 300.0}
 
 # R549 / PR #960 shape: 11 layers of 512, GQA 8/4, MLP 3x, XSA on the last 4, VE on 9-10,
 # BigramHash 3072x128, VRL (RECIPE §2.1).
-RECORD_MODEL = dict(vocab_size=1024, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0,
-                    mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
-                    ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=16, rope_base=22082.0,
-                    qk_norm=True, qk_gain_init=1.5, xsa_layers=(7, 8, 9, 10), ve_layers=(9, 10), ve_dim=128,
-                    smear_gate=True, bigram_buckets=3072, bigram_dim=128, vrl=True, attention_backend="auto")
+RECORD_MODEL = {**compose("record")["model"], "attention_backend": "auto"}
 PROFILES = {
     "record": dict(model=RECORD_MODEL, seq_len=2048, stride=64, batch_windows=32, chunk_tokens=32768,
                    sliding_targets=4 * 2**20, ttt_chunks=24, warmup_chunks=2),
@@ -90,7 +87,7 @@ def main() -> None:
     device = resolve_device(args.device)
     configure_backends(device)
     torch.manual_seed(0)
-    cfg = ModelConfig(**prof["model"])
+    cfg = ModelConfig.from_dict(prof["model"])
     model = GPT(cfg).to(device)
     with torch.no_grad():   # zero-initialised O / MLP-down would leave most of the net idle
         model.qo_bank[cfg.num_layers:].normal_(std=0.02)

@@ -55,15 +55,14 @@ def float_sliding_bpb(root: Path, p: dict) -> dict:
 
 
 def mfu(p: dict, tokens_per_s: float, peak_tflops: float) -> tuple[float, float]:
-    from pgolf.model import GPT, ModelConfig
+    """(FLOPs per token, MFU) with bench/train_throughput.py's causal convention."""
+    from bench.train_throughput import flops_per_token
     from pgolf.config import from_params
-    cfg = from_params(ModelConfig, p, "model")
+    from pgolf.model import GPT, ModelConfig
     with torch.device("meta"):
-        model = GPT(cfg)
-    matmul = sum(v.numel() for k, v in model.named_parameters() if k.endswith("_bank"))
-    matmul += cfg.vocab_size * cfg.model_dim  # tied output projection
-    flops_per_token = 6 * matmul + 6 * cfg.num_layers * p["train"]["seq_len"] * cfg.model_dim
-    return flops_per_token, tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+        model = GPT(from_params(ModelConfig, p, "model"))
+    per_token = flops_per_token(model, p["train"]["seq_len"])[0]
+    return per_token, tokens_per_s * per_token / (peak_tflops * 1e12)
 
 
 def main() -> None:

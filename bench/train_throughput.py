@@ -53,24 +53,16 @@ from pgolf.loader import TokenStream, open_train_stream  # noqa: E402
 from pgolf.model import BANK_NAMES, GPT, ModelConfig  # noqa: E402
 from pgolf.optim import OptimConfig  # noqa: E402
 from pgolf.precision import peak_memory, synchronize  # noqa: E402
+from pgolf.profiles import compose  # noqa: E402
 from pgolf.shards import write_shard  # noqa: E402
 from pgolf.train import Trainer  # noqa: E402
 from pgolf.train_config import TrainConfig  # noqa: E402
 
-# PR #960's model at the record shape (RECIPE §2.1): R549 stack + VRL + BigramHash 3072.
-RECORD_MODEL = {
-    "vocab_size": 1024, "num_layers": 11, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4,
-    "mlp_mult": 3.0, "mlp_leaky_slope": 0.5, "tie_embeddings": True, "logit_softcap": 30.0,
-    "tok_emb_init_std": 0.005, "ln_scale": True, "unet_skips": True, "resid_mix": True,
-    "rope_dims": 16, "rope_base": 22082.0, "qk_norm": True, "qk_gain_init": 1.5,
-    "xsa_layers": [7, 8, 9, 10], "ve_layers": [9, 10], "ve_dim": 128, "smear_gate": True,
-    "bigram_buckets": 3072, "bigram_dim": 128, "vrl": True, "attention_backend": "auto"}
-RECORD_OPTIM = {
-    "muon_lr": 0.025, "muon_momentum": 0.99, "muon_momentum_warmup_start": 0.92,
-    "muon_momentum_warmup_steps": 1500, "muon_wd": 0.04, "ns_steps": 5, "embed_lr": 0.035,
-    "scalar_lr": 0.025, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "adam_wd": 0.04,
-    "grad_clip_norm": 0.3, "ema_decay": 0.997, "swa_lr_scale_threshold": 0.2, "swa_every": 50,
-    "swa_on_cpu": False}
+# PR #960's model and optimizer at the record shape, from the record profile (conf/profile/record.yaml);
+# attention_backend "auto" lets PyTorch pick (--attention-backend sets one).
+_RECORD = compose("record")
+RECORD_MODEL = {**_RECORD["model"], "attention_backend": "auto"}
+RECORD_OPTIM = _RECORD["optim"]
 SHAPES = {
     # name: (seq_len, tokens_per_step, micro_batch_seqs, steps, warmup_steps)
     "record": (2048, 786_432, 48, 10, 3),

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from pgolf.muon import ShardedBank, apply_muon_update, muon_direction, newton_schulz5, shape_scale
-from pgolf.optim import OptimConfig, PgolfOptimizer
+from pgolf.optim import PgolfOptimizer
+
+from dist_optim_worker import tiny_config
 
 
 def conditioned(rows: int, cols: int, cond: float, seed: int) -> torch.Tensor:
@@ -71,21 +73,12 @@ def reference_muon_run(w0: torch.Tensor, grads: list[torch.Tensor], lrs: list[fl
     return w
 
 
-def config(**overrides) -> OptimConfig:
-    values = dict(muon_lr=0.05, muon_momentum=0.95, muon_momentum_warmup_start=0.85,
-                  muon_momentum_warmup_steps=2, muon_wd=0.1, ns_steps=5, embed_lr=0.05, scalar_lr=0.03,
-                  adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, adam_wd=0.04, grad_clip_norm=0.0,
-                  ema_decay=0.997, swa_lr_scale_threshold=0.2, swa_every=50, swa_on_cpu=False)
-    values.update(overrides)
-    return OptimConfig(**values)
-
-
 @pytest.mark.parametrize("shape", [(1, 24, 8), (3, 8, 16)])
 def test_optimizer_bank_step_matches_float64_reference(shape):
     gen = torch.Generator().manual_seed(11)
     bank = torch.nn.Parameter(torch.randn(*shape, generator=gen) * 0.1)
     w0 = bank.detach().clone()
-    cfg = config()
+    cfg = tiny_config(muon_momentum_warmup_steps=2, muon_wd=0.1, grad_clip_norm=0.0)
     opt = PgolfOptimizer([("bank", bank)], {"bank": "bank"}, cfg)
     grads = [torch.randn(*shape, generator=gen) for _ in range(4)]
     scales = [1.0, 1.0, 0.5, 0.25]

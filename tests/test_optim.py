@@ -1,7 +1,6 @@
 """The composite optimizer: roles, AdamW groups, clipping of the averaged gradient, state, 2 ranks."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,11 +13,9 @@ from pgolf.config import from_params, load_params
 from pgolf.errors import DataError, ParamError
 from pgolf.optim import OptimConfig, PgolfOptimizer
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("dist_optim_worker", REPO / "tests" / "dist_optim_worker.py")
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+import dist_optim_worker as worker  # tests/ is on sys.path (rootdir conftest)
 
+REPO = Path(__file__).resolve().parents[1]
 TinyBankedModel, ROLES, tiny_config = worker.TinyBankedModel, worker.ROLES, worker.tiny_config
 
 

@@ -40,7 +40,7 @@ RECORD_MODEL = dict(
     mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005, ln_scale=True,
     unet_skips=True, resid_mix=True, rope_dims=16, rope_base=22082.0, qk_norm=True, qk_gain_init=1.5,
     xsa_layers=list(range(11)), ve_layers=[9, 10], ve_dim=128, smear_gate=True, bigram_buckets=3072,
-    bigram_dim=112, vrl=True, attention_backend="auto")
+    bigram_dim=112, vrl=True, attention_backend="auto", residual_dtype="autocast")
 RECORD_QUANT = QuantizeConfig(
     method="gptq", damp=0.01, block_size=128, act_order=True,
     clip_candidates=(0.999, 0.9995, 0.9999, 0.99999, 1.0), clip_metric="weight_mse", attn_bits=6,

@@ -32,7 +32,13 @@ trained with (RECIPE §2.3, §6.11).
 Dtypes: every parameter is fp32 in the module and the training loop runs bf16
 autocast on GPU. The records kept the three embedding tables as bf16
 parameters (RECIPE §2.9); we keep them fp32 so the AdamW update is not
-rounded to bf16 (the int8 export of those tables is unaffected).
+rounded to bf16 (the int8 export of those tables is unaffected). Their bf16
+tables made the records' whole residual stream bf16; ``residual_dtype:
+autocast`` reproduces that (x0 is cast to the autocast dtype, and the
+per-channel scales follow the stream's dtype), which halves the memory
+traffic of every elementwise kernel and of the saved activations. With
+``float32`` the stream stays fp32 and only the matmuls and attention run in
+bf16. Neither setting changes anything without autocast (CPU runs).
 
 Late QAT (RECIPE §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
 the export grid (:func:`pgolf.quant_grid.fake_quantize_ste`) in training-mode
@@ -109,11 +115,13 @@ class Block(nn.Module):
         """x, x0 [B, T, D]; weights = (W_q, W_k, W_v, W_o, W_up, W_down) → (x, own value)."""
         w_q, w_k, w_v, w_o, w_up, w_down = weights
         if self.resid_mix is not None:
-            x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+            mix = self.resid_mix.to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
         attn_out, value = self.attn(rms_norm(x) * self.input_scale, w_q, w_k, w_v, w_o, rope,
                                     value_add, first_value, cache)
-        x = x + self.attn_scale * attn_out
-        x = x + self.mlp_scale * self.mlp(rms_norm(x) * self.input_scale, w_up, w_down)
+        # Scales take the stream's dtype, else an fp32 scale would promote a bf16 stream.
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale, w_up, w_down)
         return x, value
 
 
@@ -230,6 +238,9 @@ class GPT(nn.Module):
             cache.prev_ids, cache.prev_embed = ids[:, -1], h[:, -1]
         if self.smear is not None:
             h = self.smear(h, prev_embed)
+        device_type = h.device.type
+        if cfg.residual_dtype == "autocast" and torch.is_autocast_enabled(device_type):
+            h = h.to(torch.get_autocast_dtype(device_type))
         x = x0 = h
         rope = self._rope(cache.length if cache is not None else 0, ids.shape[1])
         value_base = self.value_embed(ids) if self.value_embed is not None else None
@@ -239,7 +250,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             decoder_idx = i - cfg.num_encoder_layers
             if self.skip_weights is not None and decoder_idx >= 0 and skips:
-                x = x + self.skip_weights[decoder_idx] * skips.pop()
+                x = x + self.skip_weights[decoder_idx].to(x.dtype) * skips.pop()
             value_add = None
             if value_base is not None and i in cfg.ve_layers:
                 value_add = value_base * self.value_embed.layer_scales[cfg.ve_layers.index(i)]

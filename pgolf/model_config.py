@@ -41,6 +41,10 @@ class ModelConfig:
     bigram_dim: int
     vrl: bool                  # value residual gates on layers 1..L-1
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"]
+    # Residual stream dtype: "float32", or "autocast" = the autocast dtype (bf16 on
+    # GPU) whenever autocast is on, as in the records (bf16 embedding tables made
+    # their whole stream bf16); fp32 runs (CPU) are unaffected either way.
+    residual_dtype: Literal["float32", "autocast"]
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 2, "vocab_size", "must be >= 2")
@@ -73,6 +77,8 @@ class ModelConfig:
         check(not self.vrl or self.num_layers >= 2, "vrl", "needs num_layers >= 2")
         check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
               f"must be one of {list(ATTENTION_BACKENDS)}")
+        check(self.residual_dtype in ("float32", "autocast"), "residual_dtype",
+              "must be 'float32' or 'autocast'")
 
     @property
     def head_dim(self) -> int:

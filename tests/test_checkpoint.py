@@ -14,7 +14,7 @@ CFG = ModelConfig(
     mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
     ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=4, rope_base=22082.0, qk_norm=True,
     qk_gain_init=1.5, xsa_layers=(2,), ve_layers=(1, 2), ve_dim=8, smear_gate=True,
-    bigram_buckets=16, bigram_dim=8, vrl=True, attention_backend="cudnn")
+    bigram_buckets=16, bigram_dim=8, vrl=True, attention_backend="cudnn", residual_dtype="autocast")
 
 
 def trained_like_model(seed: int = 0) -> GPT:

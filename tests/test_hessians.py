@@ -20,7 +20,7 @@ TINY_MODEL = dict(
     mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.02,
     ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=4, rope_base=10000.0, qk_norm=True,
     qk_gain_init=1.5, xsa_layers=[2], ve_layers=[1, 2], ve_dim=8, smear_gate=True,
-    bigram_buckets=32, bigram_dim=8, vrl=True, attention_backend="auto")
+    bigram_buckets=32, bigram_dim=8, vrl=True, attention_backend="auto", residual_dtype="autocast")
 
 
 def tiny_model(seed: int = 0) -> GPT:

@@ -20,7 +20,7 @@ TINY = ModelConfig(
     mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
     ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=4, rope_base=10000.0, qk_norm=True,
     qk_gain_init=1.5, xsa_layers=(3, 4), ve_layers=(3, 4), ve_dim=8, smear_gate=True,
-    bigram_buckets=16, bigram_dim=8, vrl=True, attention_backend="auto")
+    bigram_buckets=16, bigram_dim=8, vrl=True, attention_backend="auto", residual_dtype="autocast")
 
 ALL_OFF = TINY.replace(
     tie_embeddings=False, logit_softcap=0.0, ln_scale=False, unet_skips=False, resid_mix=False,
@@ -32,7 +32,7 @@ RECORD = ModelConfig(
     mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
     ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=16, rope_base=22082.0, qk_norm=True,
     qk_gain_init=1.5, xsa_layers=(7, 8, 9, 10), ve_layers=(9, 10), ve_dim=128, smear_gate=True,
-    bigram_buckets=1536, bigram_dim=128, vrl=False, attention_backend="cudnn")
+    bigram_buckets=1536, bigram_dim=128, vrl=False, attention_backend="cudnn", residual_dtype="autocast")
 
 
 def randomized(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> GPT:
@@ -232,6 +232,42 @@ def test_hook_points_see_the_exact_matmul_input():
     for name, (bank, idx) in names.items():
         x, out = seen[name]
         torch.testing.assert_close(out, x @ model.get_parameter(bank)[idx].T, rtol=0, atol=1e-6)
+
+
+def _block_stream_dtypes(model: GPT, ids: torch.Tensor) -> tuple[set, torch.Tensor]:
+    """dtypes of the residual stream entering/leaving every block, and the logits."""
+    seen: set = set()
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.update({args[0].dtype, out[0].dtype}))
+             for b in model.blocks]
+    logits = model.forward_logits(ids)
+    for h in hooks:
+        h.remove()
+    return seen, logits
+
+
+def test_residual_dtype_autocast_carries_the_stream_in_the_autocast_dtype():
+    ids = random_ids(TINY, 2, 6)
+    fp32_stream = randomized(TINY.replace(residual_dtype="float32"))
+    low_stream = randomized(TINY.replace(residual_dtype="autocast"))
+    # Without autocast the setting changes nothing, bit for bit.
+    dtypes_a, logits_a = _block_stream_dtypes(fp32_stream, ids)
+    dtypes_b, logits_b = _block_stream_dtypes(low_stream, ids)
+    assert dtypes_a == dtypes_b == {torch.float32}
+    assert torch.equal(logits_a, logits_b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtypes_a, logits_a = _block_stream_dtypes(fp32_stream, ids)
+        dtypes_b, logits_b = _block_stream_dtypes(low_stream, ids)
+        loss = low_stream(ids, random_ids(TINY, 2, 6, seed=2))
+    assert dtypes_a == {torch.float32}
+    assert dtypes_b == {torch.bfloat16}  # every scale/mix kept the stream bf16
+    assert logits_b.dtype == torch.float32
+    # Same function at bf16 precision (logits are O(10) with these random weights).
+    torch.testing.assert_close(logits_b, logits_a, rtol=0.05, atol=0.5)
+    assert (logits_b - logits_a).abs().max() > 0
+    loss.backward()
+    for name in ("blocks.1.attn_scale", "blocks.1.mlp_scale", "blocks.1.resid_mix", "skip_weights"):
+        grad = low_stream.get_parameter(name).grad
+        assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0, name
 
 
 # -------------------------------------------------------------- init/banks

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -132,6 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="put the (off) late-QAT switch in the graph, as a training run with QAT does")
     ap.add_argument("--attention-backend", choices=["auto", "flash", "cudnn", "efficient", "math"],
                     help="override the model's attention_backend")
+    ap.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override model fields, values parsed as YAML (e.g. residual_dtype=float32)")
     ap.add_argument("--shards", help="directory of real train_*.bin shards (default: synthetic tokens)")
     ap.add_argument("--profile-out", help="also profile one extra step (torch.profiler) and write its "
                     "kernel table (sorted by device time) to this text file")
@@ -159,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         optim_cfg = from_params(OptimConfig, {"optim": RECORD_OPTIM}, "optim")
     if args.attention_backend:
         model_cfg = model_cfg.replace(attention_backend=args.attention_backend)
+    if args.model_set:
+        overrides = dict(item.split("=", 1) for item in args.model_set)
+        merged = {**model_cfg.to_dict(), **{k: yaml.safe_load(v) for k, v in overrides.items()}}
+        model_cfg = ModelConfig.from_dict(merged, "--model-set")
     train_cfg = from_params(TrainConfig, {"train": {
         "seed": 1337, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
         "micro_batch_tokens": micro_seqs * seq_len, "max_steps": steps + 1, "max_train_seconds": 0.0,
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(ctx.device) if on_gpu else "cpu",
         "torch": torch.__version__, "world_size": world, "shape": args.shape, "params_file": args.params,
         "data": args.shards or "synthetic", "attention_backend": model_cfg.attention_backend,
+        "residual_dtype": model_cfg.residual_dtype, "model_overrides": args.model_set,
         "compiled": trainer.compiled, "qat_switch_in_graph": args.qat,
         "num_parameters": trainer.model.num_parameters(), "matmul_parameters": matmul_params(trainer.model),
         "num_layers": model_cfg.num_layers, "model_dim": model_cfg.model_dim, "seq_len": seq_len,

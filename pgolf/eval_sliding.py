@@ -80,7 +80,8 @@ class EvalSums:
 class EvalResult:
     sums: EvalSums
     windows: int         # windows in the plan (all ranks)
-    seconds: float       # wall clock of the scoring, compilation included
+    seconds: float       # wall clock of the scoring (after the warm-up, when one ran)
+    compile_seconds: float = 0.0  # the untimed-by-``seconds`` warm-up batch (compilation)
 
     @property
     def tokens_per_s(self) -> float:
@@ -137,6 +138,25 @@ class WindowScorer:
         put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         return DevicePlan(plan, put(plan.starts), put(plan.score_from - plan.starts), put(plan.lengths))
 
+    def warm_up(self, dplan: DevicePlan) -> float:
+        """Score the plan's first batch and discard it; return its seconds.
+
+        With a compiled forward this pays the compilation before the timed
+        scoring starts, so ``seconds`` measures the steady state on any
+        validation size. Nothing is observed, counted or kept: the model is
+        in inference mode and the sums are dropped.
+        """
+        observer, progress = self.observer, self.progress
+        self.observer = self.progress = None
+        try:
+            synchronize(self.device)
+            began = time.perf_counter()
+            self.score(dplan, 0, min(self.batch_windows, dplan.plan.num_windows))
+            synchronize(self.device)
+            return time.perf_counter() - began
+        finally:
+            self.observer, self.progress = observer, progress
+
     def score(self, dplan: DevicePlan, lo: int, hi: int) -> torch.Tensor:
         """Sums (Σ NLL, targets, bytes) as float64 [3] on the device over windows [lo, hi)."""
         self.model.eval()
@@ -183,31 +203,37 @@ class WindowScorer:
 
 
 def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: int,
-               task: str = "windows") -> EvalResult:
-    """Score every window of ``plan`` (this rank's contiguous share) and all-reduce."""
+               task: str = "windows", warmup: bool = False) -> EvalResult:
+    """Score every window of ``plan`` (this rank's contiguous share) and all-reduce.
+
+    ``warmup`` first scores (and discards) one batch, timed as ``compile_seconds``.
+    """
+    dplan = scorer.upload(plan)
+    compile_seconds = scorer.warm_up(dplan) if warmup and plan.num_windows else 0.0
     synchronize(scorer.device)
     began = time.perf_counter()
     lo, hi = shard_range(plan.num_windows, rank, world_size)
     if scorer.progress is not None:
         scorer.progress.start(task, hi - lo, "windows")
-    sums = all_reduce_sum_(scorer.score(scorer.upload(plan), lo, hi))
+    sums = all_reduce_sum_(scorer.score(dplan, lo, hi))
     result = EvalSums.from_tensor(sums)
     synchronize(scorer.device)
-    return EvalResult(result, plan.num_windows, time.perf_counter() - began)
+    return EvalResult(result, plan.num_windows, time.perf_counter() - began, compile_seconds)
 
 
 def score_sliding_windows(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
                           cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
                           forward: Forward | None = None, observer: Observer | None = None,
-                          progress: Progress | None = None) -> EvalResult:
+                          progress: Progress | None = None, warmup: bool = False) -> EvalResult:
     """Exact sliding-window eval: every target of ``tokens`` scored once (RECIPE §5.2, §6.1).
 
-    ``forward`` defaults to ``nll_forward(model, cfg.compile, tokens.device)``.
+    ``forward`` defaults to ``nll_forward(model, cfg.compile, tokens.device)``;
+    ``warmup`` scores one discarded batch first (see :meth:`WindowScorer.warm_up`).
     """
     forward = forward or nll_forward(model, cfg.compile, tokens.device)
     scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress)
     plan = plan_sliding(scorer.num_targets, cfg.seq_len, cfg.stride)
-    return score_plan(scorer, plan, rank, world_size, "sliding windows")
+    return score_plan(scorer, plan, rank, world_size, "sliding windows", warmup)
 
 
 def score_nonoverlapping(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,

@@ -177,11 +177,33 @@ class ChunkTrainer:
             for a in range(0, starts.size, self.cfg.batch_seqs):
                 self._step(starts[a:a + self.cfg.batch_seqs], lengths[a:a + self.cfg.batch_seqs])
 
+    def warm_up(self) -> None:
+        """Forward and backward on chunk 0's first batch, then zero the gradients again.
+
+        Builds a compiled training graph before the timed run; no weight,
+        gradient or optimizer state is left changed.
+        """
+        starts, lengths = chunk_sequences(0, self.cfg.chunk_tokens, self.num_targets, self.seq_len)
+        self.model.train()
+        self._accumulate_grads(starts[:self.cfg.batch_seqs], lengths[:self.cfg.batch_seqs])
+        self.optimizer.zero_grad(set_to_none=False)
+
     def _step(self, starts: np.ndarray, lengths: np.ndarray) -> None:
         """One optimizer step on consecutive sequences (``starts`` spaced by seq_len)."""
+        self.optimizer.zero_grad(set_to_none=False)
+        self._accumulate_grads(starts, lengths)
+        if self.world_size > 1:
+            _all_reduce_flat_(self.params)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.frozen.restore_()
+        self.steps += 1
+
+    def _accumulate_grads(self, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """Backward of this rank's share of the batch's mean token loss into the grads."""
         step_tokens = int(lengths.sum())
         lo, hi = shard_range(starts.size, self.rank, self.world_size)
-        self.optimizer.zero_grad(set_to_none=False)
         if hi > lo:
             # This rank's rows, built on the device (a host copy would stall the GPU
             # every step); every rank uses the same row count, extra rows train nothing.
@@ -197,13 +219,6 @@ class ChunkTrainer:
             trained = self.cols[:-1] < row_lengths[:, None]
             loss = torch.where(trained, nll, 0.0).sum() / step_tokens
             loss.backward()
-        if self.world_size > 1:
-            _all_reduce_flat_(self.params)
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.optimizer.step()
-        self.frozen.restore_()
-        self.steps += 1
 
 
 def _all_reduce_flat_(params: list[torch.nn.Parameter]) -> None:
@@ -222,10 +237,11 @@ def _all_reduce_flat_(params: list[torch.nn.Parameter]) -> None:
 class TTTResult:
     sums: EvalSums
     windows: int
-    seconds: float            # scoring + training, compilation included
+    seconds: float            # scoring + training (after the warm-up, when one ran)
     train_steps: int          # optimizer steps per rank
     num_chunks: int
     chunks: list[dict]        # {chunk, running_bpb, chunk_bpb} for chunks that scored bytes
+    compile_seconds: float = 0.0  # warm-up: one discarded scoring batch + one zeroed backward
 
     @property
     def tokens_per_s(self) -> float:
@@ -246,13 +262,16 @@ def chunk_series(per_chunk: np.ndarray) -> list[dict]:
 def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
             windows: SlidingConfig, cfg: TTTConfig, *, rank: int = 0, world_size: int = 1,
             forward: Forward | None = None, observer: Observer | None = None,
-            progress: Progress | None = None) -> TTTResult:
+            progress: Progress | None = None, warmup: bool = False) -> TTTResult:
     """Score-first TTT over ``tokens``; ``model`` is trained in place.
 
     One ``forward`` (default ``nll_forward(model, windows.compile, …)``) serves
     scoring and training: compiled, it holds an inference and a training graph.
     ``progress`` advances once per chunk (scored and trained), by the chunk's
-    targets over all ranks.
+    targets over all ranks. ``warmup`` first runs one discarded scoring batch
+    and one backward whose gradients are zeroed (no weight moves), so a
+    compiled forward's two graphs exist before the timed run; its seconds are
+    ``compile_seconds``.
     """
     forward = forward or nll_forward(model, windows.compile, tokens.device)
     scorer = WindowScorer(model, tokens, tables, windows.batch_windows, forward, observer)
@@ -263,9 +282,17 @@ def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
     try:
         trainer = ChunkTrainer(model, scorer.forward, tokens, windows.seq_len, cfg, frozen.trainable,
                                frozen, rank, world_size)
+        dplan = scorer.upload(plan)
+        compile_seconds = 0.0
+        if warmup and plan.num_windows:
+            compile_seconds = scorer.warm_up(dplan)
+            if chunks > 1 and cfg.epochs > 0:
+                began = time.perf_counter()
+                trainer.warm_up()
+                synchronize(scorer.device)
+                compile_seconds += time.perf_counter() - began
         synchronize(scorer.device)
         began = time.perf_counter()
-        dplan = scorer.upload(plan)
         per_chunk = torch.zeros(chunks, 3, dtype=torch.float64, device=scorer.device)
         if progress is not None:  # targets scored before each window, from the host plan
             scored = np.concatenate([[0], np.cumsum(plan.lengths - (plan.score_from - plan.starts))])
@@ -285,4 +312,4 @@ def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
     finally:
         frozen.remove()
     return TTTResult(EvalSums.from_tensor(per_chunk.sum(0)), plan.num_windows, seconds,
-                     trainer.steps, chunks, chunk_series(rows))
+                     trainer.steps, chunks, chunk_series(rows), compile_seconds)

@@ -17,6 +17,7 @@ from pgolf.errors import DataError
 from pgolf.eval_sliding import SlidingConfig
 from pgolf.io import write_json_atomic
 from pgolf.plots import plot_lines
+from pgolf.precision import compile_enabled
 from pgolf.progress import StageLog
 from pgolf.size import warn_if_over
 from pgolf.ttt import TTTConfig, run_ttt
@@ -46,11 +47,11 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         log.line(f"eval_ttt: {tokens.numel() - 1:,} targets, {cfg.optimizer} lr {cfg.lr:g} x {cfg.epochs} "
                  f"epochs, world {ctx.world_size}, device {ctx.device.type}")
         result = run_ttt(model, tokens, tables, windows, cfg, rank=ctx.rank, world_size=ctx.world_size,
-                         progress=log)
+                         progress=log, warmup=compile_enabled(windows.compile, ctx.device))
         metrics = {
             "val_loss": result.sums.val_loss, "val_bpb": result.sums.val_bpb,
             "scored_tokens": result.sums.scored_tokens, "bytes": result.sums.byte_sum,
-            "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
+            "seconds": round(result.seconds, 3), "compile_seconds": round(result.compile_seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
             "windows": result.windows, "chunks": result.num_chunks, "train_steps": result.train_steps,
             "sliding_val_bpb": baseline, "gain_vs_sliding": baseline - result.sums.val_bpb,
             "world_size": ctx.world_size, "device": ctx.device.type,

@@ -164,6 +164,21 @@ def test_result_reports_throughput_and_window_count():
     assert result.seconds > 0 and result.tokens_per_s == pytest.approx(100 / result.seconds)
 
 
+def test_warmup_batch_is_discarded_and_timed_apart():
+    tokens = make_stream(101, 16, seed=9)
+    plain = score_sliding_windows(TinyBankLM(16), tokens, make_tables(16), config(16, 4, 3))
+    counts = np.zeros(100, dtype=np.int64)
+
+    def observer(positions, context, nll):
+        np.add.at(counts, positions.numpy(), 1)
+
+    warmed = score_sliding_windows(TinyBankLM(16), tokens, make_tables(16), config(16, 4, 3),
+                                   observer=observer, warmup=True)
+    assert np.array_equal(counts, np.ones_like(counts))  # the warm-up batch is not observed
+    assert warmed.sums == plain.sums and warmed.windows == plain.windows
+    assert warmed.compile_seconds > 0 and plain.compile_seconds == 0
+
+
 def test_prepare_tokens_trims_to_whole_sequences():
     stream = np.arange(40, dtype=np.uint16)
     assert prepare_tokens(stream, 16, True, torch.device("cpu"), "val").numel() == 33

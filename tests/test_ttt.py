@@ -113,6 +113,28 @@ def test_learning_rate_zero_equals_sliding_eval(cfg):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("cfg", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_warmup_changes_no_score_weight_or_count(cfg):
+    tokens = make_stream(150, VOCAB, seed=4)
+    torch.manual_seed(0)
+    model = TinyBankLM(VOCAB)
+    twin = copy.deepcopy(model)
+    plain_scores, plain = per_position_scores(model, tokens, cfg)
+    counts = np.zeros(tokens.numel() - 1, dtype=np.int64)
+    scores = np.full(tokens.numel() - 1, np.nan)
+
+    def observer(positions, context, nll):
+        scores[positions.numpy()] = nll.double().numpy()
+        np.add.at(counts, positions.numpy(), 1)
+
+    warmed = run_ttt(twin, tokens, make_tables(VOCAB), WINDOWS, cfg, observer=observer, warmup=True)
+    assert np.array_equal(counts, np.ones_like(counts))
+    assert np.array_equal(scores, plain_scores) and warmed.sums == plain.sums
+    assert warmed.train_steps == plain.train_steps and warmed.compile_seconds > 0
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_training_changes_later_scores_and_helps_on_repetitive_text():
     pattern = make_stream(24, VOCAB, seed=5)
     tokens = pattern.repeat(10)[:201]

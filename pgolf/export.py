@@ -164,9 +164,20 @@ def collect_submission(root: Path, allow_over_limit: bool = False, prequant_metr
         "train_world_size": _optional(train, "world_size"),
         "eval_world_size": _optional(sliding, "world_size"),
         **_params_summary(root, artifact.model_config, quant_meta, num_parameters),
+        # What the artifact stores, which differs from the configured bits after fit_to_limit.
+        "quantized_bits": _bits_histogram(artifact.tensors),
         "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "pgolf_version": __version__, "git_commit": commit, "git_dirty": dirty,
     }
+
+
+def _bits_histogram(tensors) -> dict[str, int]:
+    """{"int6": n, "int5": m, ...}: how many stored tensors use each integer width."""
+    counts: dict[str, int] = {}
+    for t in tensors:
+        if t.quantized:
+            counts[f"int{t.bits}"] = counts.get(f"int{t.bits}", 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -int(kv[0][3:])))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -188,8 +199,10 @@ def render_readme(s: dict) -> str:
            if s["val_bpb_ttt"] is not None else "not run")
     q = s["quantize"]
     level = q.get("zstd_level") if q.get("compressor") == "zstd" else q.get("lzma_preset")
+    stored = ", ".join(f"{n} × {bits}" for bits, n in s.get("quantized_bits", {}).items())
     quant = (f"{q.get('method')}: attn int{q.get('attn_bits')}, MLP int{q.get('mlp_bits')}, "
-             f"embeddings int{q.get('embed_bits')}; {q.get('compressor')} level {level}")
+             f"embeddings int{q.get('embed_bits')}; {q.get('compressor')} level {level}; "
+             f"stored tensors: {stored or 'none quantised'}")
     if s["quantization_weight_mse_mean"] is not None:
         quant += f"; mean weight MSE {s['quantization_weight_mse_mean']:.3g}"
     gap = (f"{s['quantization_gap_bpb']:+.6f} bpb (quantised − unquantised, sliding eval)"

@@ -16,6 +16,8 @@ round-to-nearest (``rtn``). Both search ``clip_candidates``: each candidate
 with the lowest error for the whole matrix wins, where the error is the
 weight MSE or the Hessian-weighted ``tr((W−Ŵ) H (W−Ŵ)ᵀ) / tokens`` (the mean
 squared output error per token) as ``clip_metric`` says.
+``quantize_block_matrices`` runs that for any widths, so pgolf/bit_allocation.py
+can demote matrices (``fit_to_limit``) with the very same machinery.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Callable, Literal, Mapping
 
 import torch
 
-from pgolf.artifact import StoredTensor, dtype_name
+from pgolf.artifact import StoredTensor, dtype_name, encode
 from pgolf.config import check
 from pgolf.errors import DataError
 from pgolf.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
@@ -56,6 +58,9 @@ class QuantizeConfig:
     lzma_preset: int
     prune: bool  # selective ±1 pruning down to the byte target (RECIPE §4.6)
     prune_margin_bytes: int  # target = 16,000,000 − code bytes − this margin
+    # Defaults only serve direct construction; params.yaml must still name both keys.
+    fit_to_limit: bool = False  # over the target: demote block matrices a bit at a time (pgolf/bit_allocation.py)
+    fit_min_bits: int = 5  # no block matrix is demoted below this many bits
 
     def __post_init__(self) -> None:
         check(self.damp >= 0, "damp", "must be >= 0")
@@ -69,6 +74,10 @@ class QuantizeConfig:
         check(1 <= self.zstd_level <= 22, "zstd_level", "must be in 1..22")
         check(0 <= self.lzma_preset <= 9, "lzma_preset", "must be in 0..9")
         check(self.prune_margin_bytes >= 0, "prune_margin_bytes", "must be >= 0")
+        check(2 <= self.fit_min_bits <= 8, "fit_min_bits", "must be in 2..8")
+        check(not self.fit_to_limit or self.fit_min_bits < max(self.attn_bits, self.mlp_bits), "fit_min_bits",
+              f"must be below attn_bits ({self.attn_bits}) or mlp_bits ({self.mlp_bits}) when fit_to_limit "
+              "is on, else no matrix could be demoted")
 
     @property
     def compression_level(self) -> int:
@@ -205,32 +214,23 @@ def _hessian_for(name: str, width: int, hessians: Mapping[str, torch.Tensor], so
     return h
 
 
-def quantize_state_dict(state: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
-                        num_tokens: int, cfg: QuantizeConfig, device: torch.device,
-                        hessian_source: str = "hessians", progress: Progress | None = None) -> QuantizeResult:
-    """Quantise an unbanked state dict; tensors come back in sorted name order.
+def quantize_block_matrices(state: Mapping[str, torch.Tensor], bits_of: Mapping[str, int],
+                            hessians: Mapping[str, torch.Tensor], num_tokens: int, cfg: QuantizeConfig,
+                            device: torch.device, hessian_source: str = "hessians",
+                            progress: Progress | None = None,
+                            fallbacks: dict[str, int] | None = None) -> dict[str, tuple[StoredTensor, dict]]:
+    """GPTQ/RTN of the block matrices named in ``bits_of`` at those bit widths.
 
-    ``hessians`` maps ``pgolf.hessians`` keys to raw (undamped) H; block
-    matrices need theirs when GPTQ or the Hessian metric is used, and a
-    missing or mis-shaped one is a DataError naming ``hessian_source``.
-    ``progress`` counts block matrices, advancing per same-shape group.
+    Same-shape, same-width matrices are quantised in one batch; returns
+    (stored tensor, report row) per name. ``fallbacks`` (if given) counts the
+    Cholesky fallbacks; ``progress`` (already started) advances per batch.
     """
     need_h = cfg.method == "gptq" or cfg.clip_metric == "hessian"
-    bits_of = {"attn": cfg.attn_bits, "mlp": cfg.mlp_bits}
+    fallbacks = {"more_damping": 0, "round_to_nearest": 0} if fallbacks is None else fallbacks
     groups: dict[tuple, list[str]] = {}
+    for name in sorted(bits_of):
+        groups.setdefault((tuple(state[name].shape), bits_of[name]), []).append(name)
     done: dict[str, tuple[StoredTensor, dict]] = {}
-    for name in sorted(state):
-        t = state[name]
-        cls = tensor_class(name, t, cfg)
-        if cls == "passthrough":
-            done[name] = _passthrough(name, t)
-        elif cls == "embed":
-            done[name] = _quantize_embedding(name, t, cfg)
-        else:
-            groups.setdefault((tuple(t.shape), bits_of[cls]), []).append(name)
-    fallbacks = {"more_damping": 0, "round_to_nearest": 0}
-    if progress is not None:
-        progress.start(f"quantize ({cfg.method})", sum(map(len, groups.values())), "matrices")
     for (shape, bits), names in sorted(groups.items()):
         # Hessians also feed the report's Hessian-weighted error when available.
         hs = None
@@ -242,6 +242,36 @@ def quantize_state_dict(state: Mapping[str, torch.Tensor], hessians: Mapping[str
             done[name] = (stored, row)
         if progress is not None:
             progress.advance(len(names))
+    return done
+
+
+def quantize_state_dict(state: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
+                        num_tokens: int, cfg: QuantizeConfig, device: torch.device,
+                        hessian_source: str = "hessians", progress: Progress | None = None) -> QuantizeResult:
+    """Quantise an unbanked state dict; tensors come back in sorted name order.
+
+    ``hessians`` maps ``pgolf.hessians`` keys to raw (undamped) H; block
+    matrices need theirs when GPTQ or the Hessian metric is used, and a
+    missing or mis-shaped one is a DataError naming ``hessian_source``.
+    ``progress`` counts block matrices, advancing per same-shape group.
+    """
+    class_bits = {"attn": cfg.attn_bits, "mlp": cfg.mlp_bits}
+    bits_of: dict[str, int] = {}
+    done: dict[str, tuple[StoredTensor, dict]] = {}
+    for name in sorted(state):
+        t = state[name]
+        cls = tensor_class(name, t, cfg)
+        if cls == "passthrough":
+            done[name] = _passthrough(name, t)
+        elif cls == "embed":
+            done[name] = _quantize_embedding(name, t, cfg)
+        else:
+            bits_of[name] = class_bits[cls]
+    fallbacks = {"more_damping": 0, "round_to_nearest": 0}
+    if progress is not None:
+        progress.start(f"quantize ({cfg.method})", len(bits_of), "matrices")
+    done.update(quantize_block_matrices(state, bits_of, hessians, num_tokens, cfg, device, hessian_source,
+                                        progress, fallbacks))
     ordered = [done[name] for name in sorted(done)]
     return QuantizeResult(tensors=[s for s, _ in ordered], report=[r for _, r in ordered],
                           fallbacks=fallbacks)
@@ -321,3 +351,24 @@ def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
             too_few = mid
     return PruneOutcome(_zero_cheapest(tensors, owner, flat, enough), total, enough, target_bytes,
                         enough_size, True, probes)
+
+
+class EncodeCache:
+    """``encode`` with memory: the fit rounds, the pruning probes and the final
+    write often encode the very same tensors, and one LZMA-9 encode of the
+    record model takes ~25 s. Keyed by the identity of the (immutable)
+    StoredTensor objects; holds only the latest few blobs."""
+
+    def __init__(self, model_config: dict, meta: dict, cfg: QuantizeConfig, keep: int = 2):
+        self.model_config, self.meta, self.cfg, self.keep = model_config, meta, cfg, keep
+        self._blobs: dict[tuple[int, ...], tuple[list, bytes]] = {}
+
+    def encode(self, tensors: list) -> bytes:
+        key = tuple(id(t) for t in tensors)
+        if key not in self._blobs:
+            blob = encode(tensors, self.model_config, self.meta, self.cfg.compressor, self.cfg.compression_level)
+            if len(self._blobs) >= self.keep:
+                self._blobs.pop(next(iter(self._blobs)))
+            # The list is kept with the blob so the ids in the key cannot be reused.
+            self._blobs[key] = (list(tensors), blob)
+        return self._blobs[key][1]

@@ -4,9 +4,11 @@ Also layer_error.{json,png} (the error of each quantised block matrix, a DVC
 plot and its offline picture) and quantize.log.
 
 Policy and solver: pgolf/quantize.py, pgolf/gptq.py; file format:
-pgolf/artifact.py. With ``quantize.prune`` the ±1 pruning aims at
+pgolf/artifact.py. With ``quantize.fit_to_limit`` block matrices over the
+target are demoted a bit at a time (pgolf/bit_allocation.py), then with
+``quantize.prune`` the ±1 pruning takes what is left; both aim at
 ``16,000,000 − code bytes − prune_margin_bytes`` (code bytes as counted by
-pgolf/size.py); the size_check stage is the gate either way.
+pgolf/size.py). The size_check stage is the gate either way.
 """
 from __future__ import annotations
 
@@ -15,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from pgolf.artifact import encode, write_artifact
+from pgolf.bit_allocation import fit_to_limit, outcome_metrics
 from pgolf.checkpoint import load_checkpoint
 from pgolf.config import from_params, to_dict
 from pgolf.distributed import resolve_device
 from pgolf.hessians import load_hessians
-from pgolf.io import write_json_atomic
+from pgolf.io import write_bytes_atomic, write_json_atomic
 from pgolf.model import unbank_state_dict
 from pgolf.plots import plot_bars
 from pgolf.precision import synchronize
 from pgolf.progress import StageLog
-from pgolf.quantize import QuantizeConfig, prune_to_target, quantize_state_dict
+from pgolf.quantize import EncodeCache, QuantizeConfig, prune_to_target, quantize_state_dict
 from pgolf.size import LIMIT_BYTES, code_bytes, counted_code_files
 from stages.common import launch_device, params, stage_main
 
@@ -34,6 +36,10 @@ HESSIANS = Path("artifacts/hessians/hessians.pt")
 OUT_DIR = Path("artifacts/quant")
 LOG = OUT_DIR / "quantize.log"
 BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quantize.tensor_class of the GPTQ block matrices
+# Search settings of the byte budget stay out of the artifact's meta: the bits of
+# each tensor record their outcome, and a fit that demotes nothing then gives
+# the same bytes as fit_to_limit: false.
+UNRECORDED_KEYS = ("fit_to_limit", "fit_min_bits")
 
 
 def qat_bits(meta: dict) -> int | None:
@@ -58,6 +64,7 @@ def _quantize(cfg: QuantizeConfig, device: torch.device, root: Path, log: StageL
     started = time.perf_counter()
     ckpt = load_checkpoint(root / CHECKPOINT)
     trained_bits = qat_bits(ckpt.meta)
+    # Compares the configured class bits: matrices demoted by fit_to_limit do not warn.
     if trained_bits is not None and trained_bits not in (cfg.attn_bits, cfg.mlp_bits):
         log.warning(f"the model was trained with late QAT at {trained_bits} bits but quantize uses "
                     f"attn_bits={cfg.attn_bits}, mlp_bits={cfg.mlp_bits}")
@@ -68,32 +75,43 @@ def _quantize(cfg: QuantizeConfig, device: torch.device, root: Path, log: StageL
     quantized = time.perf_counter()
 
     model_config = ckpt.model_config.to_dict()
-    meta = {"quantize": to_dict(cfg)}
-    tensors, prune_metrics = result.tensors, {}
-    if cfg.prune:
+    meta = {"quantize": {k: v for k, v in to_dict(cfg).items() if k not in UNRECORDED_KEYS}}
+    tensors, report, fit_metrics, prune_metrics = result.tensors, result.report, {}, {}
+    blobs = EncodeCache(model_config, meta, cfg)
+    if cfg.fit_to_limit or cfg.prune:
         code = code_bytes(root, counted_code_files(root))
         target = LIMIT_BYTES - code - cfg.prune_margin_bytes
-        log.line(f"prune: target {target:,} bytes (code {code:,}, margin {cfg.prune_margin_bytes:,})")
+        log.line(f"byte target {target:,} (code {code:,}, margin {cfg.prune_margin_bytes:,})")
 
-        def encoded_size(ts: list) -> int:
+        def encoded_size(ts: list, what: str) -> int:
             began = time.perf_counter()
-            size = len(encode(ts, model_config, meta, cfg.compressor, cfg.compression_level))
-            log.line(f"prune probe: {size:,} bytes ({size - target:+,} vs target) in "
+            size = len(blobs.encode(ts))
+            log.line(f"{what} probe: {size:,} bytes ({size - target:+,} vs target) in "
                      f"{time.perf_counter() - began:.1f} s")
             return size
 
-        outcome = prune_to_target(tensors, target, encoded_size)
+    if cfg.fit_to_limit:
+        fit = fit_to_limit(result, state, hs.hessians, hs.num_tokens, cfg, device, target,
+                           lambda ts: encoded_size(ts, "fit"), str(root / HESSIANS), log.line, log)
+        tensors, report = fit.tensors, fit.report
+        fit_metrics = {**outcome_metrics(fit), "fit_code_bytes": code}
+        if not fit.fits:
+            log.warning(f"fit_to_limit left the artifact at {fit.size_bytes:,} bytes, over the target "
+                        f"{target:,} ({fit.demoted} matrices demoted, fit_min_bits {cfg.fit_min_bits})")
+    if cfg.prune:
+        outcome = prune_to_target(tensors, target, lambda ts: encoded_size(ts, "prune"))
         tensors = outcome.tensors
         prune_metrics = {"prune_candidates": outcome.candidates, "pruned": outcome.pruned,
                          "prune_target_bytes": outcome.target_bytes, "prune_fits": outcome.fits,
                          "prune_probes": outcome.probes, "prune_code_bytes": code}
         if not outcome.fits:
             log.warning(f"pruning every ±1 entry cannot reach {outcome.target_bytes:,} bytes")
-    model_bytes = write_artifact(root / OUT_DIR / "model.ptz", tensors, model_config, meta,
-                                 cfg.compressor, cfg.compression_level)
+    blob = blobs.encode(tensors)
+    write_bytes_atomic(root / OUT_DIR / "model.ptz", blob)
+    model_bytes = len(blob)
     finished = time.perf_counter()
 
-    quantized_rows = [r for r in result.report if r["bits"] is not None]
+    quantized_rows = [r for r in report if r["bits"] is not None]
     metrics = {
         "model_bytes": model_bytes,
         "stored_bytes": sum(t.stored_bytes() for t in tensors),
@@ -104,9 +122,9 @@ def _quantize(cfg: QuantizeConfig, device: torch.device, root: Path, log: StageL
         "hessian_error_total": sum(r["hessian_error"] or 0.0 for r in quantized_rows),
         "calibration_tokens": hs.num_tokens, "device": device.type,
         "seconds": round(finished - started, 3), "seconds_quantize": round(quantized - started, 3),
-        **prune_metrics, "params": to_dict(cfg)}
-    write_json_atomic(root / OUT_DIR / "report.json", result.report)
-    write_layer_error(root / OUT_DIR, result.report)
+        **fit_metrics, **prune_metrics, "params": to_dict(cfg)}
+    write_json_atomic(root / OUT_DIR / "report.json", report)
+    write_layer_error(root / OUT_DIR, report)
     write_json_atomic(root / OUT_DIR / "metrics.json", metrics)
     return metrics
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pgolf.artifact import read_artifact
+
 from pgolf.cli import main
 from pgolf.export import git_commit
 from pgolf.io import write_json_atomic
@@ -86,6 +88,9 @@ def test_export_writes_the_submission_folder(root, tmp_path, capsys):
     assert s["model"]["num_layers"] == 3 and s["model"]["vocab_size"] == 64
     assert s["quantize"]["method"] == "rtn" and s["quantization_weight_mse_mean"] == 2.5e-6
     assert s["quantization_gap_bpb"] is None
+    stored = [t.bits for t in read_artifact(root / "artifacts/quant/model.ptz").tensors if t.bits is not None]
+    assert s["quantized_bits"] == {f"int{b}": stored.count(b) for b in sorted(set(stored), reverse=True)}
+    assert sum(s["quantized_bits"].values()) == len(stored) > 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", s["date"]) and s["pgolf_version"]
     assert s["git_commit"] is None  # tmp_path is not a git checkout
     assert sorted(s["files"]) == files

@@ -37,7 +37,8 @@ PARAMS = {
                  "clip_candidates": [0.999, 1.0], "clip_metric": "weight_mse", "attn_bits": 6,
                  "mlp_bits": 6, "embed_bits": 8, "embed_clip_quantile": 0.9999, "passthrough_numel": 256,
                  "compressor": "zstd", "zstd_level": 10, "lzma_preset": 6, "prune": False,
-                 "prune_margin_bytes": 0},
+                 "prune_margin_bytes": 0, "fit_to_limit": False,
+                 "fit_min_bits": 5},
     "size": {"enforce": True},
 }
 

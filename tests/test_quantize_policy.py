@@ -253,3 +253,17 @@ def test_config_validation_names_the_key():
                      ("compressor", "gzip")):
         with pytest.raises(ParamError, match=f"quantize.{key}"):
             from_params(QuantizeConfig, {"quantize": {**raw, key: bad}}, "quantize")
+
+
+def test_encode_cache_encodes_the_same_tensors_once(monkeypatch):
+    tensors = quantize_state_dict(STATE, HESSIANS, TOKENS, BASE, CPU).tensors
+    calls = []
+    real_encode = quantize_mod.encode
+    monkeypatch.setattr(quantize_mod, "encode", lambda *a: calls.append(1) or real_encode(*a))
+    cache = quantize_mod.EncodeCache({"d": 1}, {"m": 2}, BASE)
+    first = cache.encode(tensors)
+    assert first == real_encode(tensors, {"d": 1}, {"m": 2}, BASE.compressor, BASE.compression_level)
+    assert cache.encode(list(tensors)) is first and len(calls) == 1  # same objects, new list
+    pruned = prune_to_target(tensors, len(first) - 40, lambda ts: len(cache.encode(ts))).tensors
+    assert cache.encode(pruned) != first  # different objects: encoded anew
+    assert real_encode(pruned, {"d": 1}, {"m": 2}, BASE.compressor, BASE.compression_level) == cache.encode(pruned)

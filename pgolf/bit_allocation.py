@@ -1,0 +1,210 @@
+"""Fit the artifact to the byte limit by demoting block matrices a bit at a time.
+
+Used by the quantize stage when ``quantize.fit_to_limit`` is on and the encoded
+artifact is over the target (the one pruning uses: 16,000,000 − code bytes −
+``prune_margin_bytes``). One job: choose which GPTQ block matrices
+(``blocks.{i}.attn.{c_q,c_k,c_v,proj}.weight``, ``blocks.{i}.mlp.{fc,proj}.weight``)
+to store with fewer bits.
+
+Algorithm:
+
+1. Options. Every block matrix is quantised again at each width from its class
+   bits − 1 down to ``fit_min_bits`` with the very same machinery
+   (``pgolf.quantize.quantize_block_matrices``: GPTQ, clip search, damping,
+   batched by shape). Each option has an *error* and an *estimated size*.
+   The error is the Hessian-weighted output error ``tr((W−Ŵ)H(W−Ŵ)ᵀ)/tokens``
+   of the report row; when any candidate lacks it (no Hessians), every option
+   uses the weight MSE × numel (the summed squared weight error) instead, so
+   all errors share one unit.
+2. Size estimate. The order-0 empirical entropy of the integer codes,
+   ``Σ_k −n_k log2(n_k/N)`` bits, over 8, plus 2 bytes per fp16 scale;
+   passthrough tensors count their raw bytes. The compressor is not order-0,
+   so the estimate is calibrated with a real encode: ``ratio = real bytes /
+   estimated total`` and sizes are predicted as ``estimate × ratio``.
+3. Greedy. While the predicted total is over the target, take the one-step
+   demotion (b → b−1 of one matrix) with the smallest error increase per
+   estimated byte saved; ties go to the smaller name. A step that saves no
+   bytes is taken only when nothing else is left. The rule is deterministic.
+4. Rounds. After the greedy stops, encode for real. Still over: refresh the
+   ratio from that encode and continue the greedy from where it stopped, for at
+   most ``MAX_ROUNDS`` encodes. Everything at ``fit_min_bits`` and still over:
+   keep that most-demoted solution and report ``fits`` False (pruning, when
+   on, and the size gate deal with what is left).
+
+When the first encode already fits, the tensors and report come back unchanged
+(the same objects), so the artifact is byte-identical to ``fit_to_limit: false``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from pgolf.artifact import StoredTensor
+from pgolf.progress import Progress
+from pgolf.quantize import QuantizeConfig, QuantizeResult, quantize_block_matrices
+
+MAX_ROUNDS = 6  # real encodes after the first; each moves the demotion further
+BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quantize.tensor_class of the GPTQ block matrices
+
+
+@dataclass(frozen=True)
+class Option:
+    """One bit width of one block matrix."""
+
+    bits: int
+    est_bytes: float  # uncalibrated entropy estimate
+    error: float
+
+
+@dataclass(frozen=True)
+class FitRound:
+    demoted: int  # matrices below their class bits after this round
+    estimated_bytes: int  # calibrated prediction of the whole artifact
+    real_bytes: int
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    tensors: list[StoredTensor]
+    report: list[dict]
+    bits: dict[str, int]  # final width of every block matrix
+    demoted: int
+    rounds: list[FitRound]  # one per real encode after the first
+    target_bytes: int
+    initial_bytes: int
+    size_bytes: int  # real encoded size of ``tensors``
+    fits: bool
+    error_metric: str  # "hessian" or "weight_sse"
+    error_increase: float  # Σ over demoted matrices of (error at final bits − error at class bits)
+
+
+def code_entropy_bits(q: torch.Tensor) -> float:
+    """Order-0 empirical entropy of the integers in ``q``, in bits: Σ_k −n_k·log2(n_k/N)."""
+    values = q.reshape(-1).to(torch.int64)
+    if values.numel() == 0:
+        return 0.0
+    counts = torch.unique(values, return_counts=True)[1].to(torch.float64)
+    total = counts.sum()
+    return float((counts * torch.log2(total / counts)).sum())
+
+
+def estimated_bytes(t: StoredTensor) -> float:
+    """Entropy bytes of the codes plus the scales' bytes; a passthrough tensor's raw bytes."""
+    if not t.quantized:
+        return float(t.raw.numel() * t.raw.element_size())
+    return code_entropy_bits(t.q) / 8 + t.scale.numel() * t.scale.element_size()
+
+
+def _step_key(name: str, table: Sequence[Option], level: int) -> tuple[float, str]:
+    """Error increase per byte saved by taking ``name`` one level down (inf if nothing is saved)."""
+    now, nxt = table[level], table[level + 1]
+    saved = now.est_bytes - nxt.est_bytes
+    return (nxt.error - now.error) / saved if saved > 0 else math.inf, name
+
+
+def greedy_demote(tables: Mapping[str, Sequence[Option]], start: Mapping[str, int],
+                  budget: float) -> dict[str, int]:
+    """Levels after demoting greedily until Σ est_bytes ≤ ``budget`` or nothing is left.
+
+    ``tables[name]`` lists a matrix's options from its class bits (level 0)
+    downwards; ``start`` gives each matrix's current level. Each step takes the
+    smallest (Δerror / Δest_bytes, name) over the one-level demotions.
+    """
+    levels = dict(start)
+    total = sum(tables[n][levels[n]].est_bytes for n in tables)
+    while total > budget:
+        steps = [_step_key(n, tables[n], levels[n]) for n in sorted(tables) if levels[n] + 1 < len(tables[n])]
+        if not steps:
+            break
+        _, name = min(steps)
+        total += tables[name][levels[name] + 1].est_bytes - tables[name][levels[name]].est_bytes
+        levels[name] += 1
+    return levels
+
+
+def _error_of(row: dict, numel: int, metric: str) -> float:
+    return float(row["hessian_error"]) if metric == "hessian" else float(row["weight_mse"]) * numel
+
+
+def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
+                 num_tokens: int, cfg: QuantizeConfig, device: torch.device, target_bytes: int,
+                 encoded_size: Callable[[list[StoredTensor]], int], hessian_source: str = "hessians",
+                 log: Callable[[str], None] | None = None, progress: Progress | None = None) -> FitOutcome:
+    """Demote block matrices of ``result`` until ``encoded_size`` ≤ ``target_bytes`` (module docstring).
+
+    ``state`` is the unbanked state dict ``result`` was made from; ``log``
+    receives one line per round.
+    """
+    say = log or (lambda _line: None)
+    initial = encoded_size(result.tensors)
+    index = {t.name: i for i, t in enumerate(result.tensors)}
+    rows = {r["name"]: r for r in result.report}
+    class_bits = {n: result.tensors[index[n]].bits for n, r in rows.items() if r["class"] in BLOCK_CLASSES}
+    metric = "hessian" if all(rows[n]["hessian_error"] is not None for n in class_bits) else "weight_sse"
+    if initial <= target_bytes:
+        say(f"fit: {initial:,} bytes already within the target {target_bytes:,}; nothing demoted")
+        return FitOutcome(result.tensors, result.report, dict(class_bits), 0, [], target_bytes, initial,
+                          initial, True, metric, 0.0)
+
+    # Every lower width of every demotable matrix, one batched pass per width.
+    choices: dict[str, list[tuple[StoredTensor, dict]]] = {
+        n: [(result.tensors[index[n]], rows[n])] for n in class_bits}
+    widths = range(max(class_bits.values(), default=cfg.fit_min_bits) - 1, cfg.fit_min_bits - 1, -1)
+    if progress is not None:
+        progress.start("fit: lower widths", sum(max(b - cfg.fit_min_bits, 0) for b in class_bits.values()),
+                       "matrices")
+    for bits in widths:
+        wanted = {n: bits for n, b in class_bits.items() if b > bits}
+        lower = quantize_block_matrices(state, wanted, hessians, num_tokens, cfg, device, hessian_source, progress)
+        for n in sorted(lower):
+            choices[n].append(lower[n])
+    tables = {n: [Option(s.bits, estimated_bytes(s), _error_of(r, s.q.numel(), metric)) for s, r in options]
+              for n, options in choices.items()}
+    fixed_est = sum(estimated_bytes(t) for t in result.tensors if t.name not in class_bits)
+
+    levels = {n: 0 for n in tables}
+    tensors, size, rounds = result.tensors, initial, []
+    while size > target_bytes and len(rounds) < MAX_ROUNDS:
+        est = fixed_est + sum(tables[n][levels[n]].est_bytes for n in tables)
+        ratio = size / est  # real bytes per estimated byte, from the latest encode
+        new_levels = greedy_demote(tables, levels, target_bytes / ratio - fixed_est)
+        if new_levels == levels:
+            say("fit: every block matrix is at fit_min_bits; cannot demote further")
+            break
+        levels = new_levels
+        tensors = [choices[t.name][levels[t.name]][0] if t.name in levels else t for t in result.tensors]
+        predicted = round((fixed_est + sum(tables[n][levels[n]].est_bytes for n in tables)) * ratio)
+        size = encoded_size(tensors)
+        demoted = sum(1 for lv in levels.values() if lv > 0)
+        rounds.append(FitRound(demoted, predicted, size))
+        say(f"fit round {len(rounds)}: {demoted} matrices demoted, estimated {predicted:,} bytes, real "
+            f"{size:,} ({size - target_bytes:+,} vs target {target_bytes:,})")
+
+    report = [choices[r["name"]][levels[r["name"]]][1] if r["name"] in levels else r for r in result.report]
+    increase = sum(tables[n][levels[n]].error - tables[n][0].error for n in tables)
+    return FitOutcome(tensors, report, {n: tables[n][levels[n]].bits for n in tables},
+                      sum(1 for lv in levels.values() if lv > 0), rounds, target_bytes, initial, size,
+                      size <= target_bytes, metric, increase)
+
+
+def bits_by_class(outcome: FitOutcome) -> dict[str, dict[str, int]]:
+    """How many block matrices of each class ended at each width: {"attn": {"5": 4, "6": 40}, ...}."""
+    cls = {r["name"]: r["class"] for r in outcome.report}
+    out: dict[str, dict[str, int]] = {}
+    for name in sorted(outcome.bits):
+        hist = out.setdefault(cls[name], {})
+        hist[str(outcome.bits[name])] = hist.get(str(outcome.bits[name]), 0) + 1
+    return out
+
+
+def outcome_metrics(outcome: FitOutcome) -> dict:
+    """The ``fit_*`` entries of the quantize stage's metrics.json."""
+    return {"fit_demoted": outcome.demoted, "fit_rounds": len(outcome.rounds), "fit_fits": outcome.fits,
+            "fit_bits_by_class": bits_by_class(outcome), "fit_target_bytes": outcome.target_bytes,
+            "fit_initial_bytes": outcome.initial_bytes, "fit_bytes": outcome.size_bytes,
+            # the calibrated prediction for the final tensors (the first encode when nothing was demoted)
+            "fit_estimated_bytes": outcome.rounds[-1].estimated_bytes if outcome.rounds else outcome.initial_bytes,
+            "fit_error_metric": outcome.error_metric, "fit_error_increase": outcome.error_increase}

@@ -211,6 +211,33 @@ def test_fit_reaches_a_target_between_int6_and_int5(sizes):
     assert encode(again.tensors, {}, {}, "zstd", 3) == encode(out.tensors, {}, {}, "zstd", 3)
 
 
+def test_a_round_that_overshoots_makes_the_next_aim_lower_by_the_overshoot(sizes, monkeypatch):
+    import pgolf.bit_allocation as alloc
+    target = (sizes["six"] + sizes["five"]) // 2
+    budgets, encoded = [], []
+    real_greedy = alloc.greedy_demote
+    monkeypatch.setattr(alloc, "greedy_demote", lambda t, start, budget: budgets.append(budget)
+                        or real_greedy(t, start, budget))
+
+    def noisy_size(tensors) -> int:
+        # The first demoted encode comes out 300 bytes bigger than it really is.
+        size = size_of(tensors) + (300 if len(encoded) == 1 else 0)
+        encoded.append((list(tensors), size))
+        return size
+
+    out = fit_to_limit(sizes["result6"], STATE, HESSIANS, TOKENS, cfg(), CPU, target, noisy_size, "h.pt")
+    assert out.fits and len(out.rounds) >= 2 and len(budgets) >= 2
+    (round1, real1), overshoot = encoded[1], encoded[1][1] - target
+    assert overshoot > 0
+    fixed = sum(alloc.estimated_bytes(t) for t in round1 if t.name not in BLOCKS)
+    est1 = sum(alloc.estimated_bytes(t) for t in round1)
+    # Round 2 aims at target − overshoot, in estimated bytes through round 1's real/estimated ratio.
+    assert budgets[1] == pytest.approx((target - overshoot) * est1 / real1 - fixed, rel=1e-9)
+    (initial, real0) = encoded[0]
+    est0 = sum(alloc.estimated_bytes(t) for t in initial)
+    assert budgets[0] == pytest.approx(target * est0 / real0 - fixed, rel=1e-9)  # round 1: no margin yet
+
+
 def test_a_target_already_met_changes_nothing(sizes):
     six = sizes["result6"]
     out = fit(cfg(), sizes["six"], six)

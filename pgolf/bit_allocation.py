@@ -21,19 +21,23 @@ Algorithm:
    passthrough tensors count their raw bytes. The compressor is not order-0,
    so the estimate is calibrated with a real encode: ``ratio = real bytes /
    estimated total`` and sizes are predicted as ``estimate × ratio``.
-3. Greedy. While the predicted total is over the target, take the one-step
-   demotion (b → b−1 of one matrix) with the smallest error increase per
-   estimated byte saved; ties go to the smaller name. A step that saves no
-   bytes is taken only when nothing else is left. The rule is deterministic.
-4. Rounds. After the greedy stops, encode for real. Still over: refresh the
-   ratio from that encode and continue the greedy from where it stopped,
-   aiming below the target by the sum of the earlier rounds' overshoots, for
-   at most ``MAX_ROUNDS`` encodes. (LZMA's size is not even monotone in the
-   demotions: on an H200 run of the record model, demoting 55 → 56 → 58
-   matrices gave 15.83 → 15.86 → 16.01 MB, so aiming exactly at the target
-   can take many 30–45 s encodes.) Everything at ``fit_min_bits`` and still over:
-   keep that most-demoted solution and report ``fits`` False (pruning, when
-   on, and the size gate deal with what is left).
+3. Greedy order. Starting from every matrix at its class bits, repeatedly
+   take the one-step demotion (b → b−1 of one matrix) with the smallest error
+   increase per estimated byte saved; ties go to the smaller name, and a step
+   that saves no bytes comes only when nothing else is left. This lists every
+   step once (:func:`demotion_order`); the greedy for any byte budget
+   (:func:`greedy_demote`) is a prefix of it.
+4. Search over the prefix length with real encodes, at most ``MAX_ROUNDS``:
+   each guess is the shortest prefix whose estimate × (real / estimated bytes
+   of the latest probe) meets the target, kept strictly inside the bracket
+   (longest prefix known to miss, shortest known to fit); when the guess
+   repeats a probe, the bracket is halved. The answer is the shortest prefix
+   that fitted in a real encode. Real sizes are not even monotone in the
+   prefix: on an H200 run of the record model, 47 → 49 steps gave 15.88 →
+   16.05 MB with zstd (LZMA behaved alike), so the estimate alone cannot be
+   trusted near the target. If no probe fits, every matrix at
+   ``fit_min_bits`` is tried; if that is over too, it is kept and ``fits`` is
+   False (pruning, when on, and the size gate deal with what is left).
 
 When the first encode already fits, the tensors and report come back unchanged
 (the same objects), so the artifact is byte-identical to ``fit_to_limit: false``.
@@ -50,7 +54,7 @@ from pgolf.artifact import StoredTensor
 from pgolf.progress import Progress
 from pgolf.quantize import QuantizeConfig, QuantizeResult, quantize_block_matrices
 
-MAX_ROUNDS = 6  # real encodes after the first; each moves the demotion further
+MAX_ROUNDS = 6  # real encodes of the prefix search (plus one of everything demoted if none fitted)
 BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quantize.tensor_class of the GPTQ block matrices
 
 
@@ -129,6 +133,22 @@ def greedy_demote(tables: Mapping[str, Sequence[Option]], start: Mapping[str, in
     return levels
 
 
+def demotion_order(tables: Mapping[str, Sequence[Option]], start: Mapping[str, int]) -> list[str]:
+    """Every one-level demotion from ``start`` down to the last level, in greedy order.
+
+    ``greedy_demote`` for any budget takes a prefix of this list.
+    """
+    levels = dict(start)
+    order: list[str] = []
+    while True:
+        steps = [_step_key(n, tables[n], levels[n]) for n in sorted(tables) if levels[n] + 1 < len(tables[n])]
+        if not steps:
+            return order
+        _, name = min(steps)
+        levels[name] += 1
+        order.append(name)
+
+
 def _error_of(row: dict, numel: int, metric: str) -> float:
     return float(row["hessian_error"]) if metric == "hessian" else float(row["weight_mse"]) * numel
 
@@ -169,25 +189,66 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
               for n, options in choices.items()}
     fixed_est = sum(estimated_bytes(t) for t in result.tensors if t.name not in class_bits)
 
-    levels = {n: 0 for n in tables}
-    tensors, size, rounds = result.tensors, initial, []
-    overshoot = 0  # Σ (real − target) of the rounds that missed: later rounds aim that much lower
-    while size > target_bytes and len(rounds) < MAX_ROUNDS:
-        est = fixed_est + sum(tables[n][levels[n]].est_bytes for n in tables)
-        ratio = size / est  # real bytes per estimated byte, from the latest encode
-        new_levels = greedy_demote(tables, levels, (target_bytes - overshoot) / ratio - fixed_est)
-        if new_levels == levels:
-            say("fit: every block matrix is at fit_min_bits; cannot demote further")
-            break
-        levels = new_levels
-        tensors = [choices[t.name][levels[t.name]][0] if t.name in levels else t for t in result.tensors]
-        predicted = round((fixed_est + sum(tables[n][levels[n]].est_bytes for n in tables)) * ratio)
-        size = encoded_size(tensors)
-        overshoot += max(0, size - target_bytes)
-        demoted = sum(1 for lv in levels.values() if lv > 0)
+    # Every one-bit step in greedy order; the greedy for any budget takes a prefix of it.
+    order = demotion_order(tables, {n: 0 for n in tables})
+
+    def levels_at(k: int) -> dict[str, int]:
+        levels = {n: 0 for n in tables}
+        for name in order[:k]:
+            levels[name] += 1
+        return levels
+
+    def est_at(k: int) -> float:
+        levels = levels_at(k)
+        return fixed_est + sum(tables[n][levels[n]].est_bytes for n in tables)
+
+    def tensors_at(k: int) -> list[StoredTensor]:
+        levels = levels_at(k)
+        return [choices[t.name][levels[t.name]][0] if t.name in levels else t for t in result.tensors]
+
+    def guess(ratio: float, lo: int, hi: int) -> int:
+        """Fewest steps in (lo, hi) whose estimate × ratio meets the target, else hi − 1."""
+        for k in range(lo + 1, hi):
+            if est_at(k) * ratio <= target_bytes:
+                return k
+        return hi - 1
+
+    # Bracket search over the prefix length k with real encodes: lo never fits, hi fits (or is
+    # the end + 1 while no probe fitted). Real sizes are not even monotone in k (on an H200
+    # run of the record model, 47 → 49 steps gave 15.88 → 16.05 MB, with zstd and LZMA
+    # alike), so each guess uses the ratio of the latest probe and stays inside the bracket.
+    lo, hi, n = 0, len(order) + 1, len(order)
+    sizes: dict[int, int] = {0: initial}
+    k, ratio, rounds = guess(initial / est_at(0), lo, hi), initial / est_at(0), []
+    while k not in sizes and len(rounds) < MAX_ROUNDS:
+        predicted = round(est_at(k) * ratio)
+        sizes[k] = size = encoded_size(tensors_at(k))
+        demoted = sum(1 for lv in levels_at(k).values() if lv > 0)
         rounds.append(FitRound(demoted, predicted, size))
-        say(f"fit round {len(rounds)}: {demoted} matrices demoted, estimated {predicted:,} bytes, real "
-            f"{size:,} ({size - target_bytes:+,} vs target {target_bytes:,})")
+        say(f"fit round {len(rounds)}: {k} of {n} steps, {demoted} matrices demoted, estimated "
+            f"{predicted:,} bytes, real {size:,} ({size - target_bytes:+,} vs target {target_bytes:,})")
+        if size <= target_bytes:
+            hi = k
+        else:
+            lo = k
+        if hi - lo <= 1:
+            break
+        ratio = size / est_at(k)
+        k = guess(ratio, lo, hi)
+        if k in sizes:  # the estimate points at a probed length: halve the bracket instead
+            k = (lo + min(hi, n)) // 2 if (lo + min(hi, n)) // 2 not in sizes else min(hi, n)
+    if hi > n and n not in sizes and len(rounds) < MAX_ROUNDS + 1:
+        sizes[n] = size = encoded_size(tensors_at(n))  # last resort: everything at fit_min_bits
+        rounds.append(FitRound(sum(1 for lv in levels_at(n).values() if lv > 0), round(est_at(n) * ratio), size))
+        if size <= target_bytes:
+            hi = n
+    if hi > n:
+        say("fit: even every block matrix at fit_min_bits does not meet the target")
+    best = hi if hi <= n else n
+    levels, tensors = levels_at(best), tensors_at(best)
+    size = sizes.get(best)
+    if size is None:
+        size = encoded_size(tensors)
 
     report = [choices[r["name"]][levels[r["name"]]][1] if r["name"] in levels else r for r in result.report]
     increase = sum(tables[n][levels[n]].error - tables[n][0].error for n in tables)

@@ -110,6 +110,18 @@ def _array_bytes(t: torch.Tensor) -> tuple[str, bytes]:
     return name, arr.astype(np.dtype(_STORED_DTYPES[name][1]), copy=False).tobytes()
 
 
+def compress_bytes(data: bytes, compressor: str, level: int) -> bytes:
+    """``data`` compressed exactly as a ``.ptz`` payload is (for size estimates)."""
+    return _compress(data, compressor, level)
+
+
+def stored_arrays_bytes(t: "StoredTensor") -> bytes:
+    """A tensor's arrays as the payload lays them out: integers then scales, or the raw data."""
+    if t.quantized:
+        return _array_bytes(t.q)[1] + _array_bytes(t.scale)[1]
+    return _array_bytes(t.raw)[1]
+
+
 def _compress(data: bytes, compressor: str, level: int) -> bytes:
     if compressor == "zstd":
         return zstandard.ZstdCompressor(level=level, threads=0).compress(data)

@@ -45,6 +45,7 @@ def float_sliding_bpb(root: Path, p: dict) -> dict:
     from pgolf.checkpoint import build_model, load_checkpoint
     from pgolf.config import from_params
     from pgolf.eval_sliding import SlidingConfig, nll_forward, prepare_tokens, score_sliding_windows
+    from pgolf.precision import compile_enabled
     from pgolf.shards import load_split
     cfg = from_params(SlidingConfig, p, "eval_sliding")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +54,8 @@ def float_sliding_bpb(root: Path, p: dict) -> dict:
     tokens = prepare_tokens(stream, cfg.seq_len, cfg.trim_to_seq_len, device, str(root / "data/shards"))
     tables = build_byte_tables(root / "data/tokenizer/tokenizer.model", model.cfg.vocab_size)
     res = score_sliding_windows(model, tokens, tables, cfg, rank=0, world_size=1,
-                                forward=nll_forward(model, cfg.compile, device), warmup=cfg.compile)
+                                forward=nll_forward(model, cfg.compile, device),
+                                warmup=compile_enabled(cfg.compile, device))
     return {"val_loss": res.sums.val_loss, "val_bpb": res.sums.val_bpb, "seconds": res.seconds,
             "compile_seconds": res.compile_seconds}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -267,3 +268,22 @@ def test_encode_cache_encodes_the_same_tensors_once(monkeypatch):
     pruned = prune_to_target(tensors, len(first) - 40, lambda ts: len(cache.encode(ts))).tensors
     assert cache.encode(pruned) != first  # different objects: encoded anew
     assert real_encode(pruned, {"d": 1}, {"m": 2}, BASE.compressor, BASE.compression_level) == cache.encode(pruned)
+
+
+def test_pruning_search_interpolates_to_the_exact_count_in_few_probes():
+    tensors = run(cfg()).tensors
+    owner, flat = quantize_mod.prune_order(tensors)
+    total = int(owner.numel())
+    zeros0 = sum(int((t.q == 0).sum()) for t in tensors if t.quantized)
+
+    def linear_size(ts) -> int:  # 3 bytes saved per zeroed entry: what an encode roughly does
+        return 100_000 - 3 * (sum(int((t.q == 0).sum()) for t in ts if t.quantized) - zeros0)
+
+    want = total * 2 // 3
+    out = prune_to_target(tensors, 100_000 - 3 * want, linear_size)
+    assert out.fits and out.pruned == want  # exactly the fewest
+    assert out.probes <= 5 < math.ceil(math.log2(total)) + 2  # a plain bisection would need ~log2(total)
+    noisy = prune_to_target(tensors, 100_000 - 3 * want,
+                            lambda ts: linear_size(ts) + (7 if linear_size(ts) % 2 else 0))
+    assert noisy.fits and noisy.size_bytes <= 100_000 - 3 * want
+    assert noisy.probes <= 2 * math.ceil(math.log2(total)) + 2

@@ -144,11 +144,9 @@ def greedy_demote(tables: Mapping[str, Sequence[Option]], start: Mapping[str, in
     """
     levels = dict(start)
     total = sum(tables[n][levels[n]].est_bytes for n in tables)
-    while total > budget:
-        steps = [_step_key(n, tables[n], levels[n]) for n in sorted(tables) if levels[n] + 1 < len(tables[n])]
-        if not steps:
+    for name in demotion_order(tables, start):
+        if total <= budget:
             break
-        _, name = min(steps)
         total += tables[name][levels[name] + 1].est_bytes - tables[name][levels[name]].est_bytes
         levels[name] += 1
     return levels
@@ -223,20 +221,24 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
             levels[name] += 1
         return levels
 
-    def est_at(k: int) -> float:
-        levels = levels_at(k)
-        return fixed_est + sum(tables[n][levels[n]].est_bytes for n in tables)
+    def demoted_at(k: int) -> int:
+        return len(set(order[:k]))
 
     def tensors_at(k: int) -> list[StoredTensor]:
         levels = levels_at(k)
         return [choices[t.name][levels[t.name]][0] if t.name in levels else t for t in result.tensors]
 
+    # est_at[k]: the whole artifact's estimate after the first k steps.
+    est_at = [fixed_est + sum(table[0].est_bytes for table in tables.values())]
+    taken = {n: 0 for n in tables}
+    for name in order:
+        table = tables[name]
+        est_at.append(est_at[-1] + table[taken[name] + 1].est_bytes - table[taken[name]].est_bytes)
+        taken[name] += 1
+
     def guess(ratio: float, lo: int, hi: int) -> int:
         """Fewest steps in (lo, hi) whose estimate × ratio meets the target, else hi − 1."""
-        for k in range(lo + 1, hi):
-            if est_at(k) * ratio <= target_bytes:
-                return k
-        return hi - 1
+        return next((k for k in range(lo + 1, hi) if est_at[k] * ratio <= target_bytes), hi - 1)
 
     # Bracket search over the prefix length k with real encodes: lo never fits, hi fits (or is
     # the end + 1 while no probe fitted). Real sizes are not even monotone in k (on an H200
@@ -244,11 +246,12 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
     # alike), so each guess uses the ratio of the latest probe and stays inside the bracket.
     lo, hi, n = 0, len(order) + 1, len(order)
     sizes: dict[int, int] = {0: initial}
-    k, ratio, rounds = guess(initial / est_at(0), lo, hi), initial / est_at(0), []
+    ratio, rounds = initial / est_at[0], []
+    k = guess(ratio, lo, hi)
     while k not in sizes and len(rounds) < MAX_ROUNDS:
-        predicted = round(est_at(k) * ratio)
+        predicted = round(est_at[k] * ratio)
         sizes[k] = size = encoded_size(tensors_at(k))
-        demoted = sum(1 for lv in levels_at(k).values() if lv > 0)
+        demoted = demoted_at(k)
         rounds.append(FitRound(demoted, predicted, size))
         say(f"fit round {len(rounds)}: {k} of {n} steps, {demoted} matrices demoted, estimated "
             f"{predicted:,} bytes, real {size:,} ({size - target_bytes:+,} vs target {target_bytes:,})")
@@ -258,13 +261,14 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
             lo = k
         if hi - lo <= 1:
             break
-        ratio = size / est_at(k)
+        ratio = size / est_at[k]
         k = guess(ratio, lo, hi)
         if k in sizes:  # the estimate points at a probed length: halve the bracket instead
-            k = (lo + min(hi, n)) // 2 if (lo + min(hi, n)) // 2 not in sizes else min(hi, n)
+            mid = (lo + min(hi, n)) // 2
+            k = mid if mid not in sizes else min(hi, n)
     if hi > n and n not in sizes and len(rounds) < MAX_ROUNDS + 1:
         sizes[n] = size = encoded_size(tensors_at(n))  # last resort: everything at fit_min_bits
-        rounds.append(FitRound(sum(1 for lv in levels_at(n).values() if lv > 0), round(est_at(n) * ratio), size))
+        rounds.append(FitRound(demoted_at(n), round(est_at[n] * ratio), size))
         if size <= target_bytes:
             hi = n
     if hi > n:
@@ -278,7 +282,7 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
     report = [choices[r["name"]][levels[r["name"]]][1] if r["name"] in levels else r for r in result.report]
     increase = sum(tables[n][levels[n]].error - tables[n][0].error for n in tables)
     return FitOutcome(tensors, report, {n: tables[n][levels[n]].bits for n in tables},
-                      sum(1 for lv in levels.values() if lv > 0), rounds, target_bytes, initial, size,
+                      demoted_at(best), rounds, target_bytes, initial, size,
                       size <= target_bytes, metric, increase)
 
 

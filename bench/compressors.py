@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgolf.artifact import encode, read_artifact  # noqa: E402
 from pgolf.bit_allocation import estimated_bytes  # noqa: E402
+from pgolf.export import bits_histogram  # noqa: E402
 
 DEFAULT_SETTINGS = ("lzma:6", "lzma:9", "zstd:19", "zstd:22")
 
@@ -46,12 +47,8 @@ def compare(path: Path, settings: list[tuple[str, int]]) -> dict:
         size = len(encode(artifact.tensors, artifact.model_config, artifact.meta, name, level))
         rows.append({"compressor": name, "level": level, "bytes": size, "vs_entropy": size / estimate,
                      "seconds": round(time.perf_counter() - began, 2)})
-    bits = {}
-    for t in artifact.tensors:
-        if t.quantized:
-            bits[f"int{t.bits}"] = bits.get(f"int{t.bits}", 0) + 1
     return {"artifact": str(path), "file_bytes": path.stat().st_size, "entropy_estimate_bytes": round(estimate),
-            "quantized_tensors": bits, "rows": rows}
+            "quantized_tensors": bits_histogram(artifact.tensors), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -110,19 +110,18 @@ def _array_bytes(t: torch.Tensor) -> tuple[str, bytes]:
     return name, arr.astype(np.dtype(_STORED_DTYPES[name][1]), copy=False).tobytes()
 
 
-def compress_bytes(data: bytes, compressor: str, level: int) -> bytes:
-    """``data`` compressed exactly as a ``.ptz`` payload is (for size estimates)."""
-    return _compress(data, compressor, level)
-
-
 def stored_arrays_bytes(t: "StoredTensor") -> bytes:
-    """A tensor's arrays as the payload lays them out: integers then scales, or the raw data."""
+    """One tensor's stored arrays (integers then scales, or the raw data), for size estimates.
+
+    The payload itself groups all tensors' integers, then all scales.
+    """
     if t.quantized:
         return _array_bytes(t.q)[1] + _array_bytes(t.scale)[1]
     return _array_bytes(t.raw)[1]
 
 
-def _compress(data: bytes, compressor: str, level: int) -> bytes:
+def compress_bytes(data: bytes, compressor: str, level: int) -> bytes:
+    """``data`` compressed exactly as a ``.ptz`` payload is."""
     if compressor == "zstd":
         return zstandard.ZstdCompressor(level=level, threads=0).compress(data)
     if compressor == "lzma":
@@ -159,7 +158,7 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
     index = json.dumps({"model_config": model_config, "meta": meta, "tensors": entries},
                        sort_keys=True, separators=(",", ":")).encode("utf-8")
     payload = struct.pack("<I", len(index)) + index + b"".join(chunks)
-    packed = _compress(payload, compressor, level)
+    packed = compress_bytes(payload, compressor, level)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, COMPRESSORS[compressor], 0, len(packed),
                           len(payload), hashlib.sha256(packed).digest())
     return header + packed

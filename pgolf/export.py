@@ -165,13 +165,13 @@ def collect_submission(root: Path, allow_over_limit: bool = False, prequant_metr
         "eval_world_size": _optional(sliding, "world_size"),
         **_params_summary(root, artifact.model_config, quant_meta, num_parameters),
         # What the artifact stores, which differs from the configured bits after fit_to_limit.
-        "quantized_bits": _bits_histogram(artifact.tensors),
+        "quantized_bits": bits_histogram(artifact.tensors),
         "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "pgolf_version": __version__, "git_commit": commit, "git_dirty": dirty,
     }
 
 
-def _bits_histogram(tensors) -> dict[str, int]:
+def bits_histogram(tensors) -> dict[str, int]:
     """{"int6": n, "int5": m, ...}: how many stored tensors use each integer width."""
     counts: dict[str, int] = {}
     for t in tensors:

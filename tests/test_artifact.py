@@ -105,7 +105,7 @@ def test_bad_files_raise_one_line_data_errors_naming_the_file(tmp_path, case):
 
 
 def _signed(payload: bytes) -> bytes:
-    packed = artifact._compress(payload, "zstd", 3)
+    packed = artifact.compress_bytes(payload, "zstd", 3)
     return struct.pack("<8sHBBQQ32s", artifact.MAGIC, 1, 1, 0, len(packed), len(payload),
                        hashlib.sha256(packed).digest()) + packed
 

@@ -177,16 +177,20 @@ class ChunkTrainer:
             for a in range(0, starts.size, self.cfg.batch_seqs):
                 self._step(starts[a:a + self.cfg.batch_seqs], lengths[a:a + self.cfg.batch_seqs])
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> float:
         """Forward and backward on chunk 0's first batch, then zero the gradients again.
 
         Builds a compiled training graph before the timed run; no weight,
-        gradient or optimizer state is left changed.
+        gradient or optimizer state is left changed. Returns its seconds.
         """
+        synchronize(self.device)
+        began = time.perf_counter()
         starts, lengths = chunk_sequences(0, self.cfg.chunk_tokens, self.num_targets, self.seq_len)
         self.model.train()
         self._accumulate_grads(starts[:self.cfg.batch_seqs], lengths[:self.cfg.batch_seqs])
         self.optimizer.zero_grad(set_to_none=False)
+        synchronize(self.device)
+        return time.perf_counter() - began
 
     def _step(self, starts: np.ndarray, lengths: np.ndarray) -> None:
         """One optimizer step on consecutive sequences (``starts`` spaced by seq_len)."""
@@ -287,10 +291,7 @@ def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
         if warmup and plan.num_windows:
             compile_seconds = scorer.warm_up(dplan)
             if chunks > 1 and cfg.epochs > 0:
-                began = time.perf_counter()
-                trainer.warm_up()
-                synchronize(scorer.device)
-                compile_seconds += time.perf_counter() - began
+                compile_seconds += trainer.warm_up()
         synchronize(scorer.device)
         began = time.perf_counter()
         per_chunk = torch.zeros(chunks, 3, dtype=torch.float64, device=scorer.device)

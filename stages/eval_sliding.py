@@ -60,7 +60,8 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         metrics = {
             "val_loss": sliding.sums.val_loss, "val_bpb": sliding.sums.val_bpb,
             "scored_tokens": sliding.sums.scored_tokens, "bytes": sliding.sums.byte_sum,
-            "seconds": round(sliding.seconds, 3), "compile_seconds": round(sliding.compile_seconds, 3), "tokens_per_s": round(sliding.tokens_per_s, 1),
+            "seconds": round(sliding.seconds, 3), "compile_seconds": round(sliding.compile_seconds, 3),
+            "tokens_per_s": round(sliding.tokens_per_s, 1),
             "windows": sliding.windows,
             "nonoverlap_val_loss": plain.sums.val_loss, "nonoverlap_val_bpb": plain.sums.val_bpb,
             "nonoverlap_seconds": round(plain.seconds, 3),

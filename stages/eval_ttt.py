@@ -51,7 +51,8 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         metrics = {
             "val_loss": result.sums.val_loss, "val_bpb": result.sums.val_bpb,
             "scored_tokens": result.sums.scored_tokens, "bytes": result.sums.byte_sum,
-            "seconds": round(result.seconds, 3), "compile_seconds": round(result.compile_seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
+            "seconds": round(result.seconds, 3), "compile_seconds": round(result.compile_seconds, 3),
+            "tokens_per_s": round(result.tokens_per_s, 1),
             "windows": result.windows, "chunks": result.num_chunks, "train_steps": result.train_steps,
             "sliding_val_bpb": baseline, "gain_vs_sliding": baseline - result.sums.val_bpb,
             "world_size": ctx.world_size, "device": ctx.device.type,

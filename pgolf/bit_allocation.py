@@ -16,14 +16,14 @@ Algorithm:
    of the report row; when any candidate lacks it (no Hessians), every option
    uses the weight MSE × numel (the summed squared weight error) instead, so
    all errors share one unit.
-2. Size estimate. Each option's arrays (codes + scales) compressed on their
-   own with the artifact's compressor and level (:func:`compressed_alone_bytes`,
-   on threads); the other tensors likewise. The joint encode differs a little,
-   so the estimate is calibrated with a real encode: ``ratio = real bytes /
-   estimated total`` and sizes are predicted as ``estimate × ratio``. (The
-   order-0 entropy, :func:`estimated_bytes`, is not enough: the compressors'
-   overhead over it grows as codes get more peaked, and an H200 run's int5
-   codes came out 3.6 % bigger than an entropy-based prediction.)
+2. Size. Each option's frame (its codes and scales compressed on their own
+   with the artifact's compressor and level, exactly as the file stores it:
+   :func:`compressed_alone_bytes`, on threads); the other tensors likewise.
+   The file is the index frame plus these frames, so the sum is the file
+   size up to the index; one real encode calibrates that (``ratio = real
+   bytes / summed frames``, ~1.001). (The order-0 entropy,
+   :func:`estimated_bytes`, is not enough: the compressors' overhead over it
+   grows as codes get more peaked.)
 3. Greedy order. Starting from every matrix at its class bits, repeatedly
    take the one-step demotion (b → b−1 of one matrix) with the smallest error
    increase per estimated byte saved; ties go to the smaller name, and a step
@@ -31,14 +31,14 @@ Algorithm:
    step once (:func:`demotion_order`); the greedy for any byte budget
    (:func:`greedy_demote`) is a prefix of it.
 4. Search over the prefix length with real encodes, at most ``MAX_ROUNDS``:
-   each guess is the shortest prefix whose estimate × (real / estimated bytes
-   of the latest probe) meets the target, kept strictly inside the bracket
+   each guess is the shortest prefix whose size × (real / summed bytes of
+   the latest probe) meets the target, kept strictly inside the bracket
    (longest prefix known to miss, shortest known to fit); when the guess
-   repeats a probe, the bracket is halved. The answer is the shortest prefix
-   that fitted in a real encode. Real sizes are not even monotone in the
-   prefix: on an H200 run of the record model, 47 → 49 steps gave 15.88 →
-   16.05 MB with zstd (LZMA behaved alike), so the estimate alone cannot be
-   trusted near the target. If no probe fits, every matrix at
+   repeats a probe, the bracket is halved. With per-tensor frames the first
+   guess is right up to the index frame's few bytes, so this takes two
+   encodes (the fit, and the one step shorter that misses); each encode
+   compresses only frames not seen before. The answer is the shortest
+   prefix that fitted in a real encode. If no probe fits, every matrix at
    ``fit_min_bits`` is tried; if that is over too, it is kept and ``fits`` is
    False (pruning, when on, and the size gate deal with what is left).
 
@@ -48,14 +48,12 @@ When the first encode already fits, the tensors and report come back unchanged
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from pgolf.artifact import StoredTensor, compress_bytes, stored_arrays_bytes
+from pgolf.artifact import StoredTensor, tensor_frames
 from pgolf.progress import Progress
 from pgolf.quantize import QuantizeConfig, QuantizeResult, quantize_block_matrices
 
@@ -112,19 +110,15 @@ def estimated_bytes(t: StoredTensor) -> float:
 
 
 def compressed_alone_bytes(tensors: Sequence[StoredTensor], compressor: str, level: int) -> list[int]:
-    """Each tensor's arrays compressed on their own with the artifact's compressor.
+    """The size of each tensor's own frame in the artifact (``pgolf.artifact.tensor_frame``).
 
-    The compressors' overhead over the order-0 entropy grows as the codes get
-    more peaked (zstd-22: +0.6 % at 4.7 bits/value, +4 % at 2.3; LZMA-9: +3.5 %
-    and +12 %, Laplace-shaped codes), so one global ratio calibrated on int6
-    codes under-predicts int5 ones; compressing each tensor alone captures it.
-    The compressors release the GIL, so the tensors are compressed on threads.
+    The file is the index frame plus these frames, so a choice of widths has
+    a known size up to the small index (the fit calibrates that with one
+    real encode). An entropy estimate would not do: the compressors' overhead
+    over the order-0 entropy grows as the codes get more peaked (zstd-22:
+    +0.6 % at 4.7 bits/value, +4 % at 2.3; LZMA-9: +3.5 % and +12 %).
     """
-    def one(t: StoredTensor) -> int:
-        return len(compress_bytes(stored_arrays_bytes(t), compressor, level))
-
-    with ThreadPoolExecutor(max_workers=max(1, min(len(tensors), os.cpu_count() or 1))) as pool:
-        return list(pool.map(one, tensors))
+    return [len(frame) for frame in tensor_frames(tensors, compressor, level)]
 
 
 def _step_key(name: str, table: Sequence[Option], level: int) -> tuple[float, str]:
@@ -241,9 +235,8 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
         return next((k for k in range(lo + 1, hi) if est_at[k] * ratio <= target_bytes), hi - 1)
 
     # Bracket search over the prefix length k with real encodes: lo never fits, hi fits (or is
-    # the end + 1 while no probe fitted). Real sizes are not even monotone in k (on an H200
-    # run of the record model, 47 → 49 steps gave 15.88 → 16.05 MB, with zstd and LZMA
-    # alike), so each guess uses the ratio of the latest probe and stays inside the bracket.
+    # the end + 1 while no probe fitted). Each guess uses the ratio of the latest probe and
+    # stays inside the bracket.
     lo, hi, n = 0, len(order) + 1, len(order)
     sizes: dict[int, int] = {0: initial}
     ratio, rounds = initial / est_at[0], []

@@ -28,7 +28,7 @@ from typing import Callable, Literal, Mapping
 
 import torch
 
-from pgolf.artifact import StoredTensor, dtype_name, encode
+from pgolf.artifact import StoredTensor, dtype_name, encode, tensor_frames
 from pgolf.config import check
 from pgolf.errors import DataError
 from pgolf.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
@@ -368,21 +368,28 @@ def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
 
 
 class EncodeCache:
-    """``encode`` with memory: the fit rounds, the pruning probes and the final
-    write often encode the very same tensors, and one LZMA-9 encode of the
-    record model takes ~25 s. Keyed by the identity of the (immutable)
-    StoredTensor objects; holds only the latest few blobs."""
+    """``encode`` with memory. Each tensor's compressed frame is kept (keyed by
+    the identity of the immutable StoredTensor, which is held so the id cannot
+    be reused), so a fit round, a pruning probe or the final write compresses
+    only the tensors it has not seen; the latest few whole blobs are kept too."""
 
     def __init__(self, model_config: dict, meta: dict, cfg: QuantizeConfig, keep: int = 2):
         self.model_config, self.meta, self.cfg, self.keep = model_config, meta, cfg, keep
+        self._frames: dict[int, tuple[StoredTensor, bytes]] = {}
         self._blobs: dict[tuple[int, ...], tuple[list, bytes]] = {}
+
+    def frames(self, tensors: list) -> list[bytes]:
+        new = [t for t in dict.fromkeys(tensors, None) if id(t) not in self._frames]
+        for t, frame in zip(new, tensor_frames(new, self.cfg.compressor, self.cfg.compression_level)):
+            self._frames[id(t)] = (t, frame)
+        return [self._frames[id(t)][1] for t in tensors]
 
     def encode(self, tensors: list) -> bytes:
         key = tuple(id(t) for t in tensors)
         if key not in self._blobs:
-            blob = encode(tensors, self.model_config, self.meta, self.cfg.compressor, self.cfg.compression_level)
+            blob = encode(tensors, self.model_config, self.meta, self.cfg.compressor, self.cfg.compression_level,
+                          frames=self.frames(tensors))
             if len(self._blobs) >= self.keep:
                 self._blobs.pop(next(iter(self._blobs)))
-            # The list is kept with the blob so the ids in the key cannot be reused.
             self._blobs[key] = (list(tensors), blob)
         return self._blobs[key][1]

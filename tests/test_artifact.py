@@ -60,6 +60,40 @@ def test_round_trip_is_exact(tmp_path, compressor, level):
     assert state["steps"].dtype == torch.int64 and state["flag"].item() is True
 
 
+@pytest.mark.parametrize("compressor,level", [("zstd", 22), ("lzma", 9)])
+def test_file_size_is_the_index_frame_plus_each_tensors_own_frame(compressor, level):
+    # What the byte-budget fit relies on: swapping one tensor changes the file by
+    # exactly the difference of that tensor's frames (up to the index's few bytes).
+    tensors = sample_tensors()
+    size = len(encode(tensors, CONFIG, META, compressor, level))
+    frames = [len(artifact.tensor_frame(t, compressor, level)) for t in tensors]
+    assert frames == [len(f) for f in artifact.tensor_frames(tensors, compressor, level)]
+    g = torch.Generator().manual_seed(5)
+    coarser = StoredTensor(tensors[0].name, tensors[0].shape, "float32", "gptq", bits=6,
+                           q=torch.randint(-3, 4, (6, 10), generator=g, dtype=torch.int8), scale=tensors[0].scale)
+    swapped = [coarser, *tensors[1:]]
+    swapped_size = len(encode(swapped, CONFIG, META, compressor, level))
+    assert swapped_size - size == len(artifact.tensor_frame(coarser, compressor, level)) - frames[0]
+    index_frame = size - HEADER_BYTES - sum(frames)
+    assert 0 < index_frame < 1000
+
+
+def test_a_frame_cut_short_or_an_extra_frame_is_a_data_error():
+    good = encode(sample_tensors(), CONFIG, META, "zstd", 3)
+    packed = good[HEADER_BYTES:]
+    raw_len = struct.unpack_from("<8sHBBQQ32s", good)[5]
+
+    def resigned(body: bytes, raw: int) -> bytes:
+        return struct.pack("<8sHBBQQ32s", artifact.MAGIC, artifact.FORMAT_VERSION, 1, 0, len(body), raw,
+                           hashlib.sha256(body).digest()) + body
+
+    with pytest.raises(DataError, match="x.ptz: compressed payload is incomplete"):
+        decode(resigned(packed[:-3], raw_len), "x.ptz")
+    extra = packed + artifact.compress_bytes(b"more", "zstd", 3)
+    with pytest.raises(DataError, match="x.ptz: payload decompresses to more than"):
+        decode(resigned(extra, raw_len), "x.ptz")
+
+
 def test_encoding_is_deterministic_and_compressor_settings_matter():
     a = encode(sample_tensors(), CONFIG, META, "zstd", 19)
     assert a == encode(sample_tensors(), CONFIG, META, "zstd", 19)
@@ -87,7 +121,7 @@ def _errors(tmp_path):
         "truncated": (good[:-10], "truncated"),
         "padded": (good + b"\0", "truncated or padded"),
         "corrupted": (bytes(flipped), "checksum mismatch"),
-        "version": (_rewrite_header(good, version=2), "format version 2 is not supported"),
+        "version": (_rewrite_header(good, version=1), "format version 1 is not supported"),
         "magic": (b"PK\x03\x04" + good[4:], "bad magic"),
         "compressor": (_rewrite_header(good, comp=9), "unknown compressor id 9"),
     }
@@ -106,7 +140,7 @@ def test_bad_files_raise_one_line_data_errors_naming_the_file(tmp_path, case):
 
 def _signed(payload: bytes) -> bytes:
     packed = artifact.compress_bytes(payload, "zstd", 3)
-    return struct.pack("<8sHBBQQ32s", artifact.MAGIC, 1, 1, 0, len(packed), len(payload),
+    return struct.pack("<8sHBBQQ32s", artifact.MAGIC, artifact.FORMAT_VERSION, 1, 0, len(packed), len(payload),
                        hashlib.sha256(packed).digest()) + packed
 
 

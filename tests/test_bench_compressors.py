@@ -30,6 +30,20 @@ def test_own_setting_reproduces_the_file(tmp_path, capsys):
     assert "| lzma-6 |" in capsys.readouterr().out
 
 
+def test_one_stream_column_sizes_the_version_1_layout(tmp_path):
+    from bench.compressors import one_stream_bytes
+    from pgolf.artifact import compress_bytes
+    path = tmp_path / "model.ptz"
+    write_tiny_artifact(path, with_report=False)
+    result = main([str(path), "--settings", "zstd:3", "--one-stream"])
+    tensors = read_artifact(path).tensors
+    q = [t for t in tensors if t.quantized]
+    data = b"".join([t.q.numpy().tobytes() for t in q] + [t.scale.numpy().tobytes() for t in q]
+                    + [t.raw.numpy().tobytes() for t in tensors if not t.quantized])
+    assert result["rows"][0]["one_stream_bytes"] == one_stream_bytes(tensors, "zstd", 3) \
+        == len(compress_bytes(data, "zstd", 3))
+
+
 def test_bad_setting_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="not compressor:level"):
         main([str(tmp_path / "x.ptz"), "--settings", "brotli:5"])

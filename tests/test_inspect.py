@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf.artifact import read_artifact, write_artifact
+from pgolf.artifact import FORMAT_VERSION, read_artifact, write_artifact
 from pgolf.checkpoint import save_checkpoint
 from pgolf.cli import main
 from pgolf.hessians import HessianSet, save_hessians
@@ -212,7 +212,7 @@ def test_quantized_artifact_with_and_without_report(tmp_path, capsys):
     art = read_artifact(path)
     facts = inspect_json(capsys, path)
     assert facts["kind"] == "quantized_artifact"
-    assert (facts["format_version"], facts["compressor"]) == (1, "lzma")
+    assert (facts["format_version"], facts["compressor"]) == (FORMAT_VERSION, "lzma")
     assert facts["file_bytes"] == path.stat().st_size
     assert facts["num_parameters"] == sum(t.numel() for t in model.state_dict().values())
     rows = {r["name"]: r for r in facts["tensors"]}
@@ -224,7 +224,7 @@ def test_quantized_artifact_with_and_without_report(tmp_path, capsys):
     assert rows["tok_emb.weight"]["bits"] == 8
     assert facts["by_storage"]["int5"]["tensors"] == 6  # fc and proj of 3 layers
     code, out, _ = inspect(capsys, path)
-    assert "format version 1, compressor lzma level 6" in out and "weight mse" in out
+    assert f"format version {FORMAT_VERSION}, compressor lzma level 6" in out and "weight mse" in out
 
     alone = tmp_path / "elsewhere.bin"
     shutil.copyfile(path, alone)

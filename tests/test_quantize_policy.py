@@ -256,18 +256,22 @@ def test_config_validation_names_the_key():
             from_params(QuantizeConfig, {"quantize": {**raw, key: bad}}, "quantize")
 
 
-def test_encode_cache_encodes_the_same_tensors_once(monkeypatch):
+def test_encode_cache_compresses_each_tensor_once(monkeypatch):
     tensors = quantize_state_dict(STATE, HESSIANS, TOKENS, BASE, CPU).tensors
-    calls = []
-    real_encode = quantize_mod.encode
-    monkeypatch.setattr(quantize_mod, "encode", lambda *a: calls.append(1) or real_encode(*a))
+    compressed = []
+    real_frames = quantize_mod.tensor_frames
+    monkeypatch.setattr(quantize_mod, "tensor_frames", lambda ts, *a: compressed.extend(ts) or real_frames(ts, *a))
     cache = quantize_mod.EncodeCache({"d": 1}, {"m": 2}, BASE)
     first = cache.encode(tensors)
-    assert first == real_encode(tensors, {"d": 1}, {"m": 2}, BASE.compressor, BASE.compression_level)
-    assert cache.encode(list(tensors)) is first and len(calls) == 1  # same objects, new list
+    assert first == encode(tensors, {"d": 1}, {"m": 2}, BASE.compressor, BASE.compression_level)
+    assert cache.encode(list(tensors)) is first and len(compressed) == len(tensors)  # same objects, new list
     pruned = prune_to_target(tensors, len(first) - 40, lambda ts: len(cache.encode(ts))).tensors
-    assert cache.encode(pruned) != first  # different objects: encoded anew
-    assert real_encode(pruned, {"d": 1}, {"m": 2}, BASE.compressor, BASE.compression_level) == cache.encode(pruned)
+    assert cache.encode(pruned) != first
+    assert encode(pruned, {"d": 1}, {"m": 2}, BASE.compressor, BASE.compression_level) == cache.encode(pruned)
+    # Only tensors the probes changed were compressed again.
+    changed = {id(t) for t in compressed[len(tensors):]}
+    assert changed and all(id(t) not in changed for t in tensors)
+    assert len({id(t) for t in compressed}) == len(compressed)  # none compressed twice
 
 
 def test_pruning_search_interpolates_to_the_exact_count_in_few_probes():

@@ -61,6 +61,13 @@ def synthetic_tables(vocab_size: int) -> ByteTables:
                       np.zeros(vocab_size, dtype=bool))
 
 
+def compile_phases() -> dict[str, float]:
+    """Seconds per torch.compile phase so far (``torch._dynamo.utils.compile_times``)."""
+    from torch._dynamo.utils import compile_times
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {n: round(float(v), 2) for n, v in zip(names, values)}
+
+
 def timed(fn, device: torch.device) -> tuple[object, float]:
     synchronize(device)
     began = time.perf_counter()
@@ -134,6 +141,8 @@ def main() -> None:
         "warmup_seconds_sliding": round(compile_sliding_s, 2), "warmup_seconds_ttt": round(compile_ttt_s, 2),
         "sliding": projection(sliding.sums.scored_tokens, sliding_s, args.world),
         "attention_backend": cfg.attention_backend,
+        # Where this process's compile time went (dynamo/inductor phases, summed).
+        "compile_phases": compile_phases(),
         "sliding_projected_with_compile_s": round(compile_sliding_s + FINEWEB_VAL_TARGETS / (
             args.world * sliding.sums.scored_tokens / sliding_s), 1),
         "ttt_allreduce_mb_per_step": round(grad_bytes / 1e6, 1),

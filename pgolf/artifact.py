@@ -111,6 +111,9 @@ class Artifact:
     tensors: list[StoredTensor]
     model_config: dict
     meta: dict
+    # Compressed bytes in the file: the index frame, and each tensor's own frame.
+    index_frame_bytes: int = 0
+    frame_bytes: tuple[int, ...] = ()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -199,9 +202,10 @@ def write_artifact(path: str | Path, tensors: Sequence[StoredTensor], model_conf
     return len(data)
 
 
-def _decompress(packed: bytes, compressor_id: int, raw_length: int, where: str) -> bytes:
-    """The frames of ``packed`` decompressed in order, never more than ``raw_length`` bytes."""
-    parts, total, rest = [], 0, packed
+def _decompress(packed: bytes, compressor_id: int, raw_length: int, where: str) -> tuple[bytes, list[int]]:
+    """The frames of ``packed`` decompressed in order (never more than ``raw_length``
+    bytes), and each frame's compressed length."""
+    parts, sizes, total, rest = [], [], 0, packed
     try:
         while rest:
             if compressor_id == COMPRESSORS["zstd"]:
@@ -216,13 +220,14 @@ def _decompress(packed: bytes, compressor_id: int, raw_length: int, where: str) 
             if total > raw_length:
                 raise DataError(f"{where}: payload decompresses to more than the header's {raw_length} bytes")
             parts.append(part)
+            sizes.append(len(rest) - len(frame.unused_data))
             rest = frame.unused_data
     except (zstandard.ZstdError, lzma.LZMAError) as exc:
         raise DataError(f"{where}: payload does not decompress ({exc})") from None
     data = b"".join(parts)
     if len(data) != raw_length:
         raise DataError(f"{where}: payload decompressed to {len(data)} bytes, header says {raw_length}")
-    return data
+    return data, sizes
 
 
 def _read_array(data: memoryview, ref: Any, where: str) -> torch.Tensor:
@@ -288,7 +293,8 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     packed = blob[HEADER_BYTES:]
     if hashlib.sha256(packed).digest() != digest:
         raise DataError(f"{where}: checksum mismatch, the file is corrupted")
-    payload = memoryview(_decompress(packed, comp_id, raw_len, where))
+    raw, frame_sizes = _decompress(packed, comp_id, raw_len, where)
+    payload = memoryview(raw)
     if len(payload) < 4:
         raise DataError(f"{where}: payload too short for its index")
     (index_len,) = struct.unpack_from("<I", payload)
@@ -306,7 +312,11 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise DataError(f"{where}: duplicate tensor names")
-    return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"])
+    if len(frame_sizes) != 1 + len(tensors):
+        raise DataError(f"{where}: {len(frame_sizes)} compressed frames for {len(tensors)} tensors "
+                        f"(format {FORMAT_VERSION} has the index's frame and one per tensor)")
+    return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"],
+                    index_frame_bytes=frame_sizes[0], frame_bytes=tuple(frame_sizes[1:]))
 
 
 def read_artifact(path: str | Path) -> Artifact:

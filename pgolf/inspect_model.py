@@ -178,35 +178,40 @@ def summarise_artifact(path: Path) -> Summary:
     compressor = {v: k for k, v in artifact_format.COMPRESSORS.items()}[comp_id]
     report, report_note = _report_rows(path)
     tensors = []
-    for t in art.tensors:
+    for t, in_file in zip(art.tensors, art.frame_bytes):
         row = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "method": t.method,
-               "bits": t.bits, "stored_bytes": t.stored_bytes(), "numel": math.prod(t.shape)}
+               "bits": t.bits, "stored_bytes": t.stored_bytes(), "file_bytes": in_file, "numel": math.prod(t.shape)}
         extra = report.get(t.name, {})
         row.update({k: extra.get(k) for k in ("weight_mse", "hessian_error", "clip", "fallback")})
         tensors.append(row)
     by_storage: dict[str, dict[str, int]] = {}
     for row in tensors:
         key = f"int{row['bits']}" if row["bits"] is not None else "passthrough"
-        group = by_storage.setdefault(key, {"tensors": 0, "values": 0, "stored_bytes": 0})
+        group = by_storage.setdefault(key, {"tensors": 0, "values": 0, "stored_bytes": 0, "file_bytes": 0})
         group["tensors"] += 1
         group["values"] += row["numel"]
         group["stored_bytes"] += row["stored_bytes"]
+        group["file_bytes"] += row["file_bytes"]
     facts = {"format_version": version, "compressor": compressor, "file_bytes": len(blob),
              "compressed_payload_bytes": packed_len, "payload_bytes": raw_len,
+             "index_frame_bytes": art.index_frame_bytes,
              "num_parameters": sum(r["numel"] for r in tensors), "by_storage": by_storage,
              "model_config": art.model_config, "meta": art.meta, "tensors": tensors,
              "report": str(path.parent / "report.json") if report else None, "report_note": report_note}
     quant = art.meta.get("quantize", {}) if isinstance(art.meta.get("quantize"), dict) else {}
     level = quant.get("zstd_level") if compressor == "zstd" else quant.get("lzma_preset")
     has_errors = any(r["weight_mse"] is not None for r in tensors)
-    headers = ["name", "shape", "method", "bits", "bytes"] + (["weight mse", "fallback"] if has_errors else [])
+    headers = ["name", "shape", "method", "bits", "bytes", "in file"] + (["weight mse", "fallback"] if has_errors else [])
     lines = [f"format version {version}, compressor {compressor}" + (f" level {level}" if level is not None else ""),
              f"file {len(blob):,} bytes (payload {raw_len:,} bytes compressed to {packed_len:,}, "
              f"ratio {raw_len / max(packed_len, 1):.2f})",
              f"{len(tensors)} tensors, {facts['num_parameters']:,} values: "
-             + ", ".join(f"{k} {v['tensors']} ({v['stored_bytes']:,} bytes stored)" for k, v in sorted(by_storage.items())),
+             + ", ".join(f"{k} {v['tensors']} ({v['stored_bytes']:,} bytes stored, {v['file_bytes']:,} in the file)"
+                         for k, v in sorted(by_storage.items())),
+             f"index frame {art.index_frame_bytes:,} bytes; \"in file\" = each tensor's own compressed frame",
              *["  " + row for row in table(headers, [
-                 [r["name"], "x".join(map(str, r["shape"])) or "scalar", r["method"], r["bits"], r["stored_bytes"]]
+                 [r["name"], "x".join(map(str, r["shape"])) or "scalar", r["method"], r["bits"], r["stored_bytes"],
+                  r["file_bytes"]]
                  + ([r["weight_mse"], r["fallback"]] if has_errors else []) for r in tensors])]]
     lines.insert(0, _model_line(art.model_config))
     if report_note:

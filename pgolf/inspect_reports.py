@@ -112,9 +112,9 @@ def _summarise_list(kind: str, path: Path, rows: list[dict]) -> Summary:
         facts = {"tensors": rows, "num_tensors": len(rows),
                  "stored_bytes": sum(r["stored_bytes"] for r in rows if isinstance(r["stored_bytes"], int))}
         lines = [f"{len(rows)} tensors, {facts['stored_bytes']:,} bytes stored before compression",
-                 *table(["name", "class", "method", "bits", "clip", "weight mse", "fallback", "bytes"],
+                 *table(["name", "class", "method", "bits", "clip", "weight mse", "fallback", "bytes", "in file"],
                         [[r["name"], r["class"], r["method"], r["bits"], r.get("clip"), r.get("weight_mse"),
-                          r.get("fallback"), r["stored_bytes"]] for r in rows])]
+                          r.get("fallback"), r["stored_bytes"], r.get("compressed_bytes")] for r in rows])]
         return Summary(kind, str(path), facts, lines)
     best = min(rows, key=lambda r: r["chunk_bpb"])
     facts = {"chunks": len(rows), "first": rows[0], "last": rows[-1], "best_chunk": best, "series": rows}

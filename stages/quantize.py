@@ -107,6 +107,9 @@ def _quantize(cfg: QuantizeConfig, device: torch.device, root: Path, log: StageL
         if not outcome.fits:
             log.warning(f"pruning every ±1 entry cannot reach {outcome.target_bytes:,} bytes")
     blob = blobs.encode(tensors)
+    # Each tensor's exact share of the file: its own compressed frame (format v2).
+    frame_bytes = {t.name: len(f) for t, f in zip(tensors, blobs.frames(tensors))}
+    report = [{**r, "compressed_bytes": frame_bytes.get(r["name"])} for r in report]
     write_bytes_atomic(root / OUT_DIR / "model.ptz", blob)
     model_bytes = len(blob)
     finished = time.perf_counter()

@@ -78,6 +78,21 @@ def test_file_size_is_the_index_frame_plus_each_tensors_own_frame(compressor, le
     assert 0 < index_frame < 1000
 
 
+def test_decode_reports_each_tensors_frame_and_refuses_a_single_stream():
+    tensors = sample_tensors()
+    blob = encode(tensors, CONFIG, META, "lzma", 6)
+    back = decode(blob)
+    assert list(back.frame_bytes) == [len(artifact.tensor_frame(t, "lzma", 6)) for t in tensors]
+    assert HEADER_BYTES + back.index_frame_bytes + sum(back.frame_bytes) == len(blob)
+    # Version 1's layout (everything in one stream) under a version-2 header.
+    payload = artifact._decompress(blob[HEADER_BYTES:], 2, struct.unpack_from("<8sHBBQQ32s", blob)[5], "x")[0]
+    packed = artifact.compress_bytes(payload, "lzma", 6)
+    one_stream = struct.pack("<8sHBBQQ32s", artifact.MAGIC, artifact.FORMAT_VERSION, 2, 0, len(packed),
+                             len(payload), hashlib.sha256(packed).digest()) + packed
+    with pytest.raises(DataError, match="one.ptz: 1 compressed frames for 5 tensors"):
+        decode(one_stream, "one.ptz")
+
+
 def test_a_frame_cut_short_or_an_extra_frame_is_a_data_error():
     good = encode(sample_tensors(), CONFIG, META, "zstd", 3)
     packed = good[HEADER_BYTES:]

@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf.artifact import FORMAT_VERSION, read_artifact, write_artifact
+from pgolf.artifact import FORMAT_VERSION, HEADER_BYTES, read_artifact, write_artifact
 from pgolf.checkpoint import save_checkpoint
 from pgolf.cli import main
 from pgolf.hessians import HessianSet, save_hessians
@@ -217,14 +217,18 @@ def test_quantized_artifact_with_and_without_report(tmp_path, capsys):
     assert facts["num_parameters"] == sum(t.numel() for t in model.state_dict().values())
     rows = {r["name"]: r for r in facts["tensors"]}
     report = {r["name"]: r for r in json.loads((path.parent / "report.json").read_text())}
-    for t in art.tensors:
+    for t, in_file in zip(art.tensors, art.frame_bytes):
         assert rows[t.name]["bits"] == t.bits and rows[t.name]["stored_bytes"] == t.stored_bytes()
         assert rows[t.name]["weight_mse"] == report[t.name]["weight_mse"]
+        assert rows[t.name]["file_bytes"] == in_file
+    assert HEADER_BYTES + facts["index_frame_bytes"] + sum(g["file_bytes"] for g in facts["by_storage"].values()) \
+        == facts["file_bytes"]
     assert rows["blocks.0.mlp.fc.weight"]["bits"] == 5 and rows["blocks.0.attn.c_q.weight"]["bits"] == 6
     assert rows["tok_emb.weight"]["bits"] == 8
     assert facts["by_storage"]["int5"]["tensors"] == 6  # fc and proj of 3 layers
     code, out, _ = inspect(capsys, path)
     assert f"format version {FORMAT_VERSION}, compressor lzma level 6" in out and "weight mse" in out
+    assert "in file" in out and "index frame" in out
 
     alone = tmp_path / "elsewhere.bin"
     shutil.copyfile(path, alone)

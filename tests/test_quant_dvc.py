@@ -18,7 +18,7 @@ import yaml
 import stages.hessians
 import stages.quantize
 import stages.size_check
-from pgolf.artifact import load_dequantized_model, read_artifact
+from pgolf.artifact import HEADER_BYTES, load_dequantized_model, read_artifact
 from pgolf.checkpoint import save_checkpoint
 from pgolf.hessians import HessianConfig, load_hessians
 from pgolf.quantize import QuantizeConfig
@@ -80,6 +80,10 @@ def test_stages_end_to_end(root, capsys):
     assert artifact.read_bytes() == first  # deterministic
     report = json.loads((root / "artifacts/quant/report.json").read_text())
     assert {r["method"] for r in report} == {"gptq", "rtn", "passthrough"}
+    # Each row's compressed_bytes is that tensor's frame in the file, exactly.
+    stored = read_artifact(artifact)
+    assert [r["compressed_bytes"] for r in report] == list(stored.frame_bytes)
+    assert HEADER_BYTES + stored.index_frame_bytes + sum(stored.frame_bytes) == len(first)
 
     original, loaded = tiny_model(), load_dequantized_model(artifact, "cpu")
     ids = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -209,6 +209,11 @@ def _decompress(packed: bytes, compressor_id: int, raw_length: int, where: str) 
     try:
         while rest:
             if compressor_id == COMPRESSORS["zstd"]:
+                # Checked before decompressing: a crafted frame cannot inflate past the header.
+                declared = zstandard.frame_content_size(rest)
+                if declared < 0 or declared > raw_length - total:
+                    raise DataError(f"{where}: payload decompresses to more than the header's {raw_length} bytes "
+                                    f"(a frame declares {declared})")
                 frame = zstandard.ZstdDecompressor().decompressobj()
                 part = frame.decompress(rest)
             else:

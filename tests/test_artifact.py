@@ -107,6 +107,10 @@ def test_a_frame_cut_short_or_an_extra_frame_is_a_data_error():
     extra = packed + artifact.compress_bytes(b"more", "zstd", 3)
     with pytest.raises(DataError, match="x.ptz: payload decompresses to more than"):
         decode(resigned(extra, raw_len), "x.ptz")
+    # A frame that would inflate far past the header's length is refused before decompressing.
+    bomb = artifact.compress_bytes(bytes(50_000_000), "zstd", 3)
+    with pytest.raises(DataError, match="x.ptz: payload decompresses to more than .* declares 50000000"):
+        decode(resigned(bomb, 100), "x.ptz")
 
 
 def test_encoding_is_deterministic_and_compressor_settings_matter():

@@ -163,8 +163,6 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
     ``frames``: the tensors' ``tensor_frame`` bytes when the caller has them
     (``pgolf.quantize.EncodeCache``); computed here otherwise.
     """
-    if compressor not in COMPRESSORS:
-        raise ValueError(f"unknown compressor {compressor!r} (known: {sorted(COMPRESSORS)})")
     entries, offset = [], 0
 
     def ref(t: torch.Tensor) -> dict:

@@ -169,13 +169,19 @@ def _error_of(row: dict, numel: int, metric: str) -> float:
 def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
                  num_tokens: int, cfg: QuantizeConfig, device: torch.device, target_bytes: int,
                  encoded_size: Callable[[list[StoredTensor]], int], hessian_source: str = "hessians",
-                 log: Callable[[str], None] | None = None, progress: Progress | None = None) -> FitOutcome:
+                 log: Callable[[str], None] | None = None, progress: Progress | None = None,
+                 frame_sizes: Callable[[list[StoredTensor]], list[int]] | None = None) -> FitOutcome:
     """Demote block matrices of ``result`` until ``encoded_size`` ≤ ``target_bytes`` (module docstring).
 
     ``state`` is the unbanked state dict ``result`` was made from; ``log``
-    receives one line per round.
+    receives one line per round. ``frame_sizes`` gives each tensor's frame size
+    (default :func:`compressed_alone_bytes`); the quantize stage passes its
+    ``EncodeCache``'s, so the frames the probes encode are compressed once.
     """
     say = log or (lambda _line: None)
+    if frame_sizes is None:
+        def frame_sizes(ts: list[StoredTensor]) -> list[int]:
+            return compressed_alone_bytes(ts, cfg.compressor, cfg.compression_level)
     initial = encoded_size(result.tensors)
     index = {t.name: i for i, t in enumerate(result.tensors)}
     rows = {r["name"]: r for r in result.report}
@@ -200,11 +206,11 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
             choices[n].append(lower[n])
     names = sorted(choices)
     flat = [s for n in names for s, _ in choices[n]]
-    alone = iter(compressed_alone_bytes(flat, cfg.compressor, cfg.compression_level))
+    alone = iter(frame_sizes(flat))
     tables = {n: [Option(s.bits, float(next(alone)), _error_of(r, s.q.numel(), metric)) for s, r in choices[n]]
               for n in names}
     fixed = [t for t in result.tensors if t.name not in class_bits]
-    fixed_est = float(sum(compressed_alone_bytes(fixed, cfg.compressor, cfg.compression_level)))
+    fixed_est = float(sum(frame_sizes(fixed)))
 
     # Every one-bit step in greedy order; the greedy for any budget takes a prefix of it.
     order = demotion_order(tables, {n: 0 for n in tables})

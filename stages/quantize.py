@@ -92,7 +92,8 @@ def _quantize(cfg: QuantizeConfig, device: torch.device, root: Path, log: StageL
 
     if cfg.fit_to_limit:
         fit = fit_to_limit(result, state, hs.hessians, hs.num_tokens, cfg, device, target,
-                           lambda ts: encoded_size(ts, "fit"), str(root / HESSIANS), log.line, log)
+                           lambda ts: encoded_size(ts, "fit"), str(root / HESSIANS), log.line, log,
+                           frame_sizes=lambda ts: [len(f) for f in blobs.frames(ts)])
         tensors, report = fit.tensors, fit.report
         fit_metrics = {**outcome_metrics(fit), "fit_code_bytes": code}
         if not fit.fits:

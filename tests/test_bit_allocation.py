@@ -204,6 +204,26 @@ def one_thread_module():
     torch.set_num_threads(threads)
 
 
+def test_fit_through_the_stage_cache_compresses_each_tensor_once(sizes, monkeypatch):
+    import pgolf.quantize as quantize_mod
+    compressed = []
+    real_frames = quantize_mod.tensor_frames
+    monkeypatch.setattr(quantize_mod, "tensor_frames", lambda ts, *a: compressed.extend(ts) or real_frames(ts, *a))
+    cache = quantize_mod.EncodeCache({}, {}, cfg())
+    target = (sizes["six"] + sizes["five"]) // 2
+    out = fit_to_limit(sizes["result6"], STATE, HESSIANS, TOKENS, cfg(), CPU, target,
+                       lambda ts: len(cache.encode(ts)), "h.pt",
+                       frame_sizes=lambda ts: [len(f) for f in cache.frames(ts)])
+    assert out.fits and len(out.rounds) >= 1
+    assert len({id(t) for t in compressed}) == len(compressed)  # no frame compressed twice
+    # Every 5-bit option was sized through the cache, chosen or not.
+    assert sum(t.bits == 5 for t in compressed if t.quantized) == len(BLOCKS)
+    # Same answer as sizing every option on its own.
+    alone = fit_to_limit(sizes["result6"], STATE, HESSIANS, TOKENS, cfg(), CPU, target,
+                         lambda ts: len(cache.encode(ts)), "h.pt")
+    assert (alone.bits, alone.size_bytes) == (out.bits, out.size_bytes)
+
+
 def test_fit_reaches_a_target_between_int6_and_int5(sizes):
     assert sizes["six"] > sizes["five"] > sizes["four"]
     target = (sizes["six"] + sizes["five"]) // 2

@@ -4,7 +4,7 @@ Default shape is the record's per-GPU micro-batch: 48 × 2048 tokens, 8 query
 heads sharing 4 KV heads, head_dim 64, bf16. For every backend it times the
 native GQA call (``enable_gqa=True``) and the expanded-KV call
 (``repeat_interleave`` first), and checks both against the math backend, so
-``pgolf.attention.EXPAND_KV_BACKENDS`` can be set from evidence.
+``pgolf.model.attention.EXPAND_KV_BACKENDS`` can be set from evidence.
 
     python -m bench.attention [--batch 48 --seq 2048 --iters 20]   (from the repo root)
 """

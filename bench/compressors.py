@@ -1,9 +1,9 @@
 """Which compressor stores a quantised artifact smallest: the same tensors, re-encoded.
 
-Reads a ``.ptz`` (pgolf/artifact.py), re-encodes exactly its tensors, model
+Reads a ``.ptz`` (pgolf/quant/artifact.py), re-encodes exactly its tensors, model
 config and meta with each compressor/level, and prints one row per setting:
 file bytes, bytes relative to the order-0 entropy estimate of the codes
-(pgolf/bit_allocation.py: Σ per-tensor entropy of the integers + scale bytes +
+(pgolf/quant/bit_allocation.py: Σ per-tensor entropy of the integers + scale bytes +
 passthrough bytes) and encode seconds. Also written as JSON.
 
     python bench/compressors.py artifacts/quant/model.ptz --out compressors.json
@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf.artifact import compress_bytes, encode, read_artifact, stored_arrays_bytes  # noqa: E402
-from pgolf.bit_allocation import estimated_bytes  # noqa: E402
-from pgolf.export import bits_histogram  # noqa: E402
+from pgolf.quant.artifact import compress_bytes, encode, read_artifact, stored_arrays_bytes  # noqa: E402
+from pgolf.quant.bit_allocation import estimated_bytes  # noqa: E402
+from pgolf.submission.export import bits_histogram  # noqa: E402
 
 DEFAULT_SETTINGS = ("lzma:6", "lzma:9", "zstd:19", "zstd:22")
 

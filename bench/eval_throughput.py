@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf.bpb import ByteTables  # noqa: E402
+from pgolf.data.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import resolve_device  # noqa: E402
-from pgolf.eval_sliding import SlidingConfig, nll_forward, score_sliding_windows  # noqa: E402
-from pgolf.model import GPT, ModelConfig  # noqa: E402
-from pgolf.profiles import compose  # noqa: E402
+from pgolf.eval.sliding import SlidingConfig, nll_forward, score_sliding_windows  # noqa: E402
+from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
+from pgolf.tools.profiles import compose  # noqa: E402
 from pgolf.precision import configure_backends, synchronize  # noqa: E402
-from pgolf.ttt import TTTConfig, run_ttt  # noqa: E402
+from pgolf.eval.ttt import TTTConfig, run_ttt  # noqa: E402
 
 FINEWEB_VAL_TARGETS = 62_021_632
 # Seconds on 8×H100 in the records' logs (RECIPE §7) and this project's goals.

@@ -4,10 +4,10 @@
 
 1. Hessian collection: a record-shape GPT (11 layers, d=512, VRL, VE, XSA,
    BigramHash 3072; random weights) runs ``--calib-seqs`` random sequences
-   through :func:`pgolf.hessians.collect_hessians` (bf16 autocast on CUDA).
+   through :func:`pgolf.quant.hessians.collect_hessians` (bf16 autocast on CUDA).
 2. GPTQ: the 66 block matrices (11 × Q 512², K/V 256×512, O 512², up
    1536×512, down 512×1536), random weights with heavy tails and random but
-   correlated Hessians, through :func:`pgolf.quantize.quantize_state_dict`
+   correlated Hessians, through :func:`pgolf.quant.policy.quantize_state_dict`
    with the record settings (λ 0.01, block 128, act-order, 5 clip candidates).
 3. Optionally (``--compress``) the time and size of encoding those matrices
    with lzma-9 and zstd-22.
@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pgolf.hessians as hessians_mod  # noqa: E402
-from pgolf.artifact import encode  # noqa: E402
+import pgolf.quant.hessians as hessians_mod  # noqa: E402
+from pgolf.quant.artifact import encode  # noqa: E402
 from pgolf.distributed import resolve_device  # noqa: E402
-from pgolf.hessians import collect_hessians, hessian_key_for_weight  # noqa: E402
-from pgolf.model import GPT, ModelConfig  # noqa: E402
+from pgolf.quant.hessians import collect_hessians, hessian_key_for_weight  # noqa: E402
+from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
 from pgolf.precision import autocast, synchronize  # noqa: E402
-from pgolf.quantize import QuantizeConfig, quantize_state_dict  # noqa: E402
+from pgolf.quant.policy import QuantizeConfig, quantize_state_dict  # noqa: E402
 
 RECORD_MODEL = dict(
     vocab_size=1024, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0,

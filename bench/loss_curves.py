@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf.plots import plot_lines  # noqa: E402
+from pgolf.tools.plots import plot_lines  # noqa: E402
 
 _TOKENS_PER_STEP = re.compile(r"([\d,]+) tokens/step")
 _STEP = re.compile(r"^step (\d+)/\d+ loss ([0-9.]+)")

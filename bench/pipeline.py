@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pgolf.profiles import compose  # noqa: E402
+from pgolf.tools.profiles import compose  # noqa: E402
 
 CHALLENGE_VAL_TOKENS = 62_021_632
 LIMIT = 16_000_000
@@ -41,12 +41,12 @@ LIMIT = 16_000_000
 
 def float_sliding_bpb(root: Path, p: dict) -> dict:
     """Sliding-window bpb of the unquantised training checkpoint, same windows as eval_sliding."""
-    from pgolf.bpb import build_byte_tables
-    from pgolf.checkpoint import build_model, load_checkpoint
+    from pgolf.data.bpb import build_byte_tables
+    from pgolf.model.checkpoint import build_model, load_checkpoint
     from pgolf.config import from_params
-    from pgolf.eval_sliding import SlidingConfig, nll_forward, prepare_tokens, score_sliding_windows
+    from pgolf.eval.sliding import SlidingConfig, nll_forward, prepare_tokens, score_sliding_windows
     from pgolf.precision import compile_enabled
-    from pgolf.shards import load_split
+    from pgolf.data.shards import load_split
     cfg = from_params(SlidingConfig, p, "eval_sliding")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(load_checkpoint(root / "artifacts/train/model.pt"), device).eval()
@@ -64,7 +64,7 @@ def mfu(p: dict, tokens_per_s: float, peak_tflops: float) -> tuple[float, float]
     """(FLOPs per token, MFU) with bench/train_throughput.py's causal convention."""
     from bench.train_throughput import flops_per_token
     from pgolf.config import from_params
-    from pgolf.model import GPT, ModelConfig
+    from pgolf.model.gpt import GPT, ModelConfig
     with torch.device("meta"):
         model = GPT(from_params(ModelConfig, p, "model"))
     per_token = flops_per_token(model, p["train"]["seq_len"])[0]

@@ -19,8 +19,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from pgolf.config import from_params, load_params  # noqa: E402
-from pgolf.corpus import CorpusConfig, build_split  # noqa: E402
-from pgolf.tokenizer import DocumentEncoder, available_cores, read_model, train_model  # noqa: E402
+from pgolf.data.corpus import CorpusConfig, build_split  # noqa: E402
+from pgolf.data.tokenizer import DocumentEncoder, available_cores, read_model, train_model  # noqa: E402
 
 
 def throughput(model: bytes, docs: list[str], workers: int, repeat: int) -> tuple[float, int]:

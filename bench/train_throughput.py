@@ -1,6 +1,6 @@
 """Training throughput of the real training step: tokens/s, ms/step, peak memory, MFU.
 
-Runs :class:`pgolf.train.Trainer` (the loop's own step: micro-steps with
+Runs :class:`pgolf.train.loop.Trainer` (the loop's own step: micro-steps with
 gradient accumulation, the composite optimizer, the EMA update) for a bounded
 number of steps after an untimed compile warm-up, on synthetic or real tokens.
 
@@ -50,14 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgolf.config import from_params, load_params  # noqa: E402
 from pgolf.distributed import init_distributed, shutdown  # noqa: E402
-from pgolf.loader import TokenStream, open_train_stream  # noqa: E402
-from pgolf.model import BANK_NAMES, GPT, ModelConfig  # noqa: E402
-from pgolf.optim import OptimConfig  # noqa: E402
+from pgolf.data.loader import TokenStream, open_train_stream  # noqa: E402
+from pgolf.model.gpt import BANK_NAMES, GPT, ModelConfig  # noqa: E402
+from pgolf.train.optim import OptimConfig  # noqa: E402
 from pgolf.precision import peak_memory, synchronize  # noqa: E402
-from pgolf.profiles import compose  # noqa: E402
-from pgolf.shards import write_shard  # noqa: E402
-from pgolf.train import Trainer  # noqa: E402
-from pgolf.train_config import TrainConfig  # noqa: E402
+from pgolf.tools.profiles import compose  # noqa: E402
+from pgolf.data.shards import write_shard  # noqa: E402
+from pgolf.train.loop import Trainer  # noqa: E402
+from pgolf.train.config import TrainConfig  # noqa: E402
 
 # PR #960's model and optimizer at the record shape, from the record profile (conf/profile/record.yaml);
 # attention_backend "auto" lets PyTorch pick (--attention-backend sets one).

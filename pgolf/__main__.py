@@ -1,5 +1,5 @@
 import sys
 
-from pgolf.cli import main
+from pgolf.tools.cli import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Stage corpus: documents → data/corpus/{train,val}.jsonl + manifest.json.
 
-See pgolf/corpus.py for the sources and the exact validation/training split.
+See pgolf/data/corpus.py for the sources and the exact validation/training split.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pgolf.config import from_params
-from pgolf.corpus import CorpusConfig, build_split, write_split
+from pgolf.data.corpus import CorpusConfig, build_split, write_split
 from pgolf.io import write_json_atomic
 from stages.common import params, stage_main
 

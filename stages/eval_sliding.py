@@ -2,7 +2,7 @@
 
 Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_sliding``.
 Scores the dequantised artifact (never the training weights) with exact
-sliding windows (every target once; pgolf/windows.py), then the cheap
+sliding windows (every target once; pgolf/eval/windows.py), then the cheap
 non-overlapping eval as a diagnostic. bpb uses the tokenizer's byte tables.
 Progress and the result go to artifacts/eval_sliding/eval_sliding.log.
 """
@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
-from pgolf.artifact import load_dequantized_model
-from pgolf.bpb import ByteTables, build_byte_tables
+from pgolf.quant.artifact import load_dequantized_model
+from pgolf.data.bpb import ByteTables, build_byte_tables
 from pgolf.config import from_params
 from pgolf.distributed import DistContext, barrier, init_distributed
-from pgolf.eval_sliding import (SlidingConfig, nll_forward, prepare_tokens, score_nonoverlapping,
+from pgolf.eval.sliding import (SlidingConfig, nll_forward, prepare_tokens, score_nonoverlapping,
                                 score_sliding_windows)
 from pgolf.io import write_json_atomic
 from pgolf.precision import compile_enabled, configure_backends
 from pgolf.progress import StageLog
-from pgolf.shards import load_split
-from pgolf.size import warn_if_over
+from pgolf.data.shards import load_split
+from pgolf.submission.size import warn_if_over
 from stages.common import launch_device, run_distributed, stage_main
 
 ARTIFACT = Path("artifacts/quant/model.ptz")

@@ -2,7 +2,7 @@
 
 Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_ttt``.
 Same inputs and windows as eval_sliding (its ``eval_sliding`` params), then
-pgolf/ttt.py. ``gain_vs_sliding`` = eval_sliding's val_bpb − this val_bpb
+pgolf/eval/ttt.py. ``gain_vs_sliding`` = eval_sliding's val_bpb − this val_bpb
 (positive: TTT helped). chunks.json is the per-chunk running-bpb series,
 running_bpb.png its offline picture; progress goes to eval_ttt.log.
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 from pgolf.config import from_params
 from pgolf.distributed import barrier, init_distributed
 from pgolf.errors import DataError
-from pgolf.eval_sliding import SlidingConfig
+from pgolf.eval.sliding import SlidingConfig
 from pgolf.io import write_json_atomic
-from pgolf.plots import plot_lines
+from pgolf.tools.plots import plot_lines
 from pgolf.precision import compile_enabled
 from pgolf.progress import StageLog
-from pgolf.size import warn_if_over
-from pgolf.ttt import TTTConfig, run_ttt
+from pgolf.submission.size import warn_if_over
+from pgolf.eval.ttt import TTTConfig, run_ttt
 from stages.common import launch_device, run_distributed, stage_main
 from stages.eval_sliding import OUT as SLIDING_OUT
 from stages.eval_sliding import SIZE_JSON, load_eval_inputs

@@ -3,7 +3,7 @@
 Run as ``torchrun --standalone --nproc_per_node=N -m stages.hessians``: each
 rank collects its share and the sums are all-reduced. Calibration reads only
 the list of *train* shards (``list_shards(..., "train")``) or samples from the
-model itself; see pgolf/hessians.py. Training-data calibration counts inside
+model itself; see pgolf/quant/hessians.py. Training-data calibration counts inside
 the challenge's 10-minute training budget, so its time is in the metrics.
 """
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pgolf.checkpoint import build_model, load_checkpoint
+from pgolf.model.checkpoint import build_model, load_checkpoint
 from pgolf.config import from_params, to_dict
 from pgolf.distributed import barrier, init_distributed
-from pgolf.hessians import (HessianConfig, autoregressive_batches, collect_hessians, save_hessians,
+from pgolf.quant.hessians import (HessianConfig, autoregressive_batches, collect_hessians, save_hessians,
                             train_calibration_batches)
 from pgolf.io import write_json_atomic
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import StageLog
-from pgolf.shards import list_shards
+from pgolf.data.shards import list_shards
 from stages.common import launch_device, run_distributed, stage_main
 
 CHECKPOINT = Path("artifacts/train/model.pt")

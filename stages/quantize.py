@@ -3,12 +3,12 @@
 Also layer_error.{json,png} (the error of each quantised block matrix, a DVC
 plot and its offline picture) and quantize.log.
 
-Policy and solver: pgolf/quantize.py, pgolf/gptq.py; file format:
-pgolf/artifact.py. With ``quantize.fit_to_limit`` block matrices over the
-target are demoted a bit at a time (pgolf/bit_allocation.py), then with
+Policy and solver: pgolf/quant/policy.py, pgolf/quant/gptq.py; file format:
+pgolf/quant/artifact.py. With ``quantize.fit_to_limit`` block matrices over the
+target are demoted a bit at a time (pgolf/quant/bit_allocation.py), then with
 ``quantize.prune`` the ±1 pruning takes what is left; both aim at
 ``16,000,000 − code bytes − prune_margin_bytes`` (code bytes as counted by
-pgolf/size.py). The size_check stage is the gate either way.
+pgolf/submission/size.py). The size_check stage is the gate either way.
 """
 from __future__ import annotations
 
@@ -17,25 +17,25 @@ from pathlib import Path
 
 import torch
 
-from pgolf.bit_allocation import fit_to_limit, outcome_metrics
-from pgolf.checkpoint import load_checkpoint
+from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
+from pgolf.model.checkpoint import load_checkpoint
 from pgolf.config import from_params, to_dict
 from pgolf.distributed import resolve_device
-from pgolf.hessians import load_hessians
+from pgolf.quant.hessians import load_hessians
 from pgolf.io import write_bytes_atomic, write_json_atomic
-from pgolf.model import unbank_state_dict
-from pgolf.plots import plot_bars
+from pgolf.model.gpt import unbank_state_dict
+from pgolf.tools.plots import plot_bars
 from pgolf.precision import synchronize
 from pgolf.progress import StageLog
-from pgolf.quantize import EncodeCache, QuantizeConfig, prune_to_target, quantize_state_dict
-from pgolf.size import LIMIT_BYTES, code_bytes, counted_code_files
+from pgolf.quant.policy import EncodeCache, QuantizeConfig, prune_to_target, quantize_state_dict
+from pgolf.submission.size import LIMIT_BYTES, code_bytes, counted_code_files
 from stages.common import launch_device, params, stage_main
 
 CHECKPOINT = Path("artifacts/train/model.pt")
 HESSIANS = Path("artifacts/hessians/hessians.pt")
 OUT_DIR = Path("artifacts/quant")
 LOG = OUT_DIR / "quantize.log"
-BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quantize.tensor_class of the GPTQ block matrices
+BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quant.policy.tensor_class of the GPTQ block matrices
 # Search settings of the byte budget stay out of the artifact's meta: the bits of
 # each tensor record their outcome, and a fit that demotes nothing then gives
 # the same bytes as fit_to_limit: false.

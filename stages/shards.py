@@ -8,13 +8,13 @@ from typing import Iterator
 
 import numpy as np
 
-from pgolf.bpb import build_byte_tables, stream_bytes
+from pgolf.data.bpb import build_byte_tables, stream_bytes
 from pgolf.config import from_params
-from pgolf.corpus import iter_jsonl
+from pgolf.data.corpus import iter_jsonl
 from pgolf.io import atomic_dir, write_json_atomic
-from pgolf.shards import (SPLITS, ShardInfo, ShardsConfig, challenge_sources, import_shards,
+from pgolf.data.shards import (SPLITS, ShardInfo, ShardsConfig, challenge_sources, import_shards,
                           read_shard, split_summary, write_stream)
-from pgolf.tokenizer import DocumentEncoder, load_processor, read_model, sha256_bytes
+from pgolf.data.tokenizer import DocumentEncoder, load_processor, read_model, sha256_bytes
 from stages.common import params, stage_main
 
 CORPUS_DIR = Path("data/corpus")

@@ -1,6 +1,6 @@
 """Stage size_check: counted code bytes + artifacts/quant/model.ptz ≤ 16,000,000 → artifacts/size.json.
 
-What is counted is defined in pgolf/size.py. Over the limit, the stage
+What is counted is defined in pgolf/submission/size.py. Over the limit, the stage
 exits non-zero when ``size.enforce`` is true; otherwise ``fits: false`` is
 recorded (``dvc metrics show``) and the eval stages print a warning.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from pgolf.config import from_params
 from pgolf.errors import PgolfError
 from pgolf.io import write_json_atomic
-from pgolf.size import SizeConfig, report_dict, size_report
+from pgolf.submission.size import SizeConfig, report_dict, size_report
 from stages.common import params, stage_main
 
 MODEL = Path("artifacts/quant/model.ptz")

@@ -8,9 +8,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 from pgolf.config import from_params
-from pgolf.corpus import iter_jsonl
+from pgolf.data.corpus import iter_jsonl
 from pgolf.io import write_bytes_atomic, write_json_atomic
-from pgolf.tokenizer import (CHALLENGE_TRAINER_SETTINGS, TokenizerConfig, check_layout, read_model,
+from pgolf.data.tokenizer import (CHALLENGE_TRAINER_SETTINGS, TokenizerConfig, check_layout, read_model,
                              sha256_bytes, train_model)
 from stages.common import params, stage_main
 

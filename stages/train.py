@@ -4,7 +4,7 @@ Run as ``torchrun --standalone --nproc_per_node=N -m stages.train``. Curves go
 to artifacts/train/live (dvclive), their picture to artifacts/train/loss.png.
 A resume state is kept in artifacts/train_resume/state.pt (a persistent DVC
 output): re-running after a crash or ``kill -9`` continues from the last
-checkpoint (pgolf/train_state.py).
+checkpoint (pgolf/train/resume.py).
 """
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 
-from pgolf.checkpoint import save_checkpoint
+from pgolf.model.checkpoint import save_checkpoint
 from pgolf.config import from_params, to_dict
 from pgolf.distributed import barrier, init_distributed
 from pgolf.errors import DataError, ParamError
 from pgolf.io import atomic_path, write_json_atomic
-from pgolf.loader import open_train_stream
-from pgolf.model import ModelConfig
-from pgolf.optim import OptimConfig
-from pgolf.plots import plot_lines
-from pgolf.train import LOSS_CURVE, RunFiles, TrainOutcome, run_training
-from pgolf.train_config import TrainConfig
-from pgolf.train_state import exclusive_run, mark_finished
+from pgolf.data.loader import open_train_stream
+from pgolf.model.gpt import ModelConfig
+from pgolf.train.optim import OptimConfig
+from pgolf.tools.plots import plot_lines
+from pgolf.train.loop import LOSS_CURVE, RunFiles, TrainOutcome, run_training
+from pgolf.train.config import TrainConfig
+from pgolf.train.resume import exclusive_run, mark_finished
 from stages.common import launch_device, launch_facts, run_distributed, stage_main
 
 SHARD_DIR = Path("data/shards")

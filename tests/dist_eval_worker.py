@@ -6,7 +6,7 @@ non-overlapping and two TTT evaluations on the same tiny model and stream
 (gloo, CPU), and rank 0 writes the sums. ``run_all(0, 1)`` gives the
 single-process answer to compare against.
 
-The models follow the contract of ``pgolf.eval_sliding``:
+The models follow the contract of ``pgolf.eval.sliding``:
 ``token_nll(ids, targets) -> [B, T]`` nats, causal. ``write_eval_root``
 prepares a directory the eval stages can run in (artifact + data links).
 """
@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:   # run as a script by torchrun
     sys.path.insert(0, str(ROOT))
 
-from pgolf.bpb import ByteTables  # noqa: E402
+from pgolf.data.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import init_distributed, shutdown  # noqa: E402
-from pgolf.eval_sliding import SlidingConfig, score_nonoverlapping, score_sliding_windows  # noqa: E402
-from pgolf.ttt import TTTConfig, run_ttt  # noqa: E402
+from pgolf.eval.sliding import SlidingConfig, score_nonoverlapping, score_sliding_windows  # noqa: E402
+from pgolf.eval.ttt import TTTConfig, run_ttt  # noqa: E402
 
 
 class TinyBlock(nn.Module):
@@ -121,9 +121,9 @@ def write_eval_root(root: Path, data_root: Path, model_params: dict, seed: int =
     """A random-init GPT stored losslessly (fp32 passthrough) as ``root/artifacts/quant/model.ptz``,
     with ``root/data`` linked to a finished data run; returns the model."""
     from conftest import link_data
-    from pgolf.artifact import StoredTensor, write_artifact
+    from pgolf.quant.artifact import StoredTensor, write_artifact
     from pgolf.config import from_params
-    from pgolf.model import GPT, ModelConfig, unbank_state_dict
+    from pgolf.model.gpt import GPT, ModelConfig, unbank_state_dict
 
     torch.manual_seed(seed)
     cfg = from_params(ModelConfig, {"model": model_params}, "model")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pgolf.distributed import DistContext, init_distributed
-from pgolf.optim import OptimConfig, PgolfOptimizer
+from pgolf.train.optim import OptimConfig, PgolfOptimizer
 
 VOCAB, DIM, HIDDEN = 24, 8, 16
 BATCH, SEQ = 8, 6

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pgolf.averaging import EMA, SWA, ema_effective_decay
+from pgolf.train.averaging import EMA, SWA, ema_effective_decay
 from pgolf.errors import DataError
 
 

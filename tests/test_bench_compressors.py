@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_inspect import write_tiny_artifact  # noqa: E402
 
 from bench.compressors import main  # noqa: E402
-from pgolf.artifact import read_artifact  # noqa: E402
-from pgolf.bit_allocation import estimated_bytes  # noqa: E402
+from pgolf.quant.artifact import read_artifact  # noqa: E402
+from pgolf.quant.bit_allocation import estimated_bytes  # noqa: E402
 
 
 def test_own_setting_reproduces_the_file(tmp_path, capsys):
@@ -32,7 +32,7 @@ def test_own_setting_reproduces_the_file(tmp_path, capsys):
 
 def test_one_stream_column_sizes_the_version_1_layout(tmp_path):
     from bench.compressors import one_stream_bytes
-    from pgolf.artifact import compress_bytes
+    from pgolf.quant.artifact import compress_bytes
     path = tmp_path / "model.ptz"
     write_tiny_artifact(path, with_report=False)
     result = main([str(path), "--settings", "zstd:3", "--one-stream"])

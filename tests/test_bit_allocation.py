@@ -11,13 +11,13 @@ import torch
 
 import stages.hessians
 import stages.quantize
-from pgolf.artifact import StoredTensor, compress_bytes, encode, load_dequantized_model, read_artifact
-from pgolf.bit_allocation import (Option, code_entropy_bits, compressed_alone_bytes, estimated_bytes,
+from pgolf.quant.artifact import StoredTensor, compress_bytes, encode, load_dequantized_model, read_artifact
+from pgolf.quant.bit_allocation import (Option, code_entropy_bits, compressed_alone_bytes, estimated_bytes,
                                   fit_to_limit, greedy_demote)
 from pgolf.config import from_params
 from pgolf.errors import ParamError
-from pgolf.quantize import QuantizeConfig, quantize_state_dict, tensor_class
-from pgolf.size import LIMIT_BYTES, code_bytes, counted_code_files
+from pgolf.quant.policy import QuantizeConfig, quantize_state_dict, tensor_class
+from pgolf.submission.size import LIMIT_BYTES, code_bytes, counted_code_files
 from test_quant_dvc import PARAMS, params, root  # noqa: F401  (root is a fixture)
 
 F64 = torch.float64
@@ -205,7 +205,7 @@ def one_thread_module():
 
 
 def test_fit_through_the_stage_cache_compresses_each_tensor_once(sizes, monkeypatch):
-    import pgolf.quantize as quantize_mod
+    import pgolf.quant.policy as quantize_mod
     compressed = []
     real_frames = quantize_mod.tensor_frames
     monkeypatch.setattr(quantize_mod, "tensor_frames", lambda ts, *a: compressed.extend(ts) or real_frames(ts, *a))
@@ -256,7 +256,7 @@ def test_fit_reaches_a_target_between_int6_and_int5(sizes):
 
 
 def test_bracket_search_returns_a_probed_fitting_prefix_despite_non_monotone_sizes(sizes):
-    import pgolf.bit_allocation as alloc
+    import pgolf.quant.bit_allocation as alloc
     target = (sizes["six"] + sizes["five"]) // 2
     six = sizes["result6"]
     probes: list[tuple[int, int]] = []
@@ -282,7 +282,7 @@ def test_bracket_search_returns_a_probed_fitting_prefix_despite_non_monotone_siz
 
 
 def test_demotion_order_prefixes_are_the_greedy_for_every_budget():
-    import pgolf.bit_allocation as alloc
+    import pgolf.quant.bit_allocation as alloc
     tables = random_convex_tables(3, matrices=5, levels=3)
     order = alloc.demotion_order(tables, {n: 0 for n in tables})
     assert len(order) == sum(len(t) - 1 for t in tables.values())

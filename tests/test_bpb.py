@@ -9,9 +9,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf.bpb import ByteTables, bits_per_byte, build_byte_tables, stream_bytes, target_bytes
+from pgolf.data.bpb import ByteTables, bits_per_byte, build_byte_tables, stream_bytes, target_bytes
 from pgolf.config import from_params, load_params
-from pgolf.corpus import CorpusConfig, build_split
+from pgolf.data.corpus import CorpusConfig, build_split
 from pgolf.errors import DataError
 from conftest import REPO
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf import checkpoint as ckpt_mod
-from pgolf.checkpoint import build_model, load_checkpoint, save_checkpoint
+from pgolf.model import checkpoint as ckpt_mod
+from pgolf.model.checkpoint import build_model, load_checkpoint, save_checkpoint
 from pgolf.errors import DataError
-from pgolf.model import GPT, ModelConfig
+from pgolf.model.gpt import GPT, ModelConfig
 
 CFG = ModelConfig(
     vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0,

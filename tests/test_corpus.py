@@ -10,7 +10,7 @@ import pytest
 
 import stages.corpus
 from pgolf.config import from_params
-from pgolf.corpus import (CorpusConfig, build_split, group_paragraphs, iter_jsonl, paragraphs,
+from pgolf.data.corpus import (CorpusConfig, build_split, group_paragraphs, iter_jsonl, paragraphs,
                           sotu_sources, split_sources)
 from pgolf.errors import DataError, ParamError
 

@@ -17,9 +17,9 @@ import yaml
 import stages.shards
 import stages.tokenizer
 from conftest import REPO, run_data_stages, tiny_data_params
-from pgolf.corpus import iter_jsonl
+from pgolf.data.corpus import iter_jsonl
 from pgolf.errors import DataError
-from pgolf.shards import file_sha256, list_shards, load_split, read_shard, write_shard
+from pgolf.data.shards import file_sha256, list_shards, load_split, read_shard, write_shard
 
 BOS = 1
 

@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_eval_worker import (ProbeLM, TinyBankLM, decode_probe, make_stream,  # noqa: E402
                               make_tables)
 
-from pgolf.bpb import ByteTables, stream_bytes  # noqa: E402
+from pgolf.data.bpb import ByteTables, stream_bytes  # noqa: E402
 from pgolf.config import from_params  # noqa: E402
 from pgolf.errors import ParamError  # noqa: E402
-from pgolf.eval_sliding import (SlidingConfig, prepare_tokens, score_nonoverlapping,  # noqa: E402
+from pgolf.eval.sliding import (SlidingConfig, prepare_tokens, score_nonoverlapping,  # noqa: E402
                                 score_sliding_windows)
 
 torch.set_num_threads(1)
@@ -224,8 +224,8 @@ def test_stage_scores_the_artifact_on_the_trimmed_val_split(eval_root, capsys):
     import json
 
     import stages.eval_sliding as stage
-    from pgolf.bpb import build_byte_tables
-    from pgolf.shards import load_split
+    from pgolf.data.bpb import build_byte_tables
+    from pgolf.data.shards import load_split
 
     root, model = eval_root
     metrics = stage.run(EVAL_PARAMS, root)

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from pgolf.artifact import read_artifact
+from pgolf.quant.artifact import read_artifact
 
-from pgolf.cli import main
-from pgolf.export import git_commit
+from pgolf.tools.cli import main
+from pgolf.submission.export import git_commit
 from pgolf.io import write_json_atomic
-from pgolf.size import report_dict, size_report
+from pgolf.submission.size import report_dict, size_report
 from test_inspect import write_tiny_artifact
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_FILES = ["stages/eval_sliding.py", "pgolf/model.py"]
+CODE_FILES = ["stages/eval_sliding.py", "pgolf/model/gpt.py"]
 PARAMS_YAML = """\
 corpus: {seed: 11}
 tokenizer: {vocab_size: 64}
@@ -143,7 +143,7 @@ def test_missing_required_input_is_refused(root, tmp_path, capsys, missing):
 
 
 def test_stale_size_report_and_bad_metrics_are_refused(root, tmp_path, capsys):
-    (root / "pgolf/model.py").write_text("# changed since size_check\n")
+    (root / "pgolf/model/gpt.py").write_text("# changed since size_check\n")
     code, _, err = export(capsys, root, tmp_path / "out")
     assert code == 1 and "size.json is stale, re-run the size_check stage" in err
     write_size(root)

@@ -2,16 +2,16 @@
 
 The reference quantises one column at a time with the explicit inverse
 Hessian, eliminating each quantised column from H⁻¹ (no Cholesky, no blocks,
-no batching), so it shares no code path with pgolf.gptq beyond the grid.
+no batching), so it shares no code path with pgolf.quant.gptq beyond the grid.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pgolf.gptq import (FALLBACK_MORE_DAMPING, FALLBACK_NONE, FALLBACK_ROUND_TO_NEAREST, damp_hessian,
+from pgolf.quant.gptq import (FALLBACK_MORE_DAMPING, FALLBACK_NONE, FALLBACK_ROUND_TO_NEAREST, damp_hessian,
                         gptq_quantize)
-from pgolf.quant_grid import quantize_to_grid, row_scales
+from pgolf.quant.grid import quantize_to_grid, row_scales
 
 F64 = torch.float64
 

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.checkpoint import build_model, Checkpoint
+from pgolf.model.checkpoint import build_model, Checkpoint
 from pgolf.errors import DataError
-from pgolf.hessians import (HessianCollector, HessianConfig, HessianSet, autoregressive_batches,
+from pgolf.quant.hessians import (HessianCollector, HessianConfig, HessianSet, autoregressive_batches,
                             check_train_shards, collect_hessians, hessian_key_for_module,
                             hessian_key_for_weight, load_hessians, save_hessians,
                             train_calibration_batches)
-from pgolf.model import GPT, ModelConfig
-from pgolf.shards import write_shard
+from pgolf.model.gpt import GPT, ModelConfig
+from pgolf.data.shards import write_shard
 
 F64 = torch.float64
 TINY_MODEL = dict(

@@ -13,16 +13,16 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf.artifact import FORMAT_VERSION, HEADER_BYTES, read_artifact, write_artifact
-from pgolf.checkpoint import save_checkpoint
-from pgolf.cli import main
-from pgolf.hessians import HessianSet, save_hessians
+from pgolf.quant.artifact import FORMAT_VERSION, HEADER_BYTES, read_artifact, write_artifact
+from pgolf.model.checkpoint import save_checkpoint
+from pgolf.tools.cli import main
+from pgolf.quant.hessians import HessianSet, save_hessians
 from pgolf.io import write_json_atomic
-from pgolf.model import GPT, unbank_state_dict
-from pgolf.quantize import QuantizeConfig, quantize_state_dict
-from pgolf.shards import write_shard
-from pgolf.size import report_dict, size_report
-from pgolf.train_state import mark_finished
+from pgolf.model.gpt import GPT, unbank_state_dict
+from pgolf.quant.policy import QuantizeConfig, quantize_state_dict
+from pgolf.data.shards import write_shard
+from pgolf.submission.size import report_dict, size_report
+from pgolf.train.resume import mark_finished
 from test_hessians import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

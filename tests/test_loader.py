@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pgolf.errors import DataError
-from pgolf.loader import TrainLoader, holdout_sequences, open_train_stream
-from pgolf.shards import write_shard
+from pgolf.data.loader import TrainLoader, holdout_sequences, open_train_stream
+from pgolf.data.shards import write_shard
 
 VOCAB = 1000
 

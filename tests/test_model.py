@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from pgolf.config import from_params
 from pgolf.errors import ParamError
-from pgolf.model import (BANK_NAMES, GPT, ModelConfig, param_groups_by_role, param_roles,
+from pgolf.model.gpt import (BANK_NAMES, GPT, ModelConfig, param_groups_by_role, param_roles,
                          rebank_state_dict, unbank_state_dict)
-from pgolf.quant_grid import dequantize_grid, quantize_to_grid, row_scales
+from pgolf.quant.grid import dequantize_grid, quantize_to_grid, row_scales
 
 F64 = torch.float64
 
@@ -347,8 +347,8 @@ def test_config_validation_names_the_key():
 
 
 def test_rope_tables_cached_and_computed_agree():
-    from pgolf.model import ROPE_TABLE_POSITIONS
-    from pgolf.rope import rope_tables
+    from pgolf.model.gpt import ROPE_TABLE_POSITIONS
+    from pgolf.model.rope import rope_tables
     model = GPT(TINY)
     for start, length in [(0, 7), (ROPE_TABLE_POSITIONS - 3, 9), (ROPE_TABLE_POSITIONS + 5, 2)]:
         expected = rope_tables(torch.arange(start, start + length), TINY.rope_dims, TINY.rope_base)
@@ -441,7 +441,7 @@ def test_late_qat_uses_export_grid_and_passes_gradients():
 def test_fp16_scale_rounding_matches_a_real_fp16_cast():
     # quant_grid.round_to_fp16 replaces a cast pair inductor would drop; check it
     # on every fp16 value, the midpoints between them (ties) and random magnitudes.
-    from pgolf.quant_grid import round_to_fp16
+    from pgolf.quant.grid import round_to_fp16
     grid = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).double()
     mids = (grid[:-1] + grid[1:]) / 2
     above = torch.nextafter(mids, torch.full_like(mids, 1e9))

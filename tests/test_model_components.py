@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from pgolf.attention import CausalSelfAttention, exclude_self_value, sdpa_gqa
-from pgolf.embeddings import BigramHash, SmearGate, bigram_bucket_ids
-from pgolf.rope import apply_partial_rope, rope_tables
+from pgolf.model.attention import CausalSelfAttention, exclude_self_value, sdpa_gqa
+from pgolf.model.embeddings import BigramHash, SmearGate, bigram_bucket_ids
+from pgolf.model.rope import apply_partial_rope, rope_tables
 
 F64 = torch.float64
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from pgolf.muon import ShardedBank, apply_muon_update, muon_direction, newton_schulz5, shape_scale
-from pgolf.optim import PgolfOptimizer
+from pgolf.train.muon import ShardedBank, apply_muon_update, muon_direction, newton_schulz5, shape_scale
+from pgolf.train.optim import PgolfOptimizer
 
 from dist_optim_worker import tiny_config
 

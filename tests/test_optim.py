@@ -11,7 +11,7 @@ import torch
 
 from pgolf.config import from_params, load_params
 from pgolf.errors import DataError, ParamError
-from pgolf.optim import OptimConfig, PgolfOptimizer
+from pgolf.train.optim import OptimConfig, PgolfOptimizer
 
 import dist_optim_worker as worker  # tests/ is on sys.path (rootdir conftest)
 

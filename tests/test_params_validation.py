@@ -22,18 +22,18 @@ from conftest import link_data, tiny_train_params
 
 import stages.train
 from pgolf.config import from_params
-from pgolf.corpus import CorpusConfig
+from pgolf.data.corpus import CorpusConfig
 from pgolf.errors import DataError, ParamError, PgolfError
-from pgolf.eval_sliding import SlidingConfig
-from pgolf.hessians import HessianConfig
-from pgolf.model_config import ModelConfig
-from pgolf.optim import OptimConfig
-from pgolf.quantize import QuantizeConfig
-from pgolf.shards import ShardsConfig
-from pgolf.size import SizeConfig
-from pgolf.tokenizer import TokenizerConfig
-from pgolf.train_config import TrainConfig
-from pgolf.ttt import TTTConfig
+from pgolf.eval.sliding import SlidingConfig
+from pgolf.quant.hessians import HessianConfig
+from pgolf.model.config import ModelConfig
+from pgolf.train.optim import OptimConfig
+from pgolf.quant.policy import QuantizeConfig
+from pgolf.data.shards import ShardsConfig
+from pgolf.submission.size import SizeConfig
+from pgolf.data.tokenizer import TokenizerConfig
+from pgolf.train.config import TrainConfig
+from pgolf.eval.ttt import TTTConfig
 from stages.common import launch_device
 
 REPO = Path(__file__).resolve().parents[1]

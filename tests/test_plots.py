@@ -1,4 +1,4 @@
-from pgolf.plots import plot_bars, plot_lines
+from pgolf.tools.plots import plot_bars, plot_lines
 
 
 def test_png_files_are_written(tmp_path):

@@ -6,24 +6,24 @@ import yaml
 
 from pgolf.config import from_params
 from pgolf.errors import ParamError
-from pgolf.profiles import CONF_DIR, compose
+from pgolf.tools.profiles import CONF_DIR, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
 
 
 def stage_configs():
-    from pgolf.corpus import CorpusConfig
-    from pgolf.eval_sliding import SlidingConfig
-    from pgolf.hessians import HessianConfig
-    from pgolf.model import ModelConfig
-    from pgolf.optim import OptimConfig
-    from pgolf.quantize import QuantizeConfig
-    from pgolf.shards import ShardsConfig
-    from pgolf.size import SizeConfig
-    from pgolf.tokenizer import TokenizerConfig
-    from pgolf.train_config import TrainConfig
-    from pgolf.ttt import TTTConfig
+    from pgolf.data.corpus import CorpusConfig
+    from pgolf.eval.sliding import SlidingConfig
+    from pgolf.quant.hessians import HessianConfig
+    from pgolf.model.gpt import ModelConfig
+    from pgolf.train.optim import OptimConfig
+    from pgolf.quant.policy import QuantizeConfig
+    from pgolf.data.shards import ShardsConfig
+    from pgolf.submission.size import SizeConfig
+    from pgolf.data.tokenizer import TokenizerConfig
+    from pgolf.train.config import TrainConfig
+    from pgolf.eval.ttt import TTTConfig
     return {"corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
             "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "hessians": HessianConfig,
             "quantize": QuantizeConfig, "size": SizeConfig, "eval_sliding": SlidingConfig, "eval_ttt": TTTConfig}
@@ -74,7 +74,7 @@ def test_bad_profile_and_override():
 def test_record_model_parameter_count():
     import torch
 
-    from pgolf.model import GPT, ModelConfig
+    from pgolf.model.gpt import GPT, ModelConfig
     cfg = from_params(ModelConfig, compose("record"), "model")
     with torch.device("meta"):
         n = sum(p.numel() for p in GPT(cfg).parameters())

@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_eval_worker import TTT_SGD, WINDOWS, TinyBankLM, make_stream, make_tables  # noqa: E402
 
 from pgolf.config import from_params  # noqa: E402
-from pgolf.eval_sliding import score_nonoverlapping, score_sliding_windows  # noqa: E402
-from pgolf.hessians import autoregressive_batches, collect_hessians  # noqa: E402
-from pgolf.model import unbank_state_dict  # noqa: E402
+from pgolf.eval.sliding import score_nonoverlapping, score_sliding_windows  # noqa: E402
+from pgolf.quant.hessians import autoregressive_batches, collect_hessians  # noqa: E402
+from pgolf.model.gpt import unbank_state_dict  # noqa: E402
 from pgolf.progress import StageLog, format_seconds  # noqa: E402
-from pgolf.quantize import QuantizeConfig, quantize_state_dict  # noqa: E402
-from pgolf.ttt import run_ttt  # noqa: E402
+from pgolf.quant.policy import QuantizeConfig, quantize_state_dict  # noqa: E402
+from pgolf.eval.ttt import run_ttt  # noqa: E402
 
 torch.set_num_threads(1)
 

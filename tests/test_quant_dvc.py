@@ -18,12 +18,12 @@ import yaml
 import stages.hessians
 import stages.quantize
 import stages.size_check
-from pgolf.artifact import HEADER_BYTES, load_dequantized_model, read_artifact
-from pgolf.checkpoint import save_checkpoint
-from pgolf.hessians import HessianConfig, load_hessians
-from pgolf.quantize import QuantizeConfig
-from pgolf.shards import write_shard
-from pgolf.size import SizeConfig, counted_code_files
+from pgolf.quant.artifact import HEADER_BYTES, load_dequantized_model, read_artifact
+from pgolf.model.checkpoint import save_checkpoint
+from pgolf.quant.hessians import HessianConfig, load_hessians
+from pgolf.quant.policy import QuantizeConfig
+from pgolf.data.shards import write_shard
+from pgolf.submission.size import SizeConfig, counted_code_files
 from test_hessians import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

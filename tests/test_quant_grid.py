@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pgolf.quant_grid import (dequantize_grid, fake_quantize_ste, qmax_for_bits,
+from pgolf.quant.grid import (dequantize_grid, fake_quantize_ste, qmax_for_bits,
                               quantize_to_grid, row_scales)
 
 

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-import pgolf.quantize as quantize_mod
-from pgolf.artifact import encode
+import pgolf.quant.policy as quantize_mod
+from pgolf.quant.artifact import encode
 from pgolf.errors import DataError
-from pgolf.gptq import gptq_quantize
-from pgolf.quantize import (QuantizeConfig, candidate_scales, prune_to_target, quantize_state_dict,
+from pgolf.quant.gptq import gptq_quantize
+from pgolf.quant.policy import (QuantizeConfig, candidate_scales, prune_to_target, quantize_state_dict,
                             row_quantiles, tensor_class)
-from pgolf.quant_grid import row_scales
+from pgolf.quant.grid import row_scales
 
 F64 = torch.float64
 CPU = torch.device("cpu")

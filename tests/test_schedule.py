@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgolf.schedule import momentum_warmup, warmdown_scale_by_steps, warmdown_scale_by_time
+from pgolf.train.schedule import momentum_warmup, warmdown_scale_by_steps, warmdown_scale_by_time
 
 
 @pytest.mark.parametrize("total,warmdown", [(100, 30), (100, 100), (7, 1), (50, 0)])

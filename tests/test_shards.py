@@ -8,7 +8,7 @@ import pytest
 
 from pgolf.errors import DataError, ParamError
 from pgolf.config import from_params
-from pgolf.shards import (HEADER_BYTES, ShardsConfig, ShardWriter, challenge_sources, import_shards,
+from pgolf.data.shards import (HEADER_BYTES, ShardsConfig, ShardWriter, challenge_sources, import_shards,
                           list_shards, load_split, read_header, read_shard, write_shard)
 
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pgolf.significance import (regularized_incomplete_beta, student_t_sf,
+from pgolf.tools.significance import (regularized_incomplete_beta, student_t_sf,
                                 welch_improvement_test)
 
 
@@ -53,7 +53,7 @@ def test_not_significant_when_below_margin():
 def test_cli_on_metric_files(tmp_path, capsys):
     import json
 
-    from pgolf.cli import main
+    from pgolf.tools.cli import main
     files = {}
     for side, losses in {"c": [1.900, 1.902, 1.904], "b": [1.920, 1.924, 1.922]}.items():
         files[side] = []
@@ -72,7 +72,7 @@ def test_cli_on_metric_files(tmp_path, capsys):
 
 
 def test_experiment_lookup_from_exp_show_json():
-    from pgolf.run_metrics import dvc_experiment_metrics
+    from pgolf.tools.run_metrics import dvc_experiment_metrics
     show = [{"rev": "workspace", "data": {"metrics": {}}},
             {"rev": "abc123", "name": "main", "experiments": [
                 {"revs": [{"rev": "e1", "name": "seed-1", "data": {"metrics": {

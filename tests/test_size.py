@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pgolf.errors import DataError, PgolfError
-from pgolf.size import (EVAL_ENTRY_POINTS, LIMIT_BYTES, _imported_modules, code_bytes, counted_code_files,
+from pgolf.submission.size import (EVAL_ENTRY_POINTS, LIMIT_BYTES, _imported_modules, code_bytes, counted_code_files,
                         size_report, warn_if_over)
 import stages.size_check
 
@@ -59,7 +59,7 @@ def test_project_code_list_is_closed_under_imports():
     if not all((REPO / e).is_file() for e in EVAL_ENTRY_POINTS):
         pytest.skip("the eval stages are not in the tree yet")
     files = counted_code_files(REPO)
-    assert set(EVAL_ENTRY_POINTS) <= set(files) and "pgolf/artifact.py" in files
+    assert set(EVAL_ENTRY_POINTS) <= set(files) and "pgolf/quant/artifact.py" in files
     for rel in files:
         for dotted in _imported_modules(REPO.resolve(), REPO.resolve() / rel):
             module = REPO.joinpath(*dotted.split("."))

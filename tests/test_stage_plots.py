@@ -24,8 +24,8 @@ import stages.eval_ttt
 import stages.hessians
 import stages.quantize
 import stages.train
-from pgolf.checkpoint import load_checkpoint
-from pgolf.model import unbank_state_dict
+from pgolf.model.checkpoint import load_checkpoint
+from pgolf.model.gpt import unbank_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import TINY_DATA_PARAMS, TINY_TRAIN_PARAMS
-from pgolf.profiles import compose, write_params
+from pgolf.tools.profiles import compose, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 # quantize.* reaches only these; hessians read no quantize param, so they are reused too.

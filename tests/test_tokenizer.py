@@ -9,9 +9,9 @@ import pytest
 import sentencepiece as spm
 
 from pgolf.config import from_params
-from pgolf.corpus import CorpusConfig, build_split
+from pgolf.data.corpus import CorpusConfig, build_split
 from pgolf.errors import DataError, ParamError
-from pgolf.tokenizer import (DocumentEncoder, TokenizerConfig, check_layout, encode_documents,
+from pgolf.data.tokenizer import (DocumentEncoder, TokenizerConfig, check_layout, encode_documents,
                              read_model, train_model)
 
 VOCAB = 400

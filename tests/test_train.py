@@ -11,13 +11,13 @@ import torch
 from conftest import link_data, tiny_train_params
 
 import stages.train
-from pgolf.checkpoint import load_checkpoint
+from pgolf.model.checkpoint import load_checkpoint
 from pgolf.config import from_params
 from pgolf.errors import ParamError, PgolfError
-from pgolf.schedule import warmdown_scale_by_steps
-from pgolf.train import Trainer
-from pgolf.train_config import TrainConfig
-from pgolf.train_log import TrainReporter
+from pgolf.train.schedule import warmdown_scale_by_steps
+from pgolf.train.loop import Trainer
+from pgolf.train.config import TrainConfig
+from pgolf.train.log import TrainReporter
 
 OUT = Path("artifacts/train")
 

@@ -21,9 +21,9 @@ import torch
 import yaml
 from conftest import REPO, link_data, tiny_train_params
 
-from pgolf.checkpoint import load_checkpoint
+from pgolf.model.checkpoint import load_checkpoint
 from pgolf.config import from_params
-from pgolf.model import GPT, ModelConfig
+from pgolf.model.gpt import GPT, ModelConfig
 
 # Measured on this CPU: max |Δ| = 0, the runs are bit-identical. With two
 # ranks every cross-rank sum has two terms (a + b is exact-commutative) and

@@ -14,10 +14,10 @@ import yaml
 from conftest import REPO, link_data, tiny_train_params
 
 import stages.train
-from pgolf.checkpoint import load_checkpoint
+from pgolf.model.checkpoint import load_checkpoint
 from pgolf.errors import DataError, PgolfError
-from pgolf.train import Trainer
-from pgolf.train_state import exclusive_run, load_resume_state
+from pgolf.train.loop import Trainer
+from pgolf.train.resume import exclusive_run, load_resume_state
 
 MODEL = Path("artifacts/train/model.pt")
 AVERAGES = Path("artifacts/train/averages.pt")

@@ -16,9 +16,9 @@ from dist_eval_worker import ProbeLM, TinyBankLM, decode_probe, make_stream, mak
 
 from pgolf.config import from_params, to_dict  # noqa: E402
 from pgolf.errors import ParamError  # noqa: E402
-from pgolf.eval_sliding import SlidingConfig, score_sliding_windows  # noqa: E402
-from pgolf.ttt import TTTConfig, block_count, chunk_lr, run_ttt  # noqa: E402
-from pgolf.windows import chunk_sequences, num_chunks  # noqa: E402
+from pgolf.eval.sliding import SlidingConfig, score_sliding_windows  # noqa: E402
+from pgolf.eval.ttt import TTTConfig, block_count, chunk_lr, run_ttt  # noqa: E402
+from pgolf.eval.windows import chunk_sequences, num_chunks  # noqa: E402
 
 torch.set_num_threads(1)
 VOCAB = 16
@@ -249,7 +249,7 @@ def test_config_errors_name_the_key(key, value):
 def test_cuda_compiled_ttt_scores_with_its_updated_weights():
     # If the compiled graph baked the weights in, TTT would score like eval_sliding.
     from conftest import TINY_TRAIN_PARAMS
-    from pgolf.model import GPT, ModelConfig
+    from pgolf.model.gpt import GPT, ModelConfig
 
     cfg = from_params(ModelConfig, TINY_TRAIN_PARAMS, "model")
     tokens = make_stream(24, cfg.vocab_size, seed=13).repeat(40).cuda()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pgolf.errors import DataError
-from pgolf.windows import (WindowPlan, check_exact_cover, chunk_sequences, chunk_targets,
+from pgolf.eval.windows import (WindowPlan, check_exact_cover, chunk_sequences, chunk_targets,
                            chunk_window_bounds, eval_target_count, num_chunks, plan_nonoverlapping,
                            plan_sliding)
 

@@ -1,6 +1,6 @@
 """Input-side extras of the GPT: BigramHash, SmearGate and the shared value embedding.
 
-Each module only declares its shapes; :meth:`pgolf.model.GPT.reset_parameters`
+Each module only declares its shapes; :meth:`pgolf.model.gpt.GPT.reset_parameters`
 initialises everything in one place (RECIPE §2.9). The ``prev_*`` arguments
 let the KV-cache sampler feed one token at a time: both BigramHash and
 SmearGate look exactly one position back.

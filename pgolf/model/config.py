@@ -2,7 +2,7 @@
 
 It travels inside checkpoints (:meth:`ModelConfig.to_dict` /
 :meth:`ModelConfig.from_dict`), so later stages never read model params from
-params.yaml. See :mod:`pgolf.model` for what each component does.
+params.yaml. See :mod:`pgolf.model.gpt` for what each component does.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from pgolf.attention import ATTENTION_BACKENDS
+from pgolf.model.attention import ATTENTION_BACKENDS
 from pgolf.config import check, from_params, to_dict
 
 

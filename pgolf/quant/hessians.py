@@ -32,7 +32,7 @@ from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import DataError
 from pgolf.io import atomic_path, load_tensor_file
-from pgolf.loader import TokenStream
+from pgolf.data.loader import TokenStream
 from pgolf.progress import Progress
 
 _MODULE = re.compile(r"^blocks\.(\d+)\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))$")

@@ -2,10 +2,10 @@
 
 One optimizer step consumes ``tokens_per_step`` tokens: each of the W ranks
 runs ``A = tokens_per_step / (W · micro_batch_tokens)`` forward/backward
-micro-steps (loss scaled by 1/A) and :class:`pgolf.optim.PgolfOptimizer`
+micro-steps (loss scaled by 1/A) and :class:`pgolf.train.optim.PgolfOptimizer`
 averages the gradients across ranks, so one GPU reproduces the 8-GPU step.
 
-Per step, in order: LR scale from :mod:`pgolf.schedule` (step-count or
+Per step, in order: LR scale from :mod:`pgolf.train.schedule` (step-count or
 wall-clock form); late QAT switches on the first time the scale drops below
 ``qat_lr_scale_threshold``; micro-steps; optimizer step; EMA update; SWA
 snapshot (when the scale is below the SWA threshold, every ``swa_every``
@@ -20,7 +20,7 @@ position it started from, so the measured run starts from the same state as
 an unwarmed one (tested bit-for-bit on CPU).
 
 At the end the live, EMA and SWA weights are scored on the held-out tail of
-the train stream and one is chosen (:mod:`pgolf.train_select`).
+the train stream and one is chosen (:mod:`pgolf.train.select`).
 """
 from __future__ import annotations
 
@@ -32,20 +32,20 @@ from typing import Any
 
 import torch
 
-from pgolf.averaging import EMA, SWA
+from pgolf.train.averaging import EMA, SWA
 from pgolf.config import to_dict
 from pgolf.distributed import DistContext, all_reduce_max_, all_reduce_mean_
 from pgolf.errors import PgolfError
-from pgolf.loader import TokenStream, TrainLoader, holdout_sequences
-from pgolf.model import GPT, ModelConfig, param_roles
-from pgolf.optim import OptimConfig, PgolfOptimizer
+from pgolf.data.loader import TokenStream, TrainLoader, holdout_sequences
+from pgolf.model.gpt import GPT, ModelConfig, param_roles
+from pgolf.train.optim import OptimConfig, PgolfOptimizer
 from pgolf.precision import (autocast, compile_enabled, configure_backends, maybe_compile, peak_memory,
                              synchronize)
-from pgolf.schedule import warmdown_scale_by_steps, warmdown_scale_by_time
-from pgolf.train_config import TrainConfig
-from pgolf.train_log import TrainReporter
-from pgolf.train_select import Choice, choose_weights, holdout_loss
-from pgolf.train_state import (ResumeState, capture_rng, config_hash, load_resume_state,
+from pgolf.train.schedule import warmdown_scale_by_steps, warmdown_scale_by_time
+from pgolf.train.config import TrainConfig
+from pgolf.train.log import TrainReporter
+from pgolf.train.select import Choice, choose_weights, holdout_loss
+from pgolf.train.resume import (ResumeState, capture_rng, config_hash, load_resume_state,
                                remove_stale_temporaries, restore_rng, save_resume_state)
 
 
@@ -210,7 +210,7 @@ def run_training(model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfi
     """Train (or resume) to the step or time limit, then choose the final weights.
 
     The resume file, if any, is left in place: the caller marks it finished
-    (:func:`pgolf.train_state.mark_finished`) once its outputs are written.
+    (:func:`pgolf.train.resume.mark_finished`) once its outputs are written.
     """
     trainer = Trainer(model_cfg, optim_cfg, cfg, ctx, stream)
     run_hash = trainer.run_hash(model_cfg)

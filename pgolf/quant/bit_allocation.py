@@ -10,7 +10,7 @@ Algorithm:
 
 1. Options. Every block matrix is quantised again at each width from its class
    bits − 1 down to ``fit_min_bits`` with the very same machinery
-   (``pgolf.quantize.quantize_block_matrices``: GPTQ, clip search, damping,
+   (``pgolf.quant.policy.quantize_block_matrices``: GPTQ, clip search, damping,
    batched by shape). Each option has an *error* and an *estimated size*.
    The error is the Hessian-weighted output error ``tr((W−Ŵ)H(W−Ŵ)ᵀ)/tokens``
    of the report row; when any candidate lacks it (no Hessians), every option
@@ -53,12 +53,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from pgolf.artifact import StoredTensor, tensor_frames
+from pgolf.quant.artifact import StoredTensor, tensor_frames
 from pgolf.progress import Progress
-from pgolf.quantize import QuantizeConfig, QuantizeResult, quantize_block_matrices
+from pgolf.quant.policy import QuantizeConfig, QuantizeResult, quantize_block_matrices
 
 MAX_ROUNDS = 6  # real encodes of the prefix search (plus one of everything demoted if none fitted)
-BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quantize.tensor_class of the GPTQ block matrices
+BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quant.policy.tensor_class of the GPTQ block matrices
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def estimated_bytes(t: StoredTensor) -> float:
 
 
 def compressed_alone_bytes(tensors: Sequence[StoredTensor], compressor: str, level: int) -> list[int]:
-    """The size of each tensor's own frame in the artifact (``pgolf.artifact.tensor_frame``).
+    """The size of each tensor's own frame in the artifact (``pgolf.quant.artifact.tensor_frame``).
 
     The file is the index frame plus these frames, so a choice of widths has
     a known size up to the small index (the fit calibrates that with one

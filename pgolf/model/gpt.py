@@ -9,7 +9,7 @@ Architecture (RECIPE §2; each item is a :class:`ModelConfig` field):
 - block: ``x ← m0⊙x + m1⊙x0`` (resid_mix), then attention and a
   LeakyReLU(slope)² MLP on ``RMSNorm(x)·1/√(l+1)`` (ln_scale), each added with
   a per-channel scale;
-- attention (:mod:`pgolf.attention`): GQA, QK RMSNorm + per-head gain,
+- attention (:mod:`pgolf.model.attention`): GQA, QK RMSNorm + per-head gain,
   partial RoPE, XSA on chosen layers, shared value embedding on chosen
   layers, VRL gates σ(α_l) mixing layer 0's value into layers 1..L-1;
 - final RMSNorm, tied (or separate) output matrix, ``c·tanh(z/c)`` soft-cap,
@@ -41,7 +41,7 @@ traffic of every elementwise kernel and of the saved activations. With
 bf16. Neither setting changes anything without autocast (CPU runs).
 
 Late QAT (RECIPE §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
-the export grid (:func:`pgolf.quant_grid.fake_quantize_ste`) in training-mode
+the export grid (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode
 forwards, switched by a tensor buffer so a compiled graph honours the switch.
 """
 from __future__ import annotations
@@ -50,11 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgolf.attention import BankLinear, CausalSelfAttention, KVCache
-from pgolf.embeddings import BigramHash, SmearGate, ValueEmbedding, rms_norm
-from pgolf.model_config import ModelConfig
-from pgolf.quant_grid import fake_quantize_ste, qmax_for_bits
-from pgolf.rope import rope_tables
+from pgolf.model.attention import BankLinear, CausalSelfAttention, KVCache
+from pgolf.model.embeddings import BigramHash, SmearGate, ValueEmbedding, rms_norm
+from pgolf.model.config import ModelConfig
+from pgolf.quant.grid import fake_quantize_ste, qmax_for_bits
+from pgolf.model.rope import rope_tables
 
 # Initial values fixed by the recipe (RECIPE §2.5-§2.7, §2.9).
 VE_EMBED_INIT_STD = 0.01

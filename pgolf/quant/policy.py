@@ -16,7 +16,7 @@ round-to-nearest (``rtn``). Both search ``clip_candidates``: each candidate
 with the lowest error for the whole matrix wins, where the error is the
 weight MSE or the Hessian-weighted ``tr((W−Ŵ) H (W−Ŵ)ᵀ) / tokens`` (the mean
 squared output error per token) as ``clip_metric`` says.
-``quantize_block_matrices`` runs that for any widths, so pgolf/bit_allocation.py
+``quantize_block_matrices`` runs that for any widths, so pgolf/quant/bit_allocation.py
 can demote matrices (``fit_to_limit``) with the very same machinery.
 """
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Callable, Literal, Mapping
 
 import torch
 
-from pgolf.artifact import StoredTensor, dtype_name, encode, tensor_frames
+from pgolf.quant.artifact import StoredTensor, dtype_name, encode, tensor_frames
 from pgolf.config import check
 from pgolf.errors import DataError
-from pgolf.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
-from pgolf.hessians import hessian_key_for_weight
+from pgolf.quant.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
+from pgolf.quant.hessians import hessian_key_for_weight
 from pgolf.progress import Progress
-from pgolf.quant_grid import SCALE_FLOOR, quantize_to_grid, row_scales
+from pgolf.quant.grid import SCALE_FLOOR, quantize_to_grid, row_scales
 
 _BLOCK_MATRIX = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
 
@@ -60,7 +60,7 @@ class QuantizeConfig:
     prune: bool  # selective ±1 pruning down to the byte target (RECIPE §4.6)
     prune_margin_bytes: int  # target = 16,000,000 − code bytes − this margin
     # Defaults only serve direct construction; params.yaml must still name both keys.
-    fit_to_limit: bool = False  # over the target: demote block matrices a bit at a time (pgolf/bit_allocation.py)
+    fit_to_limit: bool = False  # over the target: demote block matrices a bit at a time (pgolf/quant/bit_allocation.py)
     fit_min_bits: int = 5  # no block matrix is demoted below this many bits
 
     def __post_init__(self) -> None:
@@ -251,7 +251,7 @@ def quantize_state_dict(state: Mapping[str, torch.Tensor], hessians: Mapping[str
                         hessian_source: str = "hessians", progress: Progress | None = None) -> QuantizeResult:
     """Quantise an unbanked state dict; tensors come back in sorted name order.
 
-    ``hessians`` maps ``pgolf.hessians`` keys to raw (undamped) H; block
+    ``hessians`` maps ``pgolf.quant.hessians`` keys to raw (undamped) H; block
     matrices need theirs when GPTQ or the Hessian metric is used, and a
     missing or mis-shaped one is a DataError naming ``hessian_source``.
     ``progress`` counts block matrices, advancing per same-shape group.

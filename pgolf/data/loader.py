@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pgolf.errors import DataError
-from pgolf.shards import list_shards, read_shard
+from pgolf.data.shards import list_shards, read_shard
 
 
 class TokenStream:

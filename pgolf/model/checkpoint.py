@@ -20,7 +20,7 @@ import torch
 
 from pgolf.errors import DataError, ParamError
 from pgolf.io import atomic_path, load_tensor_file
-from pgolf.model import GPT, ModelConfig
+from pgolf.model.gpt import GPT, ModelConfig
 
 FORMAT = "pgolf-checkpoint"
 VERSION = 1

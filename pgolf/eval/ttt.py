@@ -29,14 +29,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pgolf.bpb import ByteTables
+from pgolf.data.bpb import ByteTables
 from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import ParamError
-from pgolf.eval_sliding import EvalSums, Forward, Observer, SlidingConfig, WindowScorer, nll_forward
+from pgolf.eval.sliding import EvalSums, Forward, Observer, SlidingConfig, WindowScorer, nll_forward
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
-from pgolf.windows import chunk_sequences, chunk_window_bounds, plan_sliding
+from pgolf.eval.windows import chunk_sequences, chunk_window_bounds, plan_sliding
 
 _BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
 

@@ -17,7 +17,7 @@ import yaml
 from pgolf.errors import ParamError
 from pgolf.io import write_text_atomic
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 HEADER = ("# GENERATED from conf/config.yaml + conf/profile/{profile}.yaml (`pgolf params --profile {profile}`,\n"
           "# or DVC's Hydra composition on `dvc exp run`). Edit conf/, not this file; comments live there.\n")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pgolf.quant_grid import qmax_for_bits, quantize_to_grid
+from pgolf.quant.grid import qmax_for_bits, quantize_to_grid
 
 # Fallback codes, one per matrix in a batch.
 FALLBACK_NONE = 0
@@ -129,7 +129,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, bits: 
 
     w: [B, R, N] weights; h: [B, N, N] raw (undamped) Hessians; scales:
     [B, C, R] per-row scales of each clip candidate (already on the fp16 grid,
-    see ``pgolf.quant_grid.row_scales``). ``dtype`` is the sweep's precision;
+    see ``pgolf.quant.grid.row_scales``). ``dtype`` is the sweep's precision;
     the Cholesky work is always float64.
     """
     if w.dim() != 3 or h.shape != (w.shape[0], w.shape[2], w.shape[2]):

@@ -3,7 +3,7 @@
 The library needs only ``model.token_nll(ids [B, T], targets [B, T]) -> [B, T]``
 (fp32 nats, causal: position t may depend on ``ids[:, :t+1]`` only).
 
-Windows come from :mod:`pgolf.windows`. A batch is always
+Windows come from :mod:`pgolf.eval.windows`. A batch is always
 ``batch_windows × max_length`` tokens: shorter windows and the missing rows
 of the last batch are padded and masked, so a compiled forward sees a single
 shape. For a causal model padding after a position cannot change its score.
@@ -24,12 +24,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pgolf.bpb import ByteTables, bits_per_byte, target_bytes
+from pgolf.data.bpb import ByteTables, bits_per_byte, target_bytes
 from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.precision import autocast, compile_enabled, maybe_compile, synchronize
 from pgolf.progress import Progress
-from pgolf.windows import WindowPlan, eval_target_count, plan_nonoverlapping, plan_sliding
+from pgolf.eval.windows import WindowPlan, eval_target_count, plan_nonoverlapping, plan_sliding
 
 # observer(target_positions, context_tokens, nll): CPU tensors of the targets a
 # batch scored, their count of earlier tokens in the window, and their NLL.

@@ -1,7 +1,7 @@
 """Summaries of the data stages' files: corpus JSONL, tokenizer model, token shards.
 
-Every file is read through the loader its stage uses (``pgolf.corpus``,
-``pgolf.tokenizer``, ``pgolf.shards``), so inspect accepts and refuses
+Every file is read through the loader its stage uses (``pgolf.data.corpus``,
+``pgolf.data.tokenizer``, ``pgolf.data.shards``), so inspect accepts and refuses
 exactly what the pipeline does.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.corpus import iter_jsonl
+from pgolf.data.corpus import iter_jsonl
 from pgolf.errors import DataError
-from pgolf.inspect import InspectOptions, Summary, fmt, preview
-from pgolf.shards import BOS_ID, HEADER_BYTES, MAGIC, VERSION, read_header, read_shard
-from pgolf.tokenizer import check_layout, load_processor, sha256_bytes
+from pgolf.tools.inspect import InspectOptions, Summary, fmt, preview
+from pgolf.data.shards import BOS_ID, HEADER_BYTES, MAGIC, VERSION, read_header, read_shard
+from pgolf.data.tokenizer import check_layout, load_processor, sha256_bytes
 
 # Shards are scanned in slices of this many tokens, so a 100M-token file
 # never has to sit in memory at once.

@@ -2,7 +2,7 @@
 
 Parameter roles (RECIPE §3.1), given by the caller as ``name → role``:
 
-* ``bank``: 3-D stacks of block matrices → Muon (:mod:`pgolf.muon`), sharded
+* ``bank``: 3-D stacks of block matrices → Muon (:mod:`pgolf.train.muon`), sharded
   across ranks along the leading dimension;
 * ``embed``: token-embedding tables → AdamW at ``embed_lr``;
 * ``scalar``: everything else (gains, mixes, gates, small projections) →
@@ -41,8 +41,8 @@ from torch import nn
 from pgolf.config import check
 from pgolf.distributed import DistContext
 from pgolf.errors import DataError
-from pgolf.muon import ShardedBank
-from pgolf.schedule import momentum_warmup
+from pgolf.train.muon import ShardedBank
+from pgolf.train.schedule import momentum_warmup
 
 ROLES = ("bank", "embed", "scalar")
 STATE_VERSION = 1
@@ -65,7 +65,7 @@ class OptimConfig:
     adam_eps: float
     adam_wd: float
     grad_clip_norm: float        # 0 = no clipping (the norm is still measured)
-    ema_decay: float             # read by the training loop (pgolf.averaging.EMA)
+    ema_decay: float             # read by the training loop (pgolf.train.averaging.EMA)
     swa_lr_scale_threshold: float  # snapshot while lr_scale < this; 0 = no SWA
     swa_every: int
     swa_on_cpu: bool             # keep the SWA sum in host memory

@@ -12,7 +12,7 @@ still understood:
 * SentencePiece model: a protobuf that SentencePiece itself accepts;
 * training log: its ``train:`` / ``step N/M loss`` lines.
 
-Each summariser (``pgolf/inspect_data.py``, ``inspect_model.py``,
+Each summariser (``pgolf/tools/inspect_data.py``, ``inspect_model.py``,
 ``inspect_reports.py``) returns a :class:`Summary`: JSON-able facts plus the
 lines a person reads. A file that is not recognised, or that is recognised but
 fails its loader's checks, is a DataError: ``error: <path>: <what>``, exit 1.
@@ -169,8 +169,8 @@ def _is_train_log(head: bytes) -> bool:
 
 def sniff(path: Path) -> str | None:
     """The reader a file's content calls for (``shard``, ``torch``, ``json``, ...), or None."""
-    from pgolf.artifact import MAGIC as ARTIFACT_MAGIC
-    from pgolf.shards import MAGIC as SHARD_MAGIC
+    from pgolf.quant.artifact import MAGIC as ARTIFACT_MAGIC
+    from pgolf.data.shards import MAGIC as SHARD_MAGIC
 
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
@@ -193,15 +193,15 @@ def sniff(path: Path) -> str | None:
 
 def _summariser(reader: str) -> Callable[[Path, InspectOptions], Summary]:
     if reader in ("corpus_jsonl", "tokenizer", "shard"):
-        from pgolf import inspect_data
+        from pgolf.tools import inspect_data
         return {"corpus_jsonl": lambda p, o: inspect_data.summarise_corpus(p),
                 "tokenizer": lambda p, o: inspect_data.summarise_tokenizer(p),
                 "shard": inspect_data.summarise_shard}[reader]
     if reader in ("torch", "quantized_artifact"):
-        from pgolf import inspect_model
+        from pgolf.tools import inspect_model
         return {"torch": lambda p, o: inspect_model.summarise_torch_file(p),
                 "quantized_artifact": lambda p, o: inspect_model.summarise_artifact(p)}[reader]
-    from pgolf import inspect_reports
+    from pgolf.tools import inspect_reports
     return {"json": lambda p, o: inspect_reports.summarise_json(p),
             "train_log": lambda p, o: inspect_reports.summarise_train_log(p)}[reader]
 

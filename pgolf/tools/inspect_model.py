@@ -1,7 +1,7 @@
 """Summaries of the model files: checkpoint, weight averages, resume state, Hessians, ``.ptz``.
 
 Checkpoints, Hessians and artifacts go through their own loaders
-(``load_checkpoint``, ``load_hessians``, ``pgolf.artifact.decode``), which
+(``load_checkpoint``, ``load_hessians``, ``pgolf.quant.artifact.decode``), which
 validate them; the two files the train stage writes without a reader
 (averages, resume state) are loaded tensors-only and checked here.
 """
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from pgolf import artifact as artifact_format
-from pgolf import checkpoint as checkpoint_format
-from pgolf import train_state
+from pgolf.quant import artifact as artifact_format
+from pgolf.model import checkpoint as checkpoint_format
+from pgolf.train import resume as train_state
 from pgolf.errors import DataError
-from pgolf.hessians import load_hessians
-from pgolf.inspect import Summary, UnrecognisedFile, fmt, natural_key, one_line, table
+from pgolf.quant.hessians import load_hessians
+from pgolf.tools.inspect import Summary, UnrecognisedFile, fmt, natural_key, one_line, table
 
 AVERAGES_FORMAT = "pgolf-train-averages"
 

@@ -21,7 +21,7 @@ JSON (the index), then a data section of raw little-endian arrays. The index
 is ``{"model_config": {...}, "meta": {...}, "tensors": [...]}``; each tensor
 entry has ``name``, ``shape``, ``dtype`` (the dtype to restore), ``method``
 and either ``bits`` + ``q`` + ``scale`` (a quantised tensor: int8 integers
-``[rows, cols]`` on the ``pgolf.quant_grid`` grid and one fp16 scale per row)
+``[rows, cols]`` on the ``pgolf.quant.grid`` grid and one fp16 scale per row)
 or ``raw`` (a passthrough tensor). Each array reference is ``{"dtype",
 "offset", "nbytes"}`` into the data section, where each tensor's arrays lie
 together (integers then scales, or the raw data).
@@ -55,11 +55,11 @@ import numpy as np
 import torch
 import zstandard
 
-from pgolf.checkpoint import Checkpoint, build_model
+from pgolf.model.checkpoint import Checkpoint, build_model
 from pgolf.errors import DataError, ParamError
 from pgolf.io import write_bytes_atomic
-from pgolf.model import GPT, ModelConfig, rebank_state_dict
-from pgolf.quant_grid import dequantize_grid
+from pgolf.model.gpt import GPT, ModelConfig, rebank_state_dict
+from pgolf.quant.grid import dequantize_grid
 
 MAGIC = b"PGOLFQZ\n"
 FORMAT_VERSION = 2
@@ -161,7 +161,7 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
     """The complete file bytes for ``tensors`` (see the module docstring).
 
     ``frames``: the tensors' ``tensor_frame`` bytes when the caller has them
-    (``pgolf.quantize.EncodeCache``); computed here otherwise.
+    (``pgolf.quant.policy.EncodeCache``); computed here otherwise.
     """
     entries, offset = [], 0
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pgolf.config import check
 from pgolf.errors import ParamError
-from pgolf.train_select import CANDIDATES
+from pgolf.train.select import CANDIDATES
 
 
 @dataclass(frozen=True)

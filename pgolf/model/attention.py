@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pgolf.rope import apply_partial_rope
+from pgolf.model.rope import apply_partial_rope
 
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 

@@ -6,14 +6,14 @@ import json
 import math
 import sys
 
-from pgolf import export as export_command
-from pgolf import inspect as inspect_command
+from pgolf.submission import export as export_command
+from pgolf.tools import inspect as inspect_command
 from pgolf.errors import PgolfError
 
 
 def _cmd_significance(args: argparse.Namespace) -> int:
-    from pgolf.run_metrics import load_run
-    from pgolf.significance import welch_improvement_test
+    from pgolf.tools.run_metrics import load_run
+    from pgolf.tools.significance import welch_improvement_test
 
     def values(refs: list[str], key: str) -> list[float]:
         out = []
@@ -53,7 +53,7 @@ def _cmd_significance(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from pgolf.profiles import compose, write_params
+    from pgolf.tools.profiles import compose, write_params
     write_params(args.out, compose(args.profile, args.set), args.profile)
     print(f"wrote {args.out} (profile {args.profile}{', ' + ' '.join(args.set) if args.set else ''})")
     return 0

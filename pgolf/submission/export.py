@@ -42,7 +42,7 @@ REQUIRED = (ARTIFACT, SIZE_JSON, SLIDING_METRICS, TRAIN_METRICS, PARAMS)
 
 
 def _read_json(path: Path) -> dict:
-    from pgolf.run_metrics import read_metrics_file
+    from pgolf.tools.run_metrics import read_metrics_file
     return read_metrics_file(path)
 
 
@@ -118,7 +118,7 @@ def collect_submission(root: Path, allow_over_limit: bool = False, prequant_metr
                        now: datetime.datetime | None = None) -> dict:
     """submission.json's content, after every check export makes (see the module docstring)."""
     from pgolf import __version__
-    from pgolf.artifact import read_artifact
+    from pgolf.quant.artifact import read_artifact
 
     missing = [p for p in REQUIRED if not (root / p).is_file()]
     if missing:

@@ -1,0 +1,1 @@
+"""Data phase: corpus, tokenizer, shards, bytes-per-token tables, the training loader."""

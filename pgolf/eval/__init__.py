@@ -1,0 +1,1 @@
+"""Evaluation: window plans, sliding-window scoring, legal score-first TTT."""

@@ -1,0 +1,1 @@
+"""The model: config, GPT, attention, embeddings, RoPE, the block-matrix layout, checkpoints."""

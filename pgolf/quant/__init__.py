@@ -1,0 +1,1 @@
+"""Quantisation: Hessians, the grid, GPTQ, the policy, bit allocation, the .ptz format."""

@@ -1,0 +1,1 @@
+"""Submission: the size gate and the records-folder export."""

@@ -1,0 +1,1 @@
+"""User tools: the pgolf CLI, inspect, significance, params profiles, plots."""

@@ -1,0 +1,1 @@
+"""Training: the loop, optimizers (Muon, AdamW), schedules, averaging, weight choice, resume state, logging."""

@@ -37,12 +37,12 @@ from pgolf.precision import configure_backends, synchronize  # noqa: E402
 from pgolf.eval.ttt import TTTConfig, run_ttt  # noqa: E402
 
 FINEWEB_VAL_TARGETS = 62_021_632
-# Seconds on 8×H100 in the records' logs (RECIPE §7) and this project's goals.
+# Seconds on 8×H100 in the records' logs (docs/RECIPE.md §7) and this project's goals.
 RECORD_SECONDS = {"sliding": (73.7, 105.1), "ttt": (408.0, 410.3)}
 GOAL_SECONDS = {"sliding": 75.0, "ttt": 300.0}
 
 # R549 / PR #960 shape: 11 layers of 512, GQA 8/4, MLP 3x, XSA on the last 4, VE on 9-10,
-# BigramHash 3072x128, VRL (RECIPE §2.1).
+# BigramHash 3072x128, VRL (docs/RECIPE.md §2.1).
 RECORD_MODEL = {**compose("record")["model"], "attention_backend": "auto"}
 PROFILES = {
     "record": dict(model=RECORD_MODEL, seq_len=2048, stride=64, batch_windows=32, chunk_tokens=32768,

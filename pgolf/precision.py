@@ -2,7 +2,7 @@
 
 CPU runs stay in fp32 and eager so that tests are exact and reproducible
 (the kill -9 resume test compares final weights bit for bit); CUDA runs use
-the records' settings (RECIPE §3.6).
+the records' settings (docs/RECIPE.md §3.6).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def compile_enabled(requested: bool, device: torch.device) -> bool:
 
 
 def maybe_compile(fn: Callable, enabled: bool) -> Callable:
-    """``torch.compile(fn, dynamic=False, fullgraph=True)`` when enabled (RECIPE §3.6)."""
+    """``torch.compile(fn, dynamic=False, fullgraph=True)`` when enabled (docs/RECIPE.md §3.6)."""
     if not enabled:
         return fn
     return torch.compile(fn, dynamic=False, fullgraph=True)

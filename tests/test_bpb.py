@@ -23,7 +23,7 @@ def sp_of(path) -> spm.SentencePieceProcessor:
 
 
 def reference_bytes(sp: spm.SentencePieceProcessor, prev: int, target: int) -> int:
-    """The rule of RECIPE §1.4 spelled out per position with the sp API."""
+    """The rule of docs/RECIPE.md §1.4 spelled out per position with the sp API."""
     def boundary(i: int) -> bool:
         return i >= sp.vocab_size() or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
     if boundary(target):

@@ -52,7 +52,7 @@ def random_ids(cfg: ModelConfig, batch: int, length: int, seed: int = 1) -> torc
 
 # ------------------------------------------------------------- reference
 def reference_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
-    """RECIPE §2.2 written out with loops, float64, straight from the parameters."""
+    """docs/RECIPE.md §2.2 written out with loops, float64, straight from the parameters."""
     cfg = model.cfg
     P = {name: p.detach().to(F64) for name, p in model.named_parameters()}
     L, H, KV, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

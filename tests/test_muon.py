@@ -60,7 +60,7 @@ def test_shape_scale():
 
 def reference_muon_run(w0: torch.Tensor, grads: list[torch.Tensor], lrs: list[float], momenta: list[float],
                        wd: float, ns_steps: int) -> torch.Tensor:
-    """The formula of RECIPE §3.1, spelled out in float64 (NS is the function under test)."""
+    """The formula of docs/RECIPE.md §3.1, spelled out in float64 (NS is the function under test)."""
     w = w0.double().clone()
     buf = torch.zeros_like(w)
     rows, cols = w.shape[-2:]

@@ -20,7 +20,7 @@ def test_step_warmdown_starts_at_peak_and_ends_at_zero(total, warmdown):
 
 
 def test_step_warmdown_longer_than_the_run_is_refused():
-    # The records' failure (RECIPE §3.3): a window longer than the run never reaches peak LR.
+    # The records' failure (docs/RECIPE.md §3.3): a window longer than the run never reaches peak LR.
     with pytest.raises(ValueError, match="starts at peak"):
         warmdown_scale_by_steps(0, 2000, 3500)
 

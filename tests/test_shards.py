@@ -14,7 +14,7 @@ from pgolf.data.shards import (HEADER_BYTES, ShardsConfig, ShardWriter, challeng
 
 def challenge_layout_bytes(tokens: list[int], magic: int = 20240520, version: int = 1,
                            count: int | None = None) -> bytes:
-    """A shard built by hand from the documented layout (RECIPE §1.1)."""
+    """A shard built by hand from the documented layout (docs/RECIPE.md §1.1)."""
     header = [magic, version, len(tokens) if count is None else count] + [0] * 253
     return struct.pack("<256i", *header) + struct.pack(f"<{len(tokens)}H", *tokens)
 

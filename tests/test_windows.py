@@ -1,4 +1,4 @@
-"""Window plans: every target scored exactly once, with enough context (RECIPE §6.1)."""
+"""Window plans: every target scored exactly once, with enough context (docs/RECIPE.md §6.1)."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,7 +54,7 @@ def test_tail_window_is_aligned_to_the_end_and_scores_only_the_rest():
 
 
 def test_record_profile_window_count_drops_the_31_duplicate_tail_windows():
-    # The records used 969,088 windows at T=62,021,632, L=2048, S=64 (RECIPE §5.2),
+    # The records used 969,088 windows at T=62,021,632, L=2048, S=64 (docs/RECIPE.md §5.2),
     # 31 of which re-scored the last 64 targets; T is a multiple of 64 here, so no tail window.
     plan = plan_sliding(62_021_632, 2048, 64)
     assert plan.num_windows == 969_088 - 31

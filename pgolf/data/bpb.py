@@ -1,4 +1,4 @@
-"""Per-token byte counts for the bits-per-byte metric (RECIPE §1.4).
+"""Per-token byte counts for the bits-per-byte metric (docs/RECIPE.md §1.4).
 
 Three tables, indexed by token id and of length max(sp_vocab, vocab_size):
 

@@ -1,4 +1,4 @@
-"""The training token stream: deterministic, sequential, memory-mapped (RECIPE §1.5).
+"""The training token stream: deterministic, sequential, memory-mapped (docs/RECIPE.md §1.5).
 
 The train shards, in sorted order, form one token stream. Its last
 ``holdout_tokens`` tokens are cut off as a held-out slice of *training* data

@@ -2,7 +2,7 @@
 
 A shard is a 1,024-byte header of 256 little-endian int32 values (magic
 20240520, version 1, token count, then zeros) followed by that many
-little-endian uint16 token ids (RECIPE §1.1). A split is the sorted list of
+little-endian uint16 token ids (docs/RECIPE.md §1.1). A split is the sorted list of
 ``{split}_NNNNNN.bin`` files in one directory; its token stream is their
 concatenation, with one BOS before every document and documents free to
 cross file boundaries.

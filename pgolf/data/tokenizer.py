@@ -1,7 +1,7 @@
 """The SentencePiece tokenizer: train it the challenge's way, or check a given one;
 and turn documents into BOS-separated token streams on all cores.
 
-Training uses the challenge's trainer settings (RECIPE §1.3). It is made
+Training uses the challenge's trainer settings (docs/RECIPE.md §1.3). It is made
 deterministic by using every training document (no sentence sampling) and one
 trainer thread: the BPE trainer's result depends on its thread count (checked:
 1 and 2 threads give different .model bytes), so the thread count is fixed.
@@ -32,7 +32,7 @@ BYTE_PIECES_START = 4                 # ids 4..259 are <0x00>..<0xFF>
 BYTE_PIECES_END = BYTE_PIECES_START + 256
 MAX_VOCAB = 1 << 16                   # shard tokens are uint16
 
-# RECIPE §1.3: the challenge export script's trainer settings.
+# docs/RECIPE.md §1.3: the challenge export script's trainer settings.
 CHALLENGE_TRAINER_SETTINGS = dict(
     model_type="bpe",
     character_coverage=0.999,

@@ -1,4 +1,4 @@
-"""Sliding-window bits per byte of a causal LM over the validation stream (RECIPE §1.4, §5.2).
+"""Sliding-window bits per byte of a causal LM over the validation stream (docs/RECIPE.md §1.4, §5.2).
 
 The library needs only ``model.token_nll(ids [B, T], targets [B, T]) -> [B, T]``
 (fp32 nats, causal: position t may depend on ``ids[:, :t+1]`` only).
@@ -225,7 +225,7 @@ def score_sliding_windows(model: torch.nn.Module, tokens: torch.Tensor, tables: 
                           cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
                           forward: Forward | None = None, observer: Observer | None = None,
                           progress: Progress | None = None, warmup: bool = False) -> EvalResult:
-    """Exact sliding-window eval: every target of ``tokens`` scored once (RECIPE §5.2, §6.1).
+    """Exact sliding-window eval: every target of ``tokens`` scored once (docs/RECIPE.md §5.2, §6.1).
 
     ``forward`` defaults to ``nll_forward(model, cfg.compile, tokens.device)``;
     ``warmup`` scores one discarded batch first (see :meth:`WindowScorer.warm_up`).
@@ -240,7 +240,7 @@ def score_nonoverlapping(model: torch.nn.Module, tokens: torch.Tensor, tables: B
                          cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
                          forward: Forward | None = None, observer: Observer | None = None,
                          progress: Progress | None = None) -> EvalResult:
-    """Diagnostic: consecutive seq_len windows, each scored in full (RECIPE §5.1)."""
+    """Diagnostic: consecutive seq_len windows, each scored in full (docs/RECIPE.md §5.1)."""
     forward = forward or nll_forward(model, cfg.compile, tokens.device)
     scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress)
     plan = plan_nonoverlapping(scorer.num_targets, cfg.seq_len)

@@ -1,4 +1,4 @@
-"""Legal score-first test-time training over the validation stream (RECIPE §5.3, §5.4).
+"""Legal score-first test-time training over the validation stream (docs/RECIPE.md §5.3, §5.4).
 
 The targets are cut into chunks of ``chunk_tokens``. For chunk c, in order:
 

@@ -1,4 +1,4 @@
-"""Which validation targets each evaluation window scores (RECIPE §5.2, §5.3, §6.1).
+"""Which validation targets each evaluation window scores (docs/RECIPE.md §5.2, §5.3, §6.1).
 
 Positions are *target* positions: position ``p`` predicts ``tokens[p + 1]``
 from ``tokens[start .. p]``, so a stream of ``N`` tokens has ``T = N - 1``
@@ -96,7 +96,7 @@ def plan_sliding(num_targets: int, seq_len: int, stride: int) -> WindowPlan:
 
 
 def plan_nonoverlapping(num_targets: int, seq_len: int) -> WindowPlan:
-    """Consecutive windows scored in full (the cheap diagnostic, RECIPE §5.1).
+    """Consecutive windows scored in full (the cheap diagnostic, docs/RECIPE.md §5.1).
 
     The last window is shorter when ``seq_len`` does not divide the targets.
     """

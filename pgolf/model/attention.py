@@ -1,6 +1,6 @@
 """Causal self-attention whose weights are slices of the GPT's banks.
 
-One layer's attention (RECIPE §2.2): q, k, v projections → value embedding
+One layer's attention (docs/RECIPE.md §2.2): q, k, v projections → value embedding
 added to v (chosen layers) → VRL mix of layer 0's value (layers ≥ 1) → RMSNorm
 of q and k per head → partial RoPE → per-head q gain → causal SDPA with native
 GQA → XSA (chosen layers) → output projection.
@@ -78,7 +78,7 @@ def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: remove from each head output its component along its own token's value.
 
     y [B, H, T, hd], v [B, KV, T, hd]; ``y_h ← y_h − (y_h·v̂) v̂`` with v̂ the unit
-    value of head h's KV group at the same position (RECIPE §2.4).
+    value of head h's KV group at the same position (docs/RECIPE.md §2.4).
     """
     b, h, t, hd = y.shape
     kv = v.shape[1]

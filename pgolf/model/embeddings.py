@@ -1,7 +1,7 @@
 """Input-side extras of the GPT: BigramHash, SmearGate and the shared value embedding.
 
 Each module only declares its shapes; :meth:`pgolf.model.gpt.GPT.reset_parameters`
-initialises everything in one place (RECIPE §2.9). The ``prev_*`` arguments
+initialises everything in one place (docs/RECIPE.md §2.9). The ``prev_*`` arguments
 let the KV-cache sampler feed one token at a time: both BigramHash and
 SmearGate look exactly one position back.
 """
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Multipliers of the bigram hash (RECIPE §2.7); products are taken in int32 with
+# Multipliers of the bigram hash (docs/RECIPE.md §2.7); products are taken in int32 with
 # wrap-around, exactly as the records compute them.
 BIGRAM_MUL_CURRENT = 36313
 BIGRAM_MUL_PREVIOUS = 27191
@@ -72,7 +72,7 @@ class ValueEmbedding(nn.Module):
     """One token table shared by the chosen layers, projected to the value width.
 
     ``forward`` returns ``proj(E[ids])·scale`` once per pass; layer k of the
-    chosen list adds it times ``layer_scales[k]`` to its value (RECIPE §2.5).
+    chosen list adds it times ``layer_scales[k]`` to its value (docs/RECIPE.md §2.5).
     """
 
     def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int, num_layers: int):

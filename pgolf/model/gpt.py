@@ -1,6 +1,6 @@
 """The GPT of the PR #549 / PR #960 recipe, every component switchable from params.yaml.
 
-Architecture (RECIPE §2; each item is a :class:`ModelConfig` field):
+Architecture (docs/RECIPE.md §2; each item is a :class:`ModelConfig` field):
 
 - token embedding (+ BigramHash) → weightless RMSNorm → SmearGate = ``x0``;
 - ``num_layers`` blocks, optionally a U-Net: the first ``L//2`` (encoder)
@@ -27,11 +27,11 @@ sampling alike. The records built their rotary tables with a hard-coded
 so at T=2048 they effectively trained with base ≈22,082 and generation saw a
 length-dependent base. We do not reproduce that length dependence; the record
 profile sets ``rope_base: 22082`` to match what the records effectively
-trained with (RECIPE §2.3, §6.11).
+trained with (docs/RECIPE.md §2.3, §6.11).
 
 Dtypes: every parameter is fp32 in the module and the training loop runs bf16
 autocast on GPU. The records kept the three embedding tables as bf16
-parameters (RECIPE §2.9); we keep them fp32 so the AdamW update is not
+parameters (docs/RECIPE.md §2.9); we keep them fp32 so the AdamW update is not
 rounded to bf16 (the int8 export of those tables is unaffected). Their bf16
 tables made the records' whole residual stream bf16; ``residual_dtype:
 autocast`` reproduces that (x0 is cast to the autocast dtype, and the
@@ -40,7 +40,7 @@ traffic of every elementwise kernel and of the saved activations. With
 ``float32`` the stream stays fp32 and only the matmuls and attention run in
 bf16. Neither setting changes anything without autocast (CPU runs).
 
-Late QAT (RECIPE §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
+Late QAT (docs/RECIPE.md §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
 the export grid (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode
 forwards, switched by a tensor buffer so a compiled graph honours the switch.
 """
@@ -56,7 +56,7 @@ from pgolf.model.config import ModelConfig
 from pgolf.quant.grid import fake_quantize_ste, qmax_for_bits
 from pgolf.model.rope import rope_tables
 
-# Initial values fixed by the recipe (RECIPE §2.5-§2.7, §2.9).
+# Initial values fixed by the recipe (docs/RECIPE.md §2.5-§2.7, §2.9).
 VE_EMBED_INIT_STD = 0.01
 VE_SCALE_INIT = 0.1
 BIGRAM_SCALE_INIT = 0.05
@@ -159,7 +159,7 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------- init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """RECIPE §2.9: orthogonal Q/K/V/up and side projections, zero O/down."""
+        """docs/RECIPE.md §2.9: orthogonal Q/K/V/up and side projections, zero O/down."""
         cfg, L = self.cfg, self.cfg.num_layers
         nn.init.normal_(self.tok_emb.weight, std=cfg.tok_emb_init_std)
         for i in range(L):
@@ -319,7 +319,7 @@ class GPT(nn.Module):
 
 
 def param_roles(model: GPT) -> dict[str, str]:
-    """Optimizer role of every parameter name (RECIPE §3.1).
+    """Optimizer role of every parameter name (docs/RECIPE.md §3.1).
 
     ``bank``: the four 3-D banks (Muon). ``embed``: token-indexed tables
     (tok_emb, bigram and value-embedding tables, and an untied lm_head).

@@ -1,4 +1,4 @@
-"""Full-Hessian GPTQ on the shared per-row grid (RECIPE §4.3), batched.
+"""Full-Hessian GPTQ on the shared per-row grid (docs/RECIPE.md §4.3), batched.
 
 One call quantises a *batch* of same-shape matrices (e.g. the 11 layers' Q
 projections), each with its own Hessian, for several clip candidates at once:

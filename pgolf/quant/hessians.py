@@ -2,7 +2,7 @@
 
 Forward-pre-hooks on the model's parameter-free ``BankLinear`` modules see the
 exact input of each block matmul, so value embeddings, VRL and every other
-mixing path are what the trained model computes (RECIPE §4.3, §6.7). Q, K and
+mixing path are what the trained model computes (docs/RECIPE.md §4.3, §6.7). Q, K and
 V read one input, stored once under ``blocks.{i}.attn.qkv``; the others are
 keyed by their module name (``blocks.{i}.attn.proj``, ``blocks.{i}.mlp.fc``,
 ``blocks.{i}.mlp.proj``). Under CUDA bf16 autocast the sums are of the bf16
@@ -13,7 +13,7 @@ Calibration sequences come from one of two sources:
 
 - ``train``: consecutive sequences from the start of the *train* shards;
   :func:`train_calibration_batches` refuses any file not named like a train
-  shard, so validation data cannot be used (RECIPE §6.10);
+  shard, so validation data cannot be used (docs/RECIPE.md §6.10);
 - ``autoregressive``: sequences sampled from the model itself with a KV cache,
   in fixed global batches each seeded from ``(seed, batch index)``, so the
   samples do not depend on how many ranks share the work.

@@ -1,6 +1,6 @@
 """Per-tensor quantisation policy: which tensor gets which grid, method and clip.
 
-Applied to the *unbanked* state dict (conventional 2-D names, RECIPE §4.1),
+Applied to the *unbanked* state dict (conventional 2-D names, docs/RECIPE.md §4.1),
 first matching rule wins:
 
 1. not floating point, or ``numel <= passthrough_numel`` → passthrough (floats
@@ -8,7 +8,7 @@ first matching rule wins:
 2. ``blocks.{i}.attn.{c_q,c_k,c_v,proj}.weight`` → ``attn_bits`` per row;
 3. ``blocks.{i}.mlp.{fc,proj}.weight`` → ``mlp_bits`` per row;
 4. anything else (embeddings) → ``embed_bits`` per row with the
-   ``embed_clip_quantile`` clip (RECIPE §4.4), round to nearest.
+   ``embed_clip_quantile`` clip (docs/RECIPE.md §4.4), round to nearest.
 
 Block matrices (2, 3) are rounded with full GPTQ (``method: gptq``) or plain
 round-to-nearest (``rtn``). Both search ``clip_candidates``: each candidate
@@ -57,7 +57,7 @@ class QuantizeConfig:
     compressor: Literal["zstd", "lzma"]
     zstd_level: int
     lzma_preset: int
-    prune: bool  # selective ±1 pruning down to the byte target (RECIPE §4.6)
+    prune: bool  # selective ±1 pruning down to the byte target (docs/RECIPE.md §4.6)
     prune_margin_bytes: int  # target = 16,000,000 − code bytes − this margin
     # Defaults only serve direct construction; params.yaml must still name both keys.
     fit_to_limit: bool = False  # over the target: demote block matrices a bit at a time (pgolf/quant/bit_allocation.py)
@@ -323,7 +323,7 @@ def prune_order(tensors: list[StoredTensor]) -> tuple[torch.Tensor, torch.Tensor
 
 def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
                     encoded_size: Callable[[list[StoredTensor]], int]) -> PruneOutcome:
-    """Selective ±1 pruning (RECIPE §4.6) down to ``target_bytes`` (decimal bytes).
+    """Selective ±1 pruning (docs/RECIPE.md §4.6) down to ``target_bytes`` (decimal bytes).
 
     Zeroing a ±1 integer of row r adds ``s_r²`` to the squared weight error,
     so block-matrix entries with |q| = 1 are zeroed cheapest first (ties by

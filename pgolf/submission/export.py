@@ -10,7 +10,7 @@ The folder holds::
     params.yaml       the parameters, and dvc.lock when present (the exact recorded run)
 
 The headline score is the legal TTT eval when it ran, else the sliding-window
-eval (RECIPE §5: the last eval that runs). Export refuses, writing nothing,
+eval (docs/RECIPE.md §5: the last eval that runs). Export refuses, writing nothing,
 when a required input is missing, when size.json no longer describes the
 files (a stale size check), or when it says ``fits: false`` unless
 ``allow_over_limit``. The folder is built in a temporary directory and

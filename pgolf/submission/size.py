@@ -1,6 +1,6 @@
 """The submission size gate: counted code bytes + compressed model bytes ≤ 16,000,000.
 
-What counts (RECIPE §4.7; decimal bytes, never MiB):
+What counts (docs/RECIPE.md §4.7; decimal bytes, never MiB):
 
 * **Model bytes**: the size of ``artifacts/quant/model.ptz``, the whole file
   (header, checksum and compressed payload).

@@ -11,7 +11,7 @@ t ≈ 3000 for 0.997). Zero-initialised bias correction was not chosen: it
 removes the initial weights but still averages uniformly over the whole early
 run, which is the part that hurts.
 
-Tight SWA (RECIPE §3.4): equal-weight snapshots taken late in the warmdown
+Tight SWA (docs/RECIPE.md §3.4): equal-weight snapshots taken late in the warmdown
 (the training loop decides when; ``maybe_add`` encodes the records' rule),
 summed in fp32 and averaged as ``sum / count`` cast back to each parameter's
 dtype.

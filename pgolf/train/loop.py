@@ -14,7 +14,7 @@ stop: a non-finite loss or gradient norm on any rank, or the wall-clock cap.
 
 Timing. ``elapsed`` counts training steps only (host clock after a device
 sync), not compile warm-up, logging, checkpoints or the final evaluation.
-Compile warm-up (RECIPE §3.3) runs ``compile_warmup_steps`` real steps to
+Compile warm-up (docs/RECIPE.md §3.3) runs ``compile_warmup_steps`` real steps to
 trigger compilation, then restores the weights, optimizer state and loader
 position it started from, so the measured run starts from the same state as
 an unwarmed one (tested bit-for-bit on CPU).

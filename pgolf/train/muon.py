@@ -6,7 +6,7 @@ so every direction in the update moves at a similar rate.
 
 The banks are 3-D parameters ``[n, rows, cols]`` (a stack of ``n`` matrices).
 Under several ranks each bank is split along its leading dimension
-("parallel Muon", RECIPE §3.2): gradients are reduce-scattered (averaged),
+("parallel Muon", docs/RECIPE.md §3.2): gradients are reduce-scattered (averaged),
 each rank keeps the momentum of its own slice, orthogonalises only that
 slice, and the orthogonalised updates are all-gathered so every rank applies
 the identical full update. One rank is the same code with no communication.
@@ -18,7 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
-# Quintic Newton–Schulz coefficients (a, b, c) of the records (RECIPE §3.1).
+# Quintic Newton–Schulz coefficients (a, b, c) of the records (docs/RECIPE.md §3.1).
 # They are chosen for the steepest growth of small singular values, not for
 # convergence to exactly 1: after 5 steps singular values land in roughly
 # [0.68, 1.13] instead of at 1, which Muon does not mind and which costs far

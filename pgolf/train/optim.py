@@ -1,6 +1,6 @@
 """The composite optimizer the training loop calls: parallel Muon + AdamW, averaged and clipped.
 
-Parameter roles (RECIPE §3.1), given by the caller as ``name → role``:
+Parameter roles (docs/RECIPE.md §3.1), given by the caller as ``name → role``:
 
 * ``bank``: 3-D stacks of block matrices → Muon (:mod:`pgolf.train.muon`), sharded
   across ranks along the leading dimension;
@@ -14,7 +14,7 @@ One :meth:`PgolfOptimizer.step`:
    and the all-reduce (average) of all other gradients, concatenated.
 2. Compute the global L2 norm of the AVERAGED gradient and clip to
    ``grad_clip_norm``. R549 clips each rank's local gradient before any
-   communication (RECIPE §6.8), so its result depends on how the batch is
+   communication (docs/RECIPE.md §6.8), so its result depends on how the batch is
    split across ranks. Clipping the average makes N ranks × A accumulation
    steps equal 1 rank × N·A steps (tested). Squares are summed in float64,
    which makes the norm independent of how the sum is grouped across ranks.

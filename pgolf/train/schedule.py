@@ -1,6 +1,6 @@
 """Learning-rate warmdown and Muon momentum warm-up.
 
-There is no LR warm-up (RECIPE §3.3): the scale is 1 until the warmdown
+There is no LR warm-up (docs/RECIPE.md §3.3): the scale is 1 until the warmdown
 window, then falls linearly to 0 at the end of the run. Two ways to place the
 window:
 
@@ -10,7 +10,7 @@ window:
 The records' third form, ``warmdown_ms = WARMDOWN_ITERS × measured ms/step``,
 is deliberately not offered: when steps are slower than planned the window is
 longer than the run and the LR never reaches its peak (PR #960 started at
-scale ≈ 0.57; RECIPE §3.3 and §6.9). Both forms here give scale exactly 1 at
+scale ≈ 0.57; docs/RECIPE.md §3.3 and §6.9). Both forms here give scale exactly 1 at
 the start whenever the window fits in the run, and refuse a window that does
 not fit instead of silently starting below peak.
 """

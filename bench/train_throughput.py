@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from stages.common import launch_facts  # torchrun's facts, if launched by it
+    from pgolf.pipeline.launch import launch_facts  # torchrun's facts, if launched by it
     rank, world, local_rank = launch_facts()
     ctx = init_distributed(rank, world, local_rank, args.device)
     seq_len, tokens_per_step, micro_seqs, steps, warmup = SHAPES[args.shape]

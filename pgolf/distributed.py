@@ -1,8 +1,8 @@
 """Process-group setup and the few collectives the stages need.
 
-Launch facts (rank, world size, local rank) are read by the stage entry
-points (``stages/common.py``) from torchrun's environment and passed in here;
-the library itself never reads environment variables.
+Launch facts (rank, world size, local rank) are read from torchrun's
+environment by the stage entry glue (``pgolf/pipeline/launch.py``) and passed
+in here; nothing else in the library reads environment variables.
 """
 from __future__ import annotations
 

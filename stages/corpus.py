@@ -10,7 +10,7 @@ from pathlib import Path
 from pgolf.config import from_params
 from pgolf.data.corpus import CorpusConfig, build_split, write_split
 from pgolf.io import write_json_atomic
-from stages.common import params, stage_main
+from pgolf.pipeline.launch import params, stage_main
 
 OUT_DIR = Path("data/corpus")
 METRICS = Path("data/metrics/corpus.json")

@@ -23,7 +23,7 @@ from pgolf.precision import compile_enabled, configure_backends
 from pgolf.progress import StageLog
 from pgolf.data.shards import load_split
 from pgolf.submission.size import warn_if_over
-from stages.common import launch_device, run_distributed, stage_main
+from pgolf.pipeline.launch import launch_device, run_distributed, stage_main
 
 ARTIFACT = Path("artifacts/quant/model.ptz")
 SHARD_DIR = Path("data/shards")

@@ -21,7 +21,7 @@ from pgolf.precision import compile_enabled
 from pgolf.progress import StageLog
 from pgolf.submission.size import warn_if_over
 from pgolf.eval.ttt import TTTConfig, run_ttt
-from stages.common import launch_device, run_distributed, stage_main
+from pgolf.pipeline.launch import launch_device, run_distributed, stage_main
 from stages.eval_sliding import OUT as SLIDING_OUT
 from stages.eval_sliding import SIZE_JSON, load_eval_inputs
 

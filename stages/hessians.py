@@ -20,7 +20,7 @@ from pgolf.io import write_json_atomic
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import StageLog
 from pgolf.data.shards import list_shards
-from stages.common import launch_device, run_distributed, stage_main
+from pgolf.pipeline.launch import launch_device, run_distributed, stage_main
 
 CHECKPOINT = Path("artifacts/train/model.pt")
 SHARD_DIR = Path("data/shards")

@@ -29,7 +29,7 @@ from pgolf.precision import synchronize
 from pgolf.progress import StageLog
 from pgolf.quant.policy import EncodeCache, QuantizeConfig, prune_to_target, quantize_state_dict
 from pgolf.submission.size import LIMIT_BYTES, code_bytes, counted_code_files
-from stages.common import launch_device, params, stage_main
+from pgolf.pipeline.launch import launch_device, params, stage_main
 
 CHECKPOINT = Path("artifacts/train/model.pt")
 HESSIANS = Path("artifacts/hessians/hessians.pt")

@@ -15,7 +15,7 @@ from pgolf.io import atomic_dir, write_json_atomic
 from pgolf.data.shards import (SPLITS, ShardInfo, ShardsConfig, challenge_sources, import_shards,
                           read_shard, split_summary, write_stream)
 from pgolf.data.tokenizer import DocumentEncoder, load_processor, read_model, sha256_bytes
-from stages.common import params, stage_main
+from pgolf.pipeline.launch import params, stage_main
 
 CORPUS_DIR = Path("data/corpus")
 TOKENIZER = Path("data/tokenizer/tokenizer.model")

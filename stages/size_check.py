@@ -12,7 +12,7 @@ from pgolf.config import from_params
 from pgolf.errors import PgolfError
 from pgolf.io import write_json_atomic
 from pgolf.submission.size import SizeConfig, report_dict, size_report
-from stages.common import params, stage_main
+from pgolf.pipeline.launch import params, stage_main
 
 MODEL = Path("artifacts/quant/model.ptz")
 OUT = Path("artifacts/size.json")

@@ -12,7 +12,7 @@ from pgolf.data.corpus import iter_jsonl
 from pgolf.io import write_bytes_atomic, write_json_atomic
 from pgolf.data.tokenizer import (CHALLENGE_TRAINER_SETTINGS, TokenizerConfig, check_layout, read_model,
                              sha256_bytes, train_model)
-from stages.common import params, stage_main
+from pgolf.pipeline.launch import params, stage_main
 
 TRAIN_DOCS = Path("data/corpus/train.jsonl")
 OUT_DIR = Path("data/tokenizer")

@@ -26,7 +26,7 @@ from pgolf.tools.plots import plot_lines
 from pgolf.train.loop import LOSS_CURVE, RunFiles, TrainOutcome, run_training
 from pgolf.train.config import TrainConfig
 from pgolf.train.resume import exclusive_run, mark_finished
-from stages.common import launch_device, launch_facts, run_distributed, stage_main
+from pgolf.pipeline.launch import launch_device, launch_facts, run_distributed, stage_main
 
 SHARD_DIR = Path("data/shards")
 TOKENIZER_META = Path("data/tokenizer/meta.json")

@@ -167,7 +167,7 @@ def run_all(rank: int, world_size: int) -> dict:
 
 
 def main() -> None:
-    from stages.common import launch_facts
+    from pgolf.pipeline.launch import launch_facts
 
     torch.set_num_threads(1)
     rank, world_size, local_rank = launch_facts()

@@ -191,7 +191,7 @@ def test_inconsistent_index_is_a_data_error():
 def test_stage_entry_prints_one_line_and_exits_1_on_a_bad_artifact(tmp_path):
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"not an artifact at all, just text" * 3)
-    code = ("from stages.common import stage_main; from pgolf.quant.artifact import load_dequantized_model; "
+    code = ("from pgolf.pipeline.launch import stage_main; from pgolf.quant.artifact import load_dequantized_model; "
             f"stage_main(lambda: load_dequantized_model({str(bad)!r}, 'cpu'))()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

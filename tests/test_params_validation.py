@@ -34,7 +34,7 @@ from pgolf.submission.size import SizeConfig
 from pgolf.data.tokenizer import TokenizerConfig
 from pgolf.train.config import TrainConfig
 from pgolf.eval.ttt import TTTConfig
-from stages.common import launch_device
+from pgolf.pipeline.launch import launch_device
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
@@ -52,7 +52,7 @@ def dvc_stages() -> dict:
 
 
 def build(section: str, p: Mapping) -> Any:
-    """What a stage builds from ``section``; launch is checked by stages.common.launch_device."""
+    """What a stage builds from ``section``; launch is checked by pgolf.pipeline.launch.launch_device."""
     if section == "launch":
         return launch_device(p)
     return from_params(SECTIONS[section], p, section)

@@ -1,4 +1,8 @@
-"""Glue shared by every stage entry point: params, launch facts, clean failure."""
+"""How a stage process starts and ends: params.yaml, the ``launch`` section, torchrun's facts, clean failure.
+
+The only module of pgolf that reads the environment: torchrun's launch facts
+are read here and passed to :func:`pgolf.distributed.init_distributed`.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -6,18 +10,28 @@ import functools
 import os
 import signal
 import sys
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping
 
-from pgolf.config import load_params
-from pgolf.errors import ParamError, PgolfError
+from pgolf.config import check, from_params, load_params
+from pgolf.errors import PgolfError
+from pgolf.pipeline.paths import PARAMS
 
-PARAMS_FILE = "params.yaml"
-# The launch section: nproc_per_node is read by torchrun (the cmd of dvc.yaml), device by the stages.
-LAUNCH_KEYS = ("nproc_per_node", "device")
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Section ``launch`` of params.yaml: nproc_per_node is read by torchrun (dvc.yaml's cmd), device by the stages."""
+
+    nproc_per_node: int | Literal["gpu"]  # processes per node; "gpu" = one per visible GPU
+    device: Literal["auto", "cpu", "cuda"]  # auto = CUDA when present
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node != "gpu":
+            check(self.nproc_per_node >= 1, "nproc_per_node", "must be >= 1 or \"gpu\"")
 
 
 def params() -> dict:
-    return load_params(PARAMS_FILE)
+    return load_params(PARAMS)
 
 
 def launch_facts() -> tuple[int, int, int]:
@@ -27,17 +41,9 @@ def launch_facts() -> tuple[int, int, int]:
 
 
 def launch_device(p: Mapping) -> str:
-    """``launch.device`` from params (auto | cpu | cuda); ParamError if missing or unknown,
-    or if the launch section has a key that nothing reads (a typo)."""
-    launch = p.get("launch")
-    launch = launch if isinstance(launch, Mapping) else {}
-    unknown = sorted(set(launch) - set(LAUNCH_KEYS))
-    if unknown:
-        raise ParamError(f"launch.{unknown[0]}", f"unknown key (known: {', '.join(sorted(LAUNCH_KEYS))})")
-    value = launch.get("device")
-    if value not in ("auto", "cpu", "cuda"):
-        raise ParamError("launch.device", f"must be one of ['auto', 'cpu', 'cuda'], got {value!r}")
-    return value
+    """``launch.device`` (auto | cpu | cuda) of a strictly parsed ``launch`` section; ParamError names a bad key."""
+    return from_params(LaunchConfig, p, "launch").device
+
 
 def die_with_launcher() -> None:
     """Under torchrun, ask Linux to SIGKILL this worker when torchrun dies.
@@ -51,7 +57,6 @@ def die_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() == 1:  # the launcher died before the call above
         os._exit(1)
-
 
 
 def run_distributed(run: Callable[..., dict]) -> dict:

@@ -1,0 +1,36 @@
+"""Where each stage's inputs and outputs live, relative to the project root.
+
+The one home of these names: stages, bench scripts and tools join them to a
+root folder. dvc.yaml lists the same files as each stage's deps and outs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+CORPUS_DIR = Path("data/corpus")
+CORPUS_TRAIN = CORPUS_DIR / "train.jsonl"
+CORPUS_MANIFEST = CORPUS_DIR / "manifest.json"
+TOKENIZER_DIR = Path("data/tokenizer")
+TOKENIZER_MODEL = TOKENIZER_DIR / "tokenizer.model"
+TOKENIZER_META = TOKENIZER_DIR / "meta.json"
+SHARD_DIR = Path("data/shards")
+SHARDS_MANIFEST = SHARD_DIR / "manifest.json"
+DATA_METRICS_DIR = Path("data/metrics")  # <stage>.json of corpus, tokenizer, shards
+
+TRAIN_DIR = Path("artifacts/train")
+CHECKPOINT = TRAIN_DIR / "model.pt"  # the trained weights
+RESUME_STATE = Path("artifacts/train_resume/state.pt")  # where an interrupted run continues from
+HESSIANS_DIR = Path("artifacts/hessians")
+HESSIANS = HESSIANS_DIR / "hessians.pt"
+QUANT_DIR = Path("artifacts/quant")
+ARTIFACT = QUANT_DIR / "model.ptz"  # the quantised, compressed weights that are submitted
+SIZE_JSON = Path("artifacts/size.json")
+EVAL_SLIDING_DIR = Path("artifacts/eval_sliding")
+EVAL_TTT_DIR = Path("artifacts/eval_ttt")
+
+
+def data_metrics(stage: str) -> Path:
+    """The small metrics JSON of a data stage (corpus, tokenizer, shards)."""
+    return DATA_METRICS_DIR / f"{stage}.json"

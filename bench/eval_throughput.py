@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgolf.data.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import resolve_device  # noqa: E402
-from pgolf.eval.sliding import SlidingConfig, nll_forward, score_sliding_windows  # noqa: E402
+from pgolf.eval.sliding import EvalSlidingConfig, nll_forward, score_sliding_windows  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
 from pgolf.tools.profiles import compose  # noqa: E402
 from pgolf.precision import configure_backends, synchronize  # noqa: E402
-from pgolf.eval.ttt import TTTConfig, run_ttt  # noqa: E402
+from pgolf.eval.ttt import EvalTTTConfig, run_ttt  # noqa: E402
 
 FINEWEB_VAL_TARGETS = 62_021_632
 # Seconds on 8×H100 in the records' logs (docs/RECIPE.md §7) and this project's goals.
@@ -107,9 +107,9 @@ def main() -> None:
         model.qo_bank[cfg.num_layers:].normal_(std=0.02)
         model.mlp_down_bank.normal_(std=0.02)
     tables = synthetic_tables(cfg.vocab_size)
-    windows = SlidingConfig(seq_len=prof["seq_len"], stride=prof["stride"], batch_windows=prof["batch_windows"],
+    windows = EvalSlidingConfig(seq_len=prof["seq_len"], stride=prof["stride"], batch_windows=prof["batch_windows"],
                             trim_to_seq_len=False, compile=not args.no_compile)
-    ttt_cfg = TTTConfig(chunk_tokens=prof["chunk_tokens"], epochs=3, optimizer="sgd", lr=0.002,
+    ttt_cfg = EvalTTTConfig(chunk_tokens=prof["chunk_tokens"], epochs=3, optimizer="sgd", lr=0.002,
                         lr_schedule="cosine", momentum=0.9, beta2=0.999, weight_decay=0.0, freeze_blocks=0,
                         grad_clip=1.0, batch_seqs=32)
     forward = nll_forward(model, windows.compile, device)

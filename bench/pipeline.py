@@ -44,10 +44,10 @@ def float_sliding_bpb(root: Path, p: dict) -> dict:
     from pgolf.data.bpb import build_byte_tables
     from pgolf.model.checkpoint import build_model, load_checkpoint
     from pgolf.config import from_params
-    from pgolf.eval.sliding import SlidingConfig, nll_forward, prepare_tokens, score_sliding_windows
+    from pgolf.eval.sliding import EvalSlidingConfig, nll_forward, prepare_tokens, score_sliding_windows
     from pgolf.precision import compile_enabled
     from pgolf.data.shards import load_split
-    cfg = from_params(SlidingConfig, p, "eval_sliding")
+    cfg = from_params(EvalSlidingConfig, p, "eval_sliding")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(load_checkpoint(root / "artifacts/train/model.pt"), device).eval()
     stream = load_split(root / "data/shards", "val", model.cfg.vocab_size)

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "micro_batch_tokens": micro_seqs * seq_len, "max_steps": steps + 1, "max_train_seconds": 0.0,
         "warmdown": "steps", "warmdown_steps": 0, "warmdown_frac": 0.0, "compile": args.compile,
         "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0, "qat_bits": 6,
-        "holdout_tokens": seq_len + 1, "final_weights": "live", "checkpoint_every": 0, "log_every": 1}}, "train")
+        "holdout_tokens": seq_len + 1, "final_weights": "live", "resume_every": 0, "log_every": 1}}, "train")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:

@@ -11,19 +11,16 @@ from pgolf.config import from_params
 from pgolf.data.corpus import CorpusConfig, build_split, write_split
 from pgolf.io import write_json_atomic
 from pgolf.pipeline.launch import params, stage_main
-
-OUT_DIR = Path("data/corpus")
-METRICS = Path("data/metrics/corpus.json")
+from pgolf.pipeline.paths import CORPUS_MANIFEST, CORPUS_TRAIN, CORPUS_VAL, data_metrics
 
 
 def run(p: dict, root: Path = Path(".")) -> dict:
     """Build the corpus under ``root``; return the manifest."""
     cfg = from_params(CorpusConfig, p, "corpus")
     started = time.perf_counter()
-    out = root / OUT_DIR
-    manifest = write_split(build_split(cfg), out / "train.jsonl", out / "val.jsonl", cfg.val_docs)
-    write_json_atomic(out / "manifest.json", manifest)
-    write_json_atomic(root / METRICS, {
+    manifest = write_split(build_split(cfg), root / CORPUS_TRAIN, root / CORPUS_VAL, cfg.val_docs)
+    write_json_atomic(root / CORPUS_MANIFEST, manifest)
+    write_json_atomic(root / data_metrics("corpus"), {
         "train_docs": manifest["train_docs"], "val_docs": manifest["val_docs"],
         "train_bytes": manifest["train_bytes"], "val_bytes": manifest["val_bytes"],
         "dropped_docs": manifest["dropped_docs"],

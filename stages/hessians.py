@@ -14,7 +14,7 @@ from pathlib import Path
 from pgolf.model.checkpoint import build_model, load_checkpoint
 from pgolf.config import from_params, to_dict
 from pgolf.distributed import barrier, init_distributed
-from pgolf.quant.hessians import (HessianConfig, autoregressive_batches, collect_hessians, save_hessians,
+from pgolf.quant.hessians import (HessiansConfig, autoregressive_batches, collect_hessians, save_hessians,
                             train_calibration_batches)
 from pgolf.io import write_json_atomic
 from pgolf.precision import autocast, synchronize
@@ -31,7 +31,7 @@ LOG = Path("artifacts/hessians/hessians.log")
 
 def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict:
     """Collect and (on rank 0) write the Hessians under ``root``; return the metrics."""
-    cfg = from_params(HessianConfig, p, "hessians")
+    cfg = from_params(HessiansConfig, p, "hessians")
     ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
     with StageLog(root / LOG, enabled=ctx.is_main) as log:
         log.line(f"hessians: source {cfg.source}, world {world_size}, device {ctx.device.type}")

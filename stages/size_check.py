@@ -11,21 +11,19 @@ from pathlib import Path
 from pgolf.config import from_params
 from pgolf.errors import PgolfError
 from pgolf.io import write_json_atomic
-from pgolf.submission.size import SizeConfig, report_dict, size_report
 from pgolf.pipeline.launch import params, stage_main
-
-MODEL = Path("artifacts/quant/model.ptz")
-OUT = Path("artifacts/size.json")
+from pgolf.pipeline.paths import ARTIFACT, SIZE_JSON
+from pgolf.submission.size import SizeConfig, report_dict, size_report
 
 
 def run(p: dict, root: Path = Path(".")) -> dict:
     """Measure, write ``size.json`` under ``root`` and return it; PgolfError if over and enforced."""
     cfg = from_params(SizeConfig, p, "size")
-    report = report_dict(size_report(root / MODEL, root))
-    write_json_atomic(root / OUT, report)
+    report = report_dict(size_report(root / ARTIFACT, root))
+    write_json_atomic(root / SIZE_JSON, report)
     if not report["fits"] and cfg.enforce:
         raise PgolfError(
-            f"{OUT}: submission is {report['total_bytes']:,} bytes (code {report['code_bytes']:,} + "
+            f"{SIZE_JSON}: submission is {report['total_bytes']:,} bytes (code {report['code_bytes']:,} + "
             f"model {report['model_bytes']:,}), over the {report['limit']:,}-byte limit by "
             f"{-report['headroom']:,}")
     return report

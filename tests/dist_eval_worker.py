@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:   # run as a script by torchrun
 
 from pgolf.data.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import init_distributed, shutdown  # noqa: E402
-from pgolf.eval.sliding import SlidingConfig, score_nonoverlapping, score_sliding_windows  # noqa: E402
-from pgolf.eval.ttt import TTTConfig, run_ttt  # noqa: E402
+from pgolf.eval.sliding import EvalSlidingConfig, score_nonoverlapping, score_sliding_windows  # noqa: E402
+from pgolf.eval.ttt import EvalTTTConfig, run_ttt  # noqa: E402
 
 
 class TinyBlock(nn.Module):
@@ -138,11 +138,11 @@ def write_eval_root(root: Path, data_root: Path, model_params: dict, seed: int =
     return model.eval()
 
 
-WINDOWS = SlidingConfig(seq_len=32, stride=8, batch_windows=3, trim_to_seq_len=False, compile=False)
-TTT_SGD = TTTConfig(chunk_tokens=96, epochs=2, optimizer="sgd", lr=0.05, lr_schedule="cosine",
+WINDOWS = EvalSlidingConfig(seq_len=32, stride=8, batch_windows=3, trim_to_seq_len=False, compile=False)
+TTT_SGD = EvalTTTConfig(chunk_tokens=96, epochs=2, optimizer="sgd", lr=0.05, lr_schedule="cosine",
                     momentum=0.9, beta2=0.999, weight_decay=0.0, freeze_blocks=1, grad_clip=0.5,
                     batch_seqs=2)
-TTT_ADAMW = TTTConfig(chunk_tokens=80, epochs=1, optimizer="adamw", lr=0.01, lr_schedule="constant",
+TTT_ADAMW = EvalTTTConfig(chunk_tokens=80, epochs=1, optimizer="adamw", lr=0.01, lr_schedule="constant",
                       momentum=0.9, beta2=0.99, weight_decay=0.01, freeze_blocks=0, grad_clip=0.0,
                       batch_seqs=3)
 VOCAB = 16

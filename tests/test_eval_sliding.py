@@ -17,14 +17,14 @@ from dist_eval_worker import (ProbeLM, TinyBankLM, decode_probe, make_stream,  #
 from pgolf.data.bpb import ByteTables, stream_bytes  # noqa: E402
 from pgolf.config import from_params  # noqa: E402
 from pgolf.errors import ParamError  # noqa: E402
-from pgolf.eval.sliding import (SlidingConfig, prepare_tokens, score_nonoverlapping,  # noqa: E402
+from pgolf.eval.sliding import (EvalSlidingConfig, prepare_tokens, score_nonoverlapping,  # noqa: E402
                                 score_sliding_windows)
 
 torch.set_num_threads(1)
 
 
-def config(seq_len=16, stride=4, batch_windows=3, trim=False, compile=False) -> SlidingConfig:
-    return SlidingConfig(seq_len=seq_len, stride=stride, batch_windows=batch_windows,
+def config(seq_len=16, stride=4, batch_windows=3, trim=False, compile=False) -> EvalSlidingConfig:
+    return EvalSlidingConfig(seq_len=seq_len, stride=stride, batch_windows=batch_windows,
                          trim_to_seq_len=trim, compile=compile)
 
 
@@ -190,7 +190,7 @@ def test_config_range_errors_name_the_key(key, value):
     section = {"seq_len": 16, "stride": 4, "batch_windows": 2, "trim_to_seq_len": True, "compile": True}
     section[key] = value
     with pytest.raises(ParamError, match=f"eval_sliding.{key}"):
-        from_params(SlidingConfig, {"eval_sliding": section}, "eval_sliding")
+        from_params(EvalSlidingConfig, {"eval_sliding": section}, "eval_sliding")
 
 
 @pytest.mark.gpu

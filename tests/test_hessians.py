@@ -7,7 +7,7 @@ import torch
 
 from pgolf.model.checkpoint import build_model, Checkpoint
 from pgolf.errors import DataError
-from pgolf.quant.hessians import (HessianCollector, HessianConfig, HessianSet, autoregressive_batches,
+from pgolf.quant.hessians import (HessianCollector, HessiansConfig, HessianSet, autoregressive_batches,
                             check_train_shards, collect_hessians, hessian_key_for_module,
                             hessian_key_for_weight, load_hessians, save_hessians,
                             train_calibration_batches)
@@ -33,10 +33,10 @@ def tiny_model(seed: int = 0) -> GPT:
     return model.eval()
 
 
-def hessian_config(**over) -> HessianConfig:
+def hessian_config(**over) -> HessiansConfig:
     base = dict(source="train", seq_len=16, train_batches=2, train_batch_seqs=3, ar_num_seqs=5,
                 ar_batch_seqs=2, ar_temperature=0.8, seed=1)
-    return HessianConfig(**{**base, **over})
+    return HessiansConfig(**{**base, **over})
 
 
 def no_autocast():

@@ -24,8 +24,8 @@ import stages.train
 from pgolf.config import from_params
 from pgolf.data.corpus import CorpusConfig
 from pgolf.errors import DataError, ParamError, PgolfError
-from pgolf.eval.sliding import SlidingConfig
-from pgolf.quant.hessians import HessianConfig
+from pgolf.eval.sliding import EvalSlidingConfig
+from pgolf.quant.hessians import HessiansConfig
 from pgolf.model.config import ModelConfig
 from pgolf.train.optim import OptimConfig
 from pgolf.quant.policy import QuantizeConfig
@@ -33,13 +33,14 @@ from pgolf.data.shards import ShardsConfig
 from pgolf.submission.size import SizeConfig
 from pgolf.data.tokenizer import TokenizerConfig
 from pgolf.train.config import TrainConfig
-from pgolf.eval.ttt import TTTConfig
-from pgolf.pipeline.launch import launch_device
+from pgolf.train.run import check_shards, check_vocab
+from pgolf.eval.ttt import EvalTTTConfig
+from pgolf.pipeline.launch import LaunchConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = {"corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
+SECTIONS = {"launch": LaunchConfig, "corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
             "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig,
-            "eval_sliding": SlidingConfig, "eval_ttt": TTTConfig, "hessians": HessianConfig,
+            "eval_sliding": EvalSlidingConfig, "eval_ttt": EvalTTTConfig, "hessians": HessiansConfig,
             "quantize": QuantizeConfig, "size": SizeConfig}
 
 
@@ -52,9 +53,7 @@ def dvc_stages() -> dict:
 
 
 def build(section: str, p: Mapping) -> Any:
-    """What a stage builds from ``section``; launch is checked by pgolf.pipeline.launch.launch_device."""
-    if section == "launch":
-        return launch_device(p)
+    """What a stage builds from ``section``."""
     return from_params(SECTIONS[section], p, section)
 
 
@@ -74,7 +73,7 @@ def assert_names(key: str, p: Mapping) -> None:
 def test_the_project_params_build():
     """Control for the cases below: the file as it is passes every check."""
     p = project_params()
-    assert set(p) == set(SECTIONS) | {"launch"}
+    assert set(p) == set(SECTIONS)
     for section in p:
         build(section, p)
 
@@ -85,6 +84,7 @@ def test_the_project_params_build():
     ("quantize.attn_bits", 9), ("quantize.mlp_bits", 1), ("quantize.embed_bits", 9),
     ("train.qat_bits", 9), ("train.qat_bits", 1),
     ("eval_sliding.stride", 0), ("tokenizer.vocab_size", 100), ("hessians.seq_len", 0),
+    ("launch.nproc_per_node", 0), ("launch.nproc_per_node", -2),
 ])
 def test_out_of_range_values_name_their_key(key, value):
     assert_names(key, changed(key, value))
@@ -96,8 +96,14 @@ def test_stride_longer_than_the_window_names_the_stride():
     build("eval_sliding", changed("eval_sliding.stride", seq_len))  # equal is allowed: no overlap
 
 
+def test_nproc_per_node_is_a_count_or_gpu():
+    assert build("launch", changed("launch.nproc_per_node", "gpu")).nproc_per_node == "gpu"
+    assert build("launch", changed("launch.nproc_per_node", 8)).nproc_per_node == 8
+
+
 @pytest.mark.parametrize("key,value", [
-    ("launch.device", "gpu"), ("launch.device", 0), ("corpus.val_docs", 1.5), ("corpus.source", "web"),
+    ("launch.device", "gpu"), ("launch.device", 0), ("launch.nproc_per_node", "cpu"),
+    ("launch.nproc_per_node", True), ("launch.nproc_per_node", 1.0), ("corpus.val_docs", 1.5), ("corpus.source", "web"),
     ("tokenizer.vocab_size", True), ("shards.link", "no"), ("model.tie_embeddings", "yes"),
     ("model.xsa_layers", 2), ("model.mlp_mult", "3"), ("optim.muon_lr", "0.025"),
     ("train.max_steps", "300"), ("train.final_weights", "best"), ("eval_sliding.compile", 1),
@@ -108,7 +114,7 @@ def test_wrong_types_name_their_key(key, value):
     assert_names(key, changed(key, value))
 
 
-@pytest.mark.parametrize("section", ["launch", *SECTIONS])
+@pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_an_unknown_key_in_any_section_is_named(section):
     p = project_params()
     p[section]["learning_rate_typo"] = 1
@@ -127,7 +133,7 @@ def test_a_missing_key_is_named(section):
 def test_model_vocab_must_equal_the_tokenizers(tmp_path, tiny_data):
     root = link_data(tmp_path, tiny_data)
     meta = root / "data/tokenizer/meta.json"
-    stages.train.check_vocab(meta, from_params(ModelConfig, tiny_train_params(), "model"))  # control: 512
+    check_vocab(meta, from_params(ModelConfig, tiny_train_params(), "model"))  # control: 512
     with pytest.raises(ParamError) as err:
         stages.train.run(tiny_train_params(model={"vocab_size": 1024}), root)
     assert err.value.key == "model.vocab_size" and "tokenizer's 512" in str(err.value)
@@ -144,7 +150,7 @@ def test_shards_must_come_from_the_tokenizer(tmp_path, tiny_data, field, value, 
     shutil.copytree(tiny_data / "data/shards", root / "data/shards")
     shutil.copytree(tiny_data / "data/tokenizer", root / "data/tokenizer")
     manifest_path = root / "data/shards/manifest.json"
-    stages.train.check_shards(manifest_path, root / "data/tokenizer/meta.json")  # control: as built
+    check_shards(manifest_path, root / "data/tokenizer/meta.json")  # control: as built
     manifest = json.loads(manifest_path.read_text())
     manifest[field] = value
     manifest_path.write_text(json.dumps(manifest))

@@ -14,8 +14,8 @@ PROFILES = sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
 
 def stage_configs():
     from pgolf.data.corpus import CorpusConfig
-    from pgolf.eval.sliding import SlidingConfig
-    from pgolf.quant.hessians import HessianConfig
+    from pgolf.eval.sliding import EvalSlidingConfig
+    from pgolf.quant.hessians import HessiansConfig
     from pgolf.model.gpt import ModelConfig
     from pgolf.train.optim import OptimConfig
     from pgolf.quant.policy import QuantizeConfig
@@ -23,10 +23,10 @@ def stage_configs():
     from pgolf.submission.size import SizeConfig
     from pgolf.data.tokenizer import TokenizerConfig
     from pgolf.train.config import TrainConfig
-    from pgolf.eval.ttt import TTTConfig
+    from pgolf.eval.ttt import EvalTTTConfig
     return {"corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
-            "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "hessians": HessianConfig,
-            "quantize": QuantizeConfig, "size": SizeConfig, "eval_sliding": SlidingConfig, "eval_ttt": TTTConfig}
+            "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "hessians": HessiansConfig,
+            "quantize": QuantizeConfig, "size": SizeConfig, "eval_sliding": EvalSlidingConfig, "eval_ttt": EvalTTTConfig}
 
 
 def test_params_yaml_is_the_default_composition():

@@ -20,7 +20,7 @@ import stages.quantize
 import stages.size_check
 from pgolf.quant.artifact import HEADER_BYTES, load_dequantized_model, read_artifact
 from pgolf.model.checkpoint import save_checkpoint
-from pgolf.quant.hessians import HessianConfig, load_hessians
+from pgolf.quant.hessians import HessiansConfig, load_hessians
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.data.shards import write_shard
 from pgolf.submission.size import SizeConfig, counted_code_files
@@ -160,7 +160,7 @@ def test_torchrun_two_ranks_sum_to_the_single_process_hessians(root):
 
 
 # ----------------------------------------------------------------- dvc.yaml
-STAGE_SECTIONS = {"hessians": (HessianConfig, ["launch.nproc_per_node", "launch.device"]),
+STAGE_SECTIONS = {"hessians": (HessiansConfig, ["launch.nproc_per_node", "launch.device"]),
                   "quantize": (QuantizeConfig, ["launch.device"]),
                   "size_check": (SizeConfig, [])}
 

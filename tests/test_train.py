@@ -103,7 +103,7 @@ def test_compile_warmup_restores_the_starting_state_exactly(tmp_path, tiny_data)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_data, monkeypatch):
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_resume_state(tmp_path, tiny_data, monkeypatch):
     real_step = Trainer.train_step
 
     def poisoned(self, lr_scale, step):
@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_p
 
     monkeypatch.setattr(Trainer, "train_step", poisoned)
     with pytest.raises(PgolfError) as err:
-        train_in(tmp_path, tiny_data, train={"max_steps": 20, "warmdown_steps": 0, "checkpoint_every": 4})
+        train_in(tmp_path, tiny_data, train={"max_steps": 20, "warmdown_steps": 0, "resume_every": 4})
     message = str(err.value)
     assert "\n" not in message
     assert "non-finite loss or gradient at step 6" in message and "(step 4)" in message

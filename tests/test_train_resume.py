@@ -49,7 +49,7 @@ def assert_same_averages(a: Path, b: Path) -> None:
 
 
 def test_crash_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_data, monkeypatch):
-    settings = dict(train={"max_steps": 24, "warmdown_steps": 12, "checkpoint_every": 5})
+    settings = dict(train={"max_steps": 24, "warmdown_steps": 12, "resume_every": 5})
     whole = stages.train.run(tiny_train_params(**settings), link_data(tmp_path / "whole", tiny_data))
 
     real_step = Trainer.train_step
@@ -92,10 +92,10 @@ def test_resume_state_of_another_config_is_ignored(tmp_path, tiny_data, monkeypa
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_7)
     with pytest.raises(SimulatedCrash):
-        stages.train.run(tiny_train_params(train={"max_steps": 12, "warmdown_steps": 6, "checkpoint_every": 3}), root)
+        stages.train.run(tiny_train_params(train={"max_steps": 12, "warmdown_steps": 6, "resume_every": 3}), root)
     monkeypatch.setattr(Trainer, "train_step", real_step)
     # Another seed is another run: it must start at step 0, not resume step 6.
-    m = stages.train.run(tiny_train_params(train={"max_steps": 12, "warmdown_steps": 6, "checkpoint_every": 3,
+    m = stages.train.run(tiny_train_params(train={"max_steps": 12, "warmdown_steps": 6, "resume_every": 3,
                                                   "seed": 7}), root)
     assert m["resumed_from_step"] is None
     assert "resume state belongs to another config" in (root / "artifacts/train/train.log").read_text()
@@ -127,7 +127,7 @@ def _prepare(root: Path, tiny_data: Path, params: dict) -> Path:
 
 @pytest.mark.slow
 def test_kill_9_mid_training_then_rerun_is_bit_identical(tmp_path, tiny_data):
-    params = tiny_train_params(train={"max_steps": 160, "warmdown_steps": 80, "checkpoint_every": 10,
+    params = tiny_train_params(train={"max_steps": 160, "warmdown_steps": 80, "resume_every": 10,
                                       "log_every": 25})
     cmd = [sys.executable, "-m", "stages.train"]
     whole = _prepare(tmp_path / "whole", tiny_data, params)

@@ -16,14 +16,14 @@ from dist_eval_worker import ProbeLM, TinyBankLM, decode_probe, make_stream, mak
 
 from pgolf.config import from_params, to_dict  # noqa: E402
 from pgolf.errors import ParamError  # noqa: E402
-from pgolf.eval.sliding import SlidingConfig, score_sliding_windows  # noqa: E402
-from pgolf.eval.ttt import TTTConfig, block_count, chunk_lr, run_ttt  # noqa: E402
+from pgolf.eval.sliding import EvalSlidingConfig, score_sliding_windows  # noqa: E402
+from pgolf.eval.ttt import EvalTTTConfig, block_count, chunk_lr, run_ttt  # noqa: E402
 from pgolf.eval.windows import chunk_sequences, num_chunks  # noqa: E402
 
 torch.set_num_threads(1)
 VOCAB = 16
-WINDOWS = SlidingConfig(seq_len=16, stride=4, batch_windows=3, trim_to_seq_len=False, compile=False)
-SGD = TTTConfig(chunk_tokens=40, epochs=2, optimizer="sgd", lr=0.1, lr_schedule="cosine", momentum=0.9,
+WINDOWS = EvalSlidingConfig(seq_len=16, stride=4, batch_windows=3, trim_to_seq_len=False, compile=False)
+SGD = EvalTTTConfig(chunk_tokens=40, epochs=2, optimizer="sgd", lr=0.1, lr_schedule="cosine", momentum=0.9,
                 beta2=0.999, weight_decay=0.0, freeze_blocks=0, grad_clip=1.0, batch_seqs=2)
 ADAMW = dataclasses.replace(SGD, optimizer="adamw", lr=0.02, weight_decay=0.1, lr_schedule="constant")
 
@@ -182,7 +182,7 @@ def test_cosine_schedule_by_hand():
     assert chunk_lr(dataclasses.replace(SGD, lr_schedule="constant"), 3, 5) == 0.1
 
 
-def reference_sgd(model, tokens, windows: SlidingConfig, cfg: TTTConfig, trained_chunks: int):
+def reference_sgd(model, tokens, windows: EvalSlidingConfig, cfg: EvalTTTConfig, trained_chunks: int):
     """float64 SGD with momentum and global-norm clipping, written out by hand.
 
     Freezing block i zeroes the gradient of ``blocks.i.*`` and of bank rows
@@ -241,7 +241,7 @@ def test_config_errors_name_the_key(key, value):
     section = to_dict(SGD)
     section[key] = value
     with pytest.raises(ParamError, match=f"eval_ttt.{key}"):
-        from_params(TTTConfig, {"eval_ttt": section}, "eval_ttt")
+        from_params(EvalTTTConfig, {"eval_ttt": section}, "eval_ttt")
 
 
 @pytest.mark.gpu

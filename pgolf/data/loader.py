@@ -16,7 +16,7 @@ accumulation steps, whatever W and A are, as long as ``W·A`` and
 it (as in the records), so spans never overlap.
 
 The loader's whole state is one integer (the next token's offset in the
-training stream), which is what a resume checkpoint stores.
+training stream), which is what the resume state stores.
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.metadata
 import io
+import itertools
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pgolf.config import check
+from pgolf.data.corpus import iter_jsonl
 from pgolf.errors import DataError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -120,6 +123,25 @@ def check_layout(model_bytes: bytes, vocab_size: int, where: str) -> None:
         piece = sp.id_to_piece(i)
         if not sp.is_byte(i) or piece != f"<0x{byte:02X}>":
             raise DataError(f"{where}: id {i} is {piece!r}, expected byte-fallback piece <0x{byte:02X}>")
+
+
+def build_tokenizer(cfg: TokenizerConfig, train_jsonl: Path) -> tuple[bytes, dict]:
+    """(model bytes, meta) of the tokenizer stage: trained on ``train_jsonl``'s documents, or the given file,
+    checked against the challenge's id layout either way."""
+    meta: dict = {"source": cfg.source, "sentencepiece_version": importlib.metadata.version("sentencepiece")}
+    if cfg.source == "train":
+        docs = iter_jsonl(train_jsonl)
+        docs = list(itertools.islice(docs, cfg.max_train_docs) if cfg.max_train_docs else docs)
+        model = train_model(docs, cfg.vocab_size)
+        meta.update(train_docs=len(docs), trainer_settings=CHALLENGE_TRAINER_SETTINGS)
+        where = "trained tokenizer"
+    else:
+        model = read_model(cfg.model_path)
+        meta["model_path"] = cfg.model_path
+        where = cfg.model_path
+    check_layout(model, cfg.vocab_size, where)
+    meta.update(vocab_size=cfg.vocab_size, sha256=sha256_bytes(model))
+    return model, meta
 
 
 # --- encoding ---------------------------------------------------------------

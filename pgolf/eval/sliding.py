@@ -39,7 +39,7 @@ Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class SlidingConfig:
+class EvalSlidingConfig:
     """``eval_sliding`` params; ``eval_ttt`` scores with the same windows."""
 
     seq_len: int            # tokens per window
@@ -86,6 +86,14 @@ class EvalResult:
     @property
     def tokens_per_s(self) -> float:
         return self.sums.scored_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+def score_metrics(result: "EvalResult") -> dict:
+    """The metrics both eval stages report of a scoring run (sliding or TTT)."""
+    return {"val_loss": result.sums.val_loss, "val_bpb": result.sums.val_bpb,
+            "scored_tokens": result.sums.scored_tokens, "bytes": result.sums.byte_sum,
+            "seconds": round(result.seconds, 3), "compile_seconds": round(result.compile_seconds, 3),
+            "tokens_per_s": round(result.tokens_per_s, 1), "windows": result.windows}
 
 
 def prepare_tokens(stream: np.ndarray, seq_len: int, trim_to_seq_len: bool, device: torch.device,
@@ -222,7 +230,7 @@ def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: in
 
 
 def score_sliding_windows(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
-                          cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
+                          cfg: EvalSlidingConfig, *, rank: int = 0, world_size: int = 1,
                           forward: Forward | None = None, observer: Observer | None = None,
                           progress: Progress | None = None, warmup: bool = False) -> EvalResult:
     """Exact sliding-window eval: every target of ``tokens`` scored once (docs/RECIPE.md §5.2, §6.1).
@@ -237,7 +245,7 @@ def score_sliding_windows(model: torch.nn.Module, tokens: torch.Tensor, tables: 
 
 
 def score_nonoverlapping(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
-                         cfg: SlidingConfig, *, rank: int = 0, world_size: int = 1,
+                         cfg: EvalSlidingConfig, *, rank: int = 0, world_size: int = 1,
                          forward: Forward | None = None, observer: Observer | None = None,
                          progress: Progress | None = None) -> EvalResult:
     """Diagnostic: consecutive seq_len windows, each scored in full (docs/RECIPE.md §5.1)."""
@@ -245,3 +253,19 @@ def score_nonoverlapping(model: torch.nn.Module, tokens: torch.Tensor, tables: B
     scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress)
     plan = plan_nonoverlapping(scorer.num_targets, cfg.seq_len)
     return score_plan(scorer, plan, rank, world_size, "non-overlapping windows")
+
+
+def evaluate_sliding(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: EvalSlidingConfig,
+                     *, rank: int = 0, world_size: int = 1, progress: Progress | None = None) -> dict:
+    """The eval_sliding stage's scores: exact sliding windows, then non-overlapping windows as a diagnostic.
+
+    Both share one forward; a compiled one is built on one discarded batch
+    first, timed apart (``compile_seconds``).
+    """
+    forward = nll_forward(model, cfg.compile, tokens.device)
+    shared = dict(rank=rank, world_size=world_size, progress=progress, forward=forward)
+    sliding = score_sliding_windows(model, tokens, tables, cfg, **shared,
+                                    warmup=compile_enabled(cfg.compile, tokens.device))
+    plain = score_nonoverlapping(model, tokens, tables, cfg, **shared)
+    return {**score_metrics(sliding), "nonoverlap_val_loss": plain.sums.val_loss,
+            "nonoverlap_val_bpb": plain.sums.val_bpb, "nonoverlap_seconds": round(plain.seconds, 3)}

@@ -33,7 +33,7 @@ from pgolf.data.bpb import ByteTables
 from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import ParamError
-from pgolf.eval.sliding import EvalSums, Forward, Observer, SlidingConfig, WindowScorer, nll_forward
+from pgolf.eval.sliding import EvalSums, Forward, Observer, EvalSlidingConfig, WindowScorer, nll_forward
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
 from pgolf.eval.windows import chunk_sequences, chunk_window_bounds, plan_sliding
@@ -42,7 +42,7 @@ _BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
-class TTTConfig:
+class EvalTTTConfig:
     """``eval_ttt`` params (the windows are ``eval_sliding``'s)."""
 
     chunk_tokens: int     # targets per chunk: scored, then trained on
@@ -69,7 +69,7 @@ class TTTConfig:
         check(self.batch_seqs >= 1, "batch_seqs", "must be >= 1")
 
 
-def chunk_lr(cfg: TTTConfig, chunk: int, chunks: int) -> float:
+def chunk_lr(cfg: EvalTTTConfig, chunk: int, chunks: int) -> float:
     """Learning rate while training on ``chunk`` (the records' cosine over chunk index)."""
     if cfg.lr_schedule == "constant" or chunks <= 1:
         return cfg.lr
@@ -142,7 +142,7 @@ class FrozenBlocks:
             param.requires_grad_(True)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TTTConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: EvalTTTConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
@@ -153,7 +153,7 @@ class ChunkTrainer:
     """Trains the model on one chunk's sequences; identical updates on every rank."""
 
     def __init__(self, model: torch.nn.Module, forward: Forward, tokens: torch.Tensor, seq_len: int,
-                 cfg: TTTConfig, params: list[torch.nn.Parameter], frozen: FrozenBlocks,
+                 cfg: EvalTTTConfig, params: list[torch.nn.Parameter], frozen: FrozenBlocks,
                  rank: int, world_size: int):
         self.model, self.forward, self.tokens = model, forward, tokens
         self.device = tokens.device
@@ -264,7 +264,7 @@ def chunk_series(per_chunk: np.ndarray) -> list[dict]:
 
 
 def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
-            windows: SlidingConfig, cfg: TTTConfig, *, rank: int = 0, world_size: int = 1,
+            windows: EvalSlidingConfig, cfg: EvalTTTConfig, *, rank: int = 0, world_size: int = 1,
             forward: Forward | None = None, observer: Observer | None = None,
             progress: Progress | None = None, warmup: bool = False) -> TTTResult:
     """Score-first TTT over ``tokens``; ``model`` is trained in place.

@@ -6,24 +6,27 @@ are read here and passed to :func:`pgolf.distributed.init_distributed`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 import signal
 import sys
-from dataclasses import dataclass
+import typing
 from typing import Callable, Literal, Mapping
 
 from pgolf.config import check, from_params, load_params
-from pgolf.errors import PgolfError
+from pgolf.errors import ParamError, PgolfError
 from pgolf.pipeline.paths import PARAMS
 
+Device = Literal["auto", "cpu", "cuda"]
 
-@dataclass(frozen=True)
+
+@dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     """Section ``launch`` of params.yaml: nproc_per_node is read by torchrun (dvc.yaml's cmd), device by the stages."""
 
     nproc_per_node: int | Literal["gpu"]  # processes per node; "gpu" = one per visible GPU
-    device: Literal["auto", "cpu", "cuda"]  # auto = CUDA when present
+    device: Device                         # auto = CUDA when present
 
     def __post_init__(self) -> None:
         if self.nproc_per_node != "gpu":
@@ -40,9 +43,27 @@ def launch_facts() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
+def launch_config(p: Mapping) -> LaunchConfig:
+    """The whole ``launch`` section, strictly parsed: for the stages torchrun launches with nproc_per_node."""
+    return from_params(LaunchConfig, p, "launch")
+
+
 def launch_device(p: Mapping) -> str:
-    """``launch.device`` (auto | cpu | cuda) of a strictly parsed ``launch`` section; ParamError names a bad key."""
-    return from_params(LaunchConfig, p, "launch").device
+    """``launch.device`` alone, for a stage run as one process: nproc_per_node is not read (so not a dependency),
+    but an unknown key in the section is still an error."""
+    section = p.get("launch")
+    if not isinstance(section, Mapping):
+        raise ParamError("launch", "missing section")
+    known = [f.name for f in dataclasses.fields(LaunchConfig)]
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ParamError(f"launch.{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+    if "device" not in section:
+        raise ParamError("launch.device", "missing key")
+    device, allowed = section["device"], list(typing.get_args(Device))
+    if device not in allowed:
+        raise ParamError("launch.device", f"must be one of {allowed}, got {device!r}")
+    return device
 
 
 def die_with_launcher() -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
-CORPUS_DIR = Path("data/corpus")
+CORPUS_DIR = Path("data/corpus")  # {train,val}.jsonl
 CORPUS_TRAIN = CORPUS_DIR / "train.jsonl"
+CORPUS_VAL = CORPUS_DIR / "val.jsonl"
 CORPUS_MANIFEST = CORPUS_DIR / "manifest.json"
 TOKENIZER_DIR = Path("data/tokenizer")
 TOKENIZER_MODEL = TOKENIZER_DIR / "tokenizer.model"

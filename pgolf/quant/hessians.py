@@ -40,7 +40,7 @@ _TRAIN_SHARD = re.compile(r"^train_\d+\.bin$")
 
 
 @dataclass(frozen=True)
-class HessianConfig:
+class HessiansConfig:
     """Section ``hessians`` of params.yaml."""
 
     source: Literal["train", "autoregressive"]
@@ -177,7 +177,7 @@ def check_train_shards(paths: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def train_calibration_batches(paths: Sequence[str | Path], vocab_size: int, cfg: HessianConfig,
+def train_calibration_batches(paths: Sequence[str | Path], vocab_size: int, cfg: HessiansConfig,
                               rank: int, world_size: int) -> Iterator[torch.Tensor]:
     """This rank's share of ``train_batches`` batches of consecutive train sequences.
 
@@ -199,7 +199,7 @@ def train_calibration_batches(paths: Sequence[str | Path], vocab_size: int, cfg:
             yield torch.from_numpy(tokens).view(hi - lo, cfg.seq_len)
 
 
-def autoregressive_batches(model: nn.Module, cfg: HessianConfig, rank: int, world_size: int,
+def autoregressive_batches(model: nn.Module, cfg: HessiansConfig, rank: int, world_size: int,
                            device: torch.device, progress: Progress | None = None) -> Iterator[torch.Tensor]:
     """This rank's share of ``ar_num_seqs`` sampled sequences, int64 [n, seq_len] on ``device``."""
     num_batches = -(-cfg.ar_num_seqs // cfg.ar_batch_seqs)

@@ -17,11 +17,10 @@ import torch
 from pgolf.quant import artifact as artifact_format
 from pgolf.model import checkpoint as checkpoint_format
 from pgolf.train import resume as train_state
+from pgolf.train.averaging import AVERAGES_FORMAT
 from pgolf.errors import DataError
 from pgolf.quant.hessians import load_hessians
 from pgolf.tools.inspect import Summary, UnrecognisedFile, fmt, natural_key, one_line, table
-
-AVERAGES_FORMAT = "pgolf-train-averages"
 
 
 def _load_tensors_only(path: Path) -> Any:

@@ -56,3 +56,13 @@ def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float],
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def plot_running_bpb(path: str | Path, chunks: Sequence[Mapping], sliding_bpb: float) -> None:
+    """eval_ttt's picture: running and per-chunk bpb against the chunk index, eval_sliding's bpb as the reference."""
+    index = [row["chunk"] for row in chunks]
+    ends = [index[0], index[-1]] if index else []
+    plot_lines(path, {"running bpb (scored so far)": (index, [row["running_bpb"] for row in chunks]),
+                      "chunk bpb": (index, [row["chunk_bpb"] for row in chunks]),
+                      "sliding, no TTT": (ends, [sliding_bpb] * len(ends))},
+               "score-first TTT", "chunk", "bits per byte")

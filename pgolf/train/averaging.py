@@ -28,6 +28,9 @@ from torch import nn
 
 from pgolf.errors import DataError
 
+# The format tag of artifacts/train/averages.pt, the candidates the train stage writes.
+AVERAGES_FORMAT = "pgolf-train-averages"
+
 EMA_WARMUP_OFFSET = 10.0
 
 

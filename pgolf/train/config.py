@@ -27,7 +27,7 @@ class TrainConfig:
     qat_bits: int                 # bits of the fake-quantisation grid (must match quantize's grid)
     holdout_tokens: int           # tail of the train stream kept out of training to choose the weights
     final_weights: Literal["best_holdout", "live", "ema", "swa"]
-    checkpoint_every: int         # steps between resume checkpoints; 0 = none
+    resume_every: int             # steps between writes of the resume state; 0 = none
     log_every: int                # steps between log lines / curve points
 
     def __post_init__(self) -> None:
@@ -54,7 +54,7 @@ class TrainConfig:
               f"must exceed seq_len ({self.seq_len}): the holdout is scored in whole sequences")
         check(self.final_weights == "best_holdout" or self.final_weights in CANDIDATES, "final_weights",
               f"must be best_holdout or one of {list(CANDIDATES)}")
-        check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no resume checkpoints)")
+        check(self.resume_every >= 0, "resume_every", "must be >= 0 (0 = no resume state)")
         check(self.log_every >= 1, "log_every", "must be >= 1")
 
     def grad_accum(self, world_size: int) -> int:

@@ -5,8 +5,8 @@ On a terminal the progress is a tqdm bar (steps, tokens/s, ETA) with log lines
 printed above it; when stdout is not a terminal (CI, `dvc repro` piped to a
 file) the same lines are printed plainly, so logs stay readable.
 
-Curves are kept as a list of rows (one per logged step) so a resume
-checkpoint can carry them: DVC deletes the stage's outputs before re-running
+Curves are kept as a list of rows (one per logged step) so the resume
+state can carry them: DVC deletes the stage's outputs before re-running
 it, and replaying the rows keeps a resumed run's curves complete.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ steps); then the ranks agree (all-reduce MAX, one sync per step) on whether to
 stop: a non-finite loss or gradient norm on any rank, or the wall-clock cap.
 
 Timing. ``elapsed`` counts training steps only (host clock after a device
-sync), not compile warm-up, logging, checkpoints or the final evaluation.
+sync), not compile warm-up, logging, resume-state writes or the final evaluation.
 Compile warm-up (docs/RECIPE.md §3.3) runs ``compile_warmup_steps`` real steps to
 trigger compilation, then restores the weights, optimizer state and loader
 position it started from, so the measured run starts from the same state as
@@ -76,7 +76,7 @@ class _Progress:
     elapsed_s: float = 0.0        # training-step time only
     qat_from_step: int | None = None
     resumed_from_step: int | None = None
-    last_checkpoint_step: int | None = None
+    last_resume_step: int | None = None
     last_loss: float = math.nan
 
 
@@ -171,11 +171,11 @@ class Trainer:
         return config_hash(to_dict(model_cfg), to_dict(self.optim_cfg), to_dict(self.cfg),
                            self.ctx.world_size, self.loader.stream.shard_sizes)
 
-    def checkpoint(self, path: Path, run_hash: str, reporter: TrainReporter) -> None:
+    def save_resume(self, path: Path, run_hash: str, reporter: TrainReporter) -> None:
         """Write the resume state (rank 0); every rank joins the optimizer's gather."""
         optimizer_state = self.optimizer.state_dict()
         p = self.progress
-        p.last_checkpoint_step = p.step
+        p.last_resume_step = p.step
         if not self.ctx.is_main:
             return
         rng_cpu, rng_cuda = capture_rng(self.ctx.device)
@@ -196,7 +196,7 @@ class Trainer:
         restore_rng(state.rng_cpu, state.rng_cuda, self.ctx.device)
         p = self.progress
         p.step, p.elapsed_s, p.qat_from_step = state.step, state.elapsed_s, state.qat_from_step
-        p.resumed_from_step = p.last_checkpoint_step = state.step
+        p.resumed_from_step = p.last_resume_step = state.step
         if p.qat_from_step is not None:
             self.model.set_qat(True, self.cfg.qat_bits)
         if state.curve_rows:
@@ -214,7 +214,7 @@ def run_training(model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfi
     """
     trainer = Trainer(model_cfg, optim_cfg, cfg, ctx, stream)
     run_hash = trainer.run_hash(model_cfg)
-    state, why = None, "resume checkpoints off"
+    state, why = None, "resume state off"
     if files.resume is not None:
         if ctx.is_main:
             remove_stale_temporaries(files.resume)
@@ -253,8 +253,8 @@ def _loop(t: Trainer, reporter: TrainReporter, resume_path: Path | None, run_has
         p.elapsed_s += time.perf_counter() - started
         bad, time_up = t.agree(loss, stats["grad_norm"])
         if bad:
-            kept = (f"the last good resume checkpoint is {resume_path} (step {p.last_checkpoint_step})"
-                    if p.last_checkpoint_step is not None else "no resume checkpoint was written yet")
+            kept = (f"the last good resume state is {resume_path} (step {p.last_resume_step})"
+                    if p.last_resume_step is not None else "no resume state was written yet")
             raise PgolfError(f"train: non-finite loss or gradient at step {p.step} (loss {loss.item():.4g}, "
                              f"grad norm {stats['grad_norm']:.4g}); stopped, {kept}")
         last = time_up or p.step == cfg.max_steps
@@ -269,10 +269,10 @@ def _loop(t: Trainer, reporter: TrainReporter, resume_path: Path | None, run_has
             reporter.curve(p.step, {LOSS_CURVE: p.last_loss, "lr_scale": lr_scale,
                                     "grad_norm": stats["grad_norm"], "tokens_per_s": tokens_per_s,
                                     "train_seconds": p.elapsed_s})
-        # The last step is checkpointed too, so the final choice can be redone
+        # The last step's resume state is written too, so the final choice can be redone
         # (e.g. with another train.final_weights) without retraining.
-        if resume_path is not None and cfg.checkpoint_every and (p.step % cfg.checkpoint_every == 0 or last):
-            t.checkpoint(resume_path, run_hash, reporter)
+        if resume_path is not None and cfg.resume_every and (p.step % cfg.resume_every == 0 or last):
+            t.save_resume(resume_path, run_hash, reporter)
 
 
 def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float) -> TrainOutcome:

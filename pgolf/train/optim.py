@@ -219,7 +219,7 @@ class PgolfOptimizer:
         """Full (unsharded) state, the same on every rank. Collective: call on all ranks.
 
         Bank momentum is gathered to whole-bank tensors on the CPU, so a
-        checkpoint resumes at any world size.
+        resume state loads at any world size.
         """
         return {"version": STATE_VERSION,
                 "muon_momentum": {b.name: b.full_momentum().cpu() for b in self.banks},

@@ -1,19 +1,19 @@
 """Resumable training state: one file, written atomically, that survives ``kill -9``.
 
-Every ``checkpoint_every`` steps rank 0 writes everything the loop needs to
+Every ``resume_every`` steps rank 0 writes everything the loop needs to
 continue exactly where it was: weights, optimizer state, EMA and SWA state,
 the loader position, RNG states, the step, the elapsed training time, the QAT
 switch and the curve rows logged so far. On CPU with fixed seeds a resumed run
-ends bit-identical to an uninterrupted one. The last step is checkpointed too,
-so the post-training choice of weights can be redone without retraining.
+ends bit-identical to an uninterrupted one. The last step is saved too, so
+the post-training choice of weights can be redone without retraining.
 Optimizer state is stored gathered (whole banks), but the world size is part
 of the hash, so a state resumes only at the world size that wrote it.
 
 A state is only resumed when its ``config_hash`` matches the current run: the
-resolved model/optim/train configs (minus the logging and checkpoint
+resolved model/optim/train configs (minus the logging and resume-state
 intervals and the final-weights choice, which do not change training), the
 world size and the train shards' names and sizes.
-A state of another config is ignored (and overwritten at the next checkpoint).
+A state of another config is ignored (and overwritten at the next write).
 
 After a successful finish the file is replaced by a small *finished* marker
 (no tensors). Keeping a file there, rather than deleting it, lets DVC track it
@@ -39,7 +39,7 @@ FORMAT = "pgolf-train-resume"
 VERSION = 1
 # Settings that do not change the trained weights: how often things are
 # written, and which candidate is picked after training.
-HASH_EXCLUDED_TRAIN_KEYS = ("checkpoint_every", "log_every", "final_weights")
+HASH_EXCLUDED_TRAIN_KEYS = ("resume_every", "log_every", "final_weights")
 
 
 def config_hash(model: dict, optim: dict, train: dict, world_size: int,

@@ -35,8 +35,8 @@ from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
 from pgolf.tools.profiles import compose  # noqa: E402
 from pgolf.precision import configure_backends, synchronize  # noqa: E402
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt  # noqa: E402
+from pgolf.eval.windows import CHALLENGE_VAL_TARGETS  # noqa: E402
 
-FINEWEB_VAL_TARGETS = 62_021_632
 # Seconds on 8×H100 in the records' logs (docs/RECIPE.md §7) and this project's goals.
 RECORD_SECONDS = {"sliding": (73.7, 105.1), "ttt": (408.0, 410.3)}
 GOAL_SECONDS = {"sliding": 75.0, "ttt": 300.0}
@@ -79,7 +79,7 @@ def timed(fn, device: torch.device) -> tuple[object, float]:
 def projection(rank_targets: int, seconds: float, world: int) -> dict:
     per_gpu = rank_targets / seconds
     return {"rank0_targets": rank_targets, "seconds": round(seconds, 3), "per_gpu_tokens_per_s": round(per_gpu, 1),
-            "projected_seconds_fineweb": round(FINEWEB_VAL_TARGETS / (world * per_gpu), 1)}
+            "projected_seconds_fineweb": round(CHALLENGE_VAL_TARGETS / (world * per_gpu), 1)}
 
 
 def main() -> None:
@@ -143,7 +143,7 @@ def main() -> None:
         "attention_backend": cfg.attention_backend,
         # Where this process's compile time went (dynamo/inductor phases, summed).
         "compile_phases": compile_phases(),
-        "sliding_projected_with_compile_s": round(compile_sliding_s + FINEWEB_VAL_TARGETS / (
+        "sliding_projected_with_compile_s": round(compile_sliding_s + CHALLENGE_VAL_TARGETS / (
             args.world * sliding.sums.scored_tokens / sliding_s), 1),
         "ttt_allreduce_mb_per_step": round(grad_bytes / 1e6, 1),
         "record_seconds_8xh100": RECORD_SECONDS, "goal_seconds": GOAL_SECONDS,
@@ -156,7 +156,7 @@ def main() -> None:
         r = result[name]
         ok = "meets" if r["projected_seconds_fineweb"] <= GOAL_SECONDS[name] else "misses"
         print(f"{name}: {r['per_gpu_tokens_per_s']:,.0f} scored tok/s per GPU -> "
-              f"{r['projected_seconds_fineweb']:.1f} s for {FINEWEB_VAL_TARGETS:,} targets on {args.world} GPUs "
+              f"{r['projected_seconds_fineweb']:.1f} s for {CHALLENGE_VAL_TARGETS:,} targets on {args.world} GPUs "
               f"({ok} the {GOAL_SECONDS[name]:.0f} s goal; records {RECORD_SECONDS[name]})")
     assert all(math.isfinite(result[n]["per_gpu_tokens_per_s"]) for n in names)
 

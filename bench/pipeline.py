@@ -9,7 +9,7 @@ profile=<name>` would (conf/ + overrides), over data already prepared under
     → float-checkpoint sliding eval (for the quantisation gap) → eval_sliding → eval_ttt
 
 and prints one table (also written as JSON): train tokens/s and MFU, steps,
-pre-quant and quantised bpb and the gap, artifact bytes and headroom under
+pre-quant and quantised bpb and the gap, total bytes and headroom under
 16,000,000, Hessian + GPTQ seconds, sliding and TTT scored tokens/s and their
 projected 8-GPU times for the challenge's 62,021,632-token validation set
 (compiled evals: the stages time compilation apart, on one discarded warm-up
@@ -33,26 +33,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from pgolf.eval.windows import CHALLENGE_VAL_TARGETS  # noqa: E402
 from pgolf.tools.profiles import compose  # noqa: E402
-
-CHALLENGE_VAL_TOKENS = 62_021_632
-LIMIT = 16_000_000
 
 
 def float_sliding_bpb(root: Path, p: dict) -> dict:
-    """Sliding-window bpb of the unquantised training checkpoint, same windows as eval_sliding."""
-    from pgolf.data.bpb import build_byte_tables
-    from pgolf.model.checkpoint import build_model, load_checkpoint
+    """Sliding-window bpb of the unquantised training checkpoint: eval_sliding's data, windows and scorer."""
     from pgolf.config import from_params
-    from pgolf.eval.sliding import EvalSlidingConfig, nll_forward, prepare_tokens, score_sliding_windows
+    from pgolf.distributed import resolve_device
+    from pgolf.eval.inputs import load_eval_data
+    from pgolf.eval.sliding import EvalSlidingConfig, nll_forward, score_sliding_windows
+    from pgolf.model.checkpoint import build_model, load_checkpoint
+    from pgolf.pipeline.launch import launch_device
+    from pgolf.pipeline.paths import CHECKPOINT
     from pgolf.precision import compile_enabled
-    from pgolf.data.shards import load_split
     cfg = from_params(EvalSlidingConfig, p, "eval_sliding")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(load_checkpoint(root / "artifacts/train/model.pt"), device).eval()
-    stream = load_split(root / "data/shards", "val", model.cfg.vocab_size)
-    tokens = prepare_tokens(stream, cfg.seq_len, cfg.trim_to_seq_len, device, str(root / "data/shards"))
-    tables = build_byte_tables(root / "data/tokenizer/tokenizer.model", model.cfg.vocab_size)
+    device = resolve_device(launch_device(p))
+    model = build_model(load_checkpoint(root / CHECKPOINT), device).eval()
+    tokens, tables = load_eval_data(root, cfg, model.cfg.vocab_size, device)
     res = score_sliding_windows(model, tokens, tables, cfg, rank=0, world_size=1,
                                 forward=nll_forward(model, cfg.compile, device),
                                 warmup=compile_enabled(cfg.compile, device))
@@ -111,8 +109,8 @@ def main() -> None:
     qm = timed("quantize", quantize.run, p, root)
     sm = timed("size_check", size_check.run, p, root)
     row.update(hessian_seconds=hm.get("seconds"), gptq_seconds=qm.get("seconds_quantize"), quantize_seconds=qm.get("seconds"),
-               artifact_bytes=sm["total_bytes"], model_bytes=sm["model_bytes"], code_bytes=sm["code_bytes"],
-               headroom=LIMIT - sm["total_bytes"], fits=sm["fits"])
+               total_bytes=sm["total_bytes"], model_bytes=sm["model_bytes"], code_bytes=sm["code_bytes"],
+               headroom=sm["headroom"], fits=sm["fits"])
     fm = timed("float_eval", float_sliding_bpb, root, p)
     em = timed("eval_sliding", eval_sliding.run, p, root)
     tt = timed("eval_ttt", eval_ttt.run, p, root)
@@ -123,13 +121,13 @@ def main() -> None:
                ttt_bpb=tt["val_bpb"], sliding_tokens_per_s=em["tokens_per_s"], ttt_tokens_per_s=tt["tokens_per_s"],
                sliding_compile_s=sliding_compile, ttt_compile_s=tt["compile_seconds"],
                # Steady-state rate over the challenge's val set on 8 GPUs, plus the compile time.
-               sliding_8gpu_projected_s=sliding_compile + CHALLENGE_VAL_TOKENS / (8 * em["tokens_per_s"]),
-               ttt_8gpu_projected_s=tt["compile_seconds"] + CHALLENGE_VAL_TOKENS / (8 * tt["tokens_per_s"]),
+               sliding_8gpu_projected_s=sliding_compile + CHALLENGE_VAL_TARGETS / (8 * em["tokens_per_s"]),
+               ttt_8gpu_projected_s=tt["compile_seconds"] + CHALLENGE_VAL_TARGETS / (8 * tt["tokens_per_s"]),
                stage_seconds=stage_seconds, train_metrics=tm, quantize_metrics=qm, sliding_metrics=em, ttt_metrics=tt)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=2, default=str))
     keys = ["device", "profile", "steps", "train_tokens_per_s", "mfu", "train_loss", "weights", "prequant_bpb", "quant_bpb", "quant_gap_bpb",
-            "ttt_bpb", "artifact_bytes", "headroom", "fits", "hessian_seconds", "gptq_seconds",
+            "ttt_bpb", "total_bytes", "headroom", "fits", "hessian_seconds", "gptq_seconds",
             "sliding_tokens_per_s", "sliding_compile_s", "sliding_8gpu_projected_s",
             "ttt_tokens_per_s", "ttt_compile_s", "ttt_8gpu_projected_s"]
     width = max(map(len, keys))

@@ -31,8 +31,8 @@ def test_harness_runs_the_real_stages_and_reports_every_figure(tiny_data, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text())
     assert row["steps"] == 4 and row["fits"] is True
-    assert row["artifact_bytes"] == row["model_bytes"] + row["code_bytes"]
-    assert row["headroom"] == 16_000_000 - row["artifact_bytes"]
+    assert row["total_bytes"] == row["model_bytes"] + row["code_bytes"]
+    assert row["headroom"] == 16_000_000 - row["total_bytes"]
     assert row["quant_gap_bpb"] == pytest.approx(row["quant_bpb"] - row["prequant_bpb"])
     assert row["sliding_8gpu_projected_s"] == pytest.approx(
         row["sliding_compile_s"] + 62_021_632 / (8 * row["sliding_tokens_per_s"]))

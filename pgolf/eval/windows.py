@@ -29,6 +29,10 @@ import numpy as np
 from pgolf.errors import DataError
 
 
+# Targets the challenge scores: FineWeb's validation set trimmed to whole 2048-token sequences.
+CHALLENGE_VAL_TARGETS = 62_021_632
+
+
 @dataclass(frozen=True, eq=False)
 class WindowPlan:
     """Windows in scoring order; arrays are int64 of one length (the window count)."""

@@ -13,8 +13,8 @@ still understood:
 * training log: its ``train:`` / ``step N/M loss`` lines.
 
 Each summariser (``pgolf/tools/inspect_data.py``, ``inspect_model.py``,
-``inspect_reports.py``) returns a :class:`Summary`: JSON-able facts plus the
-lines a person reads. A file that is not recognised, or that is recognised but
+``inspect_reports.py``) returns a :class:`~pgolf.tools.inspect_summary.Summary`:
+JSON-able facts plus the lines a person reads. A file that is not recognised, or that is recognised but
 fails its loader's checks, is a DataError: ``error: <path>: <what>``, exit 1.
 A directory summarises every file under it (hidden files skipped); files that
 are not pipeline artifacts are listed as skipped, corrupt ones as errors.
@@ -28,114 +28,20 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 from pgolf.errors import DataError, PgolfError
+from pgolf.pipeline.paths import TOKENIZER_MODEL as DEFAULT_TOKENIZER
+from pgolf.tools.inspect_summary import (DEFAULT_SLICE_TOKENS, InspectOptions, Summary, UnrecognisedFile,
+                                         natural_key, one_line)
 
-DEFAULT_TOKENIZER = Path("data/tokenizer/tokenizer.model")
-DEFAULT_SLICE_TOKENS = 64
 # Bytes read to recognise a file; every magic number fits in them.
 _SNIFF_BYTES = 64
 _TORCH_ZIP_SIGNATURE = b"PK\x03\x04"
 # SentencePiece models are a few MB; a bigger file is not offered to the parser.
 _MAX_TOKENIZER_BYTES = 64 << 20
 _TRAIN_LOG_LINE = re.compile(r"^(train: [\d,]+ parameters|step \d+/\d+ loss )", re.MULTILINE)
-
-KIND_TITLES = {
-    "corpus_jsonl": "corpus documents (JSONL)",
-    "tokenizer": "SentencePiece tokenizer model",
-    "shard": "token shard",
-    "checkpoint": "training checkpoint",
-    "train_averages": "training weight averages (live / EMA / SWA)",
-    "resume_state": "training resume state",
-    "hessians": "GPTQ Hessians",
-    "quantized_artifact": "quantised model artifact (.ptz)",
-    "size_report": "submission size report",
-    "eval_sliding_metrics": "sliding-window eval metrics",
-    "eval_ttt_metrics": "legal TTT eval metrics",
-    "ttt_chunks": "TTT per-chunk bpb series",
-    "quant_report": "per-tensor quantisation report",
-    "quant_metrics": "quantize stage metrics",
-    "train_metrics": "training metrics",
-    "train_config": "resolved training configuration",
-    "hessian_metrics": "hessians stage metrics",
-    "corpus_manifest": "corpus manifest",
-    "shards_manifest": "shards manifest",
-    "tokenizer_meta": "tokenizer meta",
-    "data_metrics": "data stage metrics",
-    "submission": "exported submission summary",
-    "train_log": "training log",
-    "directory": "directory",
-}
-
-
-class UnrecognisedFile(DataError):
-    """The file is readable but not one the pipeline writes (a directory listing skips it)."""
-
-
-@dataclass(frozen=True)
-class InspectOptions:
-    """How shard slices are shown. ``tokenizer`` None: ids only, no text."""
-
-    tokenizer: Path | None = None
-    tokenizer_required: bool = False  # given explicitly: missing is an error, not a note
-    offset: int = 0
-    count: int = DEFAULT_SLICE_TOKENS
-
-
-@dataclass(frozen=True)
-class Summary:
-    kind: str
-    path: str
-    facts: dict[str, Any]
-    lines: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, **self.facts}
-
-    def to_text(self) -> str:
-        title = KIND_TITLES.get(self.kind, self.kind)
-        return "\n".join([f"{self.path}: {title}"] + [f"  {line}" for line in self.lines])
-
-
-# --- formatting helpers shared by the summarisers -------------------------------------
-
-def fmt(value: Any, digits: int = 6) -> str:
-    """Readable scalar: ints with thousands separators, floats to ``digits`` significant digits."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """Left-aligned text columns; cells are passed through :func:`fmt`."""
-    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-
-
-def preview(text: str, chars: int = 160) -> str:
-    """First ``chars`` characters as a one-line JSON string literal (newlines escaped)."""
-    short = text[:chars] + ("…" if len(text) > chars else "")
-    return json.dumps(short, ensure_ascii=False)
-
-
-def natural_key(name: str) -> list:
-    """Sort key that orders ``blocks.10`` after ``blocks.9``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- recognition -------------------------------------------------------------------

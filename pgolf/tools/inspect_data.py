@@ -12,7 +12,7 @@ import numpy as np
 
 from pgolf.data.corpus import iter_jsonl
 from pgolf.errors import DataError
-from pgolf.tools.inspect import InspectOptions, Summary, fmt, preview
+from pgolf.tools.inspect_summary import InspectOptions, Summary, fmt, preview
 from pgolf.data.shards import BOS_ID, HEADER_BYTES, MAGIC, VERSION, read_header, read_shard
 from pgolf.data.tokenizer import check_layout, load_processor, sha256_bytes
 

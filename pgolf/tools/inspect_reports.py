@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.errors import DataError
-from pgolf.tools.inspect import Summary, UnrecognisedFile, fmt, one_line, table
+from pgolf.tools.inspect_summary import Summary, UnrecognisedFile, fmt, one_line, table
 
 # JSON reports are small; a file past this is not one of them.
 MAX_JSON_BYTES = 64 << 20

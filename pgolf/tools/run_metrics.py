@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.errors import DataError
+from pgolf.pipeline.paths import EVAL_SLIDING_DIR, EVAL_TTT_DIR
 
 # Later stages' metrics win: the TTT score is the headline when TTT ran.
-HEADLINE_FILES = ("artifacts/eval_ttt/metrics.json", "artifacts/eval_sliding/metrics.json")
+HEADLINE_FILES = tuple((d / "metrics.json").as_posix() for d in (EVAL_TTT_DIR, EVAL_SLIDING_DIR))
 
 
 def read_metrics_file(path: str | Path) -> dict:

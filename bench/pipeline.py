@@ -1,6 +1,6 @@
 """The GPU benchmark harness: every pipeline stage at record shape, bounded in time, one table.
 
-Runs, in one process on whatever device it finds, the real stage functions
+Runs, in one process on the profile's ``launch.device`` (auto: CUDA when present), the real stage functions
 (`stages.<name>.run`) on a profile composed exactly as `dvc exp run -S
 profile=<name>` would (conf/ + overrides), over data already prepared under
 ``--root`` (run the data stages on a CPU first and carry `data/`):

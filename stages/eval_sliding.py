@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.quant.artifact import load_dequantized_model
+from pgolf.quant.restore import load_dequantized_model
 from pgolf.data.bpb import ByteTables, build_byte_tables
 from pgolf.config import from_params
 from pgolf.distributed import DistContext, barrier, init_distributed

@@ -22,6 +22,7 @@ from pgolf.io import atomic_path, write_json_atomic
 from pgolf.data.loader import open_train_stream
 from pgolf.model.gpt import ModelConfig
 from pgolf.train.optim import OptimConfig
+from pgolf.quant.grid import grid_bits_from_params
 from pgolf.tools.plots import plot_lines
 from pgolf.train.loop import LOSS_CURVE, RunFiles, TrainOutcome, run_training
 from pgolf.train.config import TrainConfig
@@ -70,13 +71,14 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
     model_cfg = from_params(ModelConfig, p, "model")
     optim_cfg = from_params(OptimConfig, p, "optim")
     cfg = from_params(TrainConfig, p, "train")
+    grid = grid_bits_from_params(p)  # late QAT trains on the export grid
     ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
     check_vocab(root / TOKENIZER_META, model_cfg)
     check_shards(root / SHARD_DIR / "manifest.json", root / TOKENIZER_META)
     stream = open_train_stream(root / SHARD_DIR, model_cfg.vocab_size)
     files = RunFiles(log=root / OUT / "train.log", live_dir=root / OUT / "live" if curves else None, resume=root / RESUME)
     with exclusive_run(root / RESUME) if ctx.is_main else contextlib.nullcontext():
-        outcome = run_training(model_cfg, optim_cfg, cfg, ctx, stream, files)
+        outcome = run_training(model_cfg, optim_cfg, cfg, grid, ctx, stream, files)
         if ctx.is_main:
             _write_outputs(root, outcome, model_cfg, optim_cfg, cfg, ctx.world_size, curves)
     barrier()

@@ -18,7 +18,7 @@ from pgolf.quant import artifact as artifact_format
 from pgolf.model import checkpoint as checkpoint_format
 from pgolf.train import resume as train_state
 from pgolf.errors import DataError
-from pgolf.quant.hessians import load_hessians
+from pgolf.quant.hessian_file import load_hessians
 from pgolf.tools.inspect import Summary, UnrecognisedFile, fmt, natural_key, one_line, table
 
 AVERAGES_FORMAT = "pgolf-train-averages"

@@ -30,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pgolf.quant.hessians as hessians_mod  # noqa: E402
 from pgolf.quant.artifact import encode  # noqa: E402
 from pgolf.distributed import resolve_device  # noqa: E402
-from pgolf.quant.hessians import collect_hessians, hessian_key_for_weight  # noqa: E402
+from pgolf.quant.hessians import collect_hessians  # noqa: E402
+from pgolf.quant.hessian_file import hessian_key_for_weight  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
+from pgolf.model.layout import BLOCK_MATRICES, first_reader, hessian_key, weight_name  # noqa: E402
 from pgolf.precision import autocast, synchronize  # noqa: E402
 from pgolf.quant.policy import QuantizeConfig, quantize_state_dict  # noqa: E402
 
@@ -89,20 +91,20 @@ def float64_second_moment(flat: torch.Tensor) -> torch.Tensor:
 def record_matrices(device: torch.device) -> tuple[dict, dict]:
     """The 66 block matrices (heavy-tailed random weights) and correlated Hessians."""
     g = torch.Generator(device=device).manual_seed(1)
-    d, kv, hidden = 512, 256, 1536
-    shapes = {"attn.c_q": (d, d), "attn.c_k": (kv, d), "attn.c_v": (kv, d), "attn.proj": (d, d),
-              "mlp.fc": (hidden, d), "mlp.proj": (d, hidden)}
+    cfg = ModelConfig.from_dict(RECORD_MODEL)
     state, hessians = {}, {}
-    for i in range(11):
-        for name, shape in shapes.items():
+    for i in range(cfg.num_layers):
+        for matrix in BLOCK_MATRICES:
+            shape = (getattr(cfg, matrix.rows), getattr(cfg, matrix.cols))
             w = torch.randn(shape, generator=g, device=device) * 0.02
             w *= torch.exp(0.5 * torch.randn(shape, generator=g, device=device))
-            state[f"blocks.{i}.{name}.weight"] = w
-        for name, width in (("attn.qkv", d), ("attn.proj", d), ("mlp.fc", d), ("mlp.proj", hidden)):
+            state[weight_name(i, matrix)] = w
+        for matrix in (m for m in BLOCK_MATRICES if first_reader(m) is m):  # one Hessian per input
+            width = getattr(cfg, matrix.cols)
             mix = torch.randn(width, width, generator=g, device=device) / width ** 0.5
             mix += torch.eye(width, device=device)
             scale = torch.exp(torch.randn(width, generator=g, device=device))  # uneven feature energy
-            hessians[f"blocks.{i}.{name}"] = 4096 * (mix * scale).T @ (mix * scale)
+            hessians[hessian_key(i, matrix)] = 4096 * (mix * scale).T @ (mix * scale)
     assert all(hessian_key_for_weight(n) in hessians for n in state)
     return state, hessians
 

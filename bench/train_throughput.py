@@ -57,6 +57,7 @@ from pgolf.precision import peak_memory, synchronize  # noqa: E402
 from pgolf.tools.profiles import compose  # noqa: E402
 from pgolf.data.shards import write_shard  # noqa: E402
 from pgolf.train.loop import Trainer  # noqa: E402
+from pgolf.quant.grid import GridBits, grid_bits_from_params  # noqa: E402
 from pgolf.train.config import TrainConfig  # noqa: E402
 
 # PR #960's model and optimizer at the record shape, from the record profile (conf/profile/record.yaml);
@@ -156,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.params:
         p = load_params(args.params)
         model_cfg, optim_cfg = from_params(ModelConfig, p, "model"), from_params(OptimConfig, p, "optim")
+        grid = grid_bits_from_params(p)
     else:
+        grid = GridBits(attn_bits=6, mlp_bits=6)  # the records' int6 export grid
         model_dict = RECORD_MODEL if args.shape == "record" else tiny_model()
         model_cfg = from_params(ModelConfig, {"model": model_dict}, "model")
         optim_cfg = from_params(OptimConfig, {"optim": RECORD_OPTIM}, "optim")
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": 1337, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
         "micro_batch_tokens": micro_seqs * seq_len, "max_steps": steps + 1, "max_train_seconds": 0.0,
         "warmdown": "steps", "warmdown_steps": 0, "warmdown_frac": 0.0, "compile": args.compile,
-        "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0, "qat_bits": 6,
+        "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0,
         "holdout_tokens": seq_len + 1, "final_weights": "live", "resume_every": 0, "log_every": 1}}, "train")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             stream = open_train_stream(args.shards, model_cfg.vocab_size)
         else:
             stream = synthetic_stream(Path(tmp), 2 * tokens_per_step + seq_len + 1, model_cfg.vocab_size, 0)
-        trainer = Trainer(model_cfg, optim_cfg, train_cfg, ctx, stream)
+        trainer = Trainer(model_cfg, optim_cfg, train_cfg, grid, ctx, stream)
         warmup_s = trainer.compile_warmup()
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)

@@ -8,18 +8,14 @@ the challenge's 10-minute training budget, so its time is in the metrics.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from pgolf.model.checkpoint import build_model, load_checkpoint
-from pgolf.config import from_params, to_dict
+from pgolf.config import from_params
 from pgolf.distributed import barrier, init_distributed
-from pgolf.quant.hessians import (HessiansConfig, autoregressive_batches, collect_hessians, save_hessians,
-                            train_calibration_batches)
 from pgolf.io import write_json_atomic
-from pgolf.precision import autocast, synchronize
 from pgolf.progress import StageLog
-from pgolf.data.shards import list_shards
+from pgolf.quant.hessian_file import save_hessians
+from pgolf.quant.hessians import HessiansConfig, calibrate
 from pgolf.pipeline.launch import launch_device, run_distributed, stage_main
 
 CHECKPOINT = Path("artifacts/train/model.pt")
@@ -35,31 +31,13 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
     ctx = init_distributed(rank, world_size, local_rank, launch_device(p))
     with StageLog(root / LOG, enabled=ctx.is_main) as log:
         log.line(f"hessians: source {cfg.source}, world {world_size}, device {ctx.device.type}")
-        started = time.perf_counter()
-        ckpt = load_checkpoint(root / CHECKPOINT)
-        model = build_model(ckpt, ctx.device).eval()
-        if cfg.source == "train":
-            batches = list(train_calibration_batches(list_shards(root / SHARD_DIR, "train"),
-                                                     ckpt.model_config.vocab_size, cfg, rank, world_size))
-        else:
-            with autocast(ctx.device):
-                batches = list(autoregressive_batches(model, cfg, rank, world_size, ctx.device, log))
-        synchronize(ctx.device)
-        sampled = time.perf_counter()
-        hs = collect_hessians(model, batches, ctx.device, lambda: autocast(ctx.device), log)
-        synchronize(ctx.device)
-        finished = time.perf_counter()
-        metrics = {"source": cfg.source, "num_sequences": hs.num_sequences, "num_tokens": hs.num_tokens,
-                   "num_matrices": len(hs.hessians), "world_size": world_size, "device": ctx.device.type,
-                   "seconds": round(finished - started, 3),
-                   "seconds_data": round(sampled - started, 3),
-                   "seconds_collect": round(finished - sampled, 3), "params": to_dict(cfg)}
+        outcome = calibrate(cfg, root / CHECKPOINT, root / SHARD_DIR, ctx, log)
         if ctx.is_main:
-            save_hessians(root / OUT, hs)
-            write_json_atomic(root / METRICS, metrics)
-        log.line(summary(metrics))
+            save_hessians(root / OUT, outcome.hessians)
+            write_json_atomic(root / METRICS, outcome.metrics)
+        log.line(summary(outcome.metrics))
     barrier()
-    return metrics
+    return outcome.metrics
 
 
 def summary(m: dict) -> str:

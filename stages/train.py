@@ -13,6 +13,7 @@ from pathlib import Path
 from pgolf.config import from_params
 from pgolf.distributed import init_distributed
 from pgolf.model.gpt import ModelConfig
+from pgolf.quant.grid import grid_bits_from_params
 from pgolf.pipeline.launch import launch_config, launch_facts, run_distributed, stage_main
 from pgolf.train.config import TrainConfig
 from pgolf.train.optim import OptimConfig
@@ -28,8 +29,9 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
     model_cfg = from_params(ModelConfig, p, "model")
     optim_cfg = from_params(OptimConfig, p, "optim")
     cfg = from_params(TrainConfig, p, "train")
+    grid = grid_bits_from_params(p)  # late QAT trains on the export grid
     ctx = init_distributed(rank, world_size, local_rank, launch_config(p).device)
-    return train_to_files(root, model_cfg, optim_cfg, cfg, ctx, curves)
+    return train_to_files(root, model_cfg, optim_cfg, cfg, grid, ctx, curves)
 
 
 @stage_main

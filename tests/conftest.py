@@ -75,8 +75,10 @@ TINY_TRAIN_PARAMS = {
     "train": {"seed": 1337, "seq_len": 32, "tokens_per_step": 512, "micro_batch_tokens": 256,
               "max_steps": 40, "max_train_seconds": 0.0, "warmdown": "steps", "warmdown_steps": 20,
               "warmdown_frac": 0.0, "compile": False, "compile_warmup_steps": 0,
-              "qat_lr_scale_threshold": 0.25, "qat_bits": 6, "holdout_tokens": 2049,
+              "qat_lr_scale_threshold": 0.25, "holdout_tokens": 2049,
               "final_weights": "best_holdout", "resume_every": 0, "log_every": 10},
+    # The export grid's bits: late QAT trains on them (pgolf.quant.grid.GridBits).
+    "quantize": {"attn_bits": 6, "mlp_bits": 6},
 }
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pgolf.quant import artifact
-from pgolf.quant.artifact import (HEADER_BYTES, StoredTensor, decode, dequantize, encode, load_dequantized_model,
-                            read_artifact, write_artifact)
+from pgolf.quant.artifact import (HEADER_BYTES, StoredTensor, decode, dequantize, encode, read_artifact, write_artifact)
+from pgolf.quant.restore import load_dequantized_model
 from pgolf.errors import DataError
 from pgolf.model.gpt import rebank_state_dict, unbank_state_dict
 from pgolf.quant.grid import dequantize_grid
@@ -191,7 +191,7 @@ def test_inconsistent_index_is_a_data_error():
 def test_stage_entry_prints_one_line_and_exits_1_on_a_bad_artifact(tmp_path):
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"not an artifact at all, just text" * 3)
-    code = ("from pgolf.pipeline.launch import stage_main; from pgolf.quant.artifact import load_dequantized_model; "
+    code = ("from pgolf.pipeline.launch import stage_main; from pgolf.quant.restore import load_dequantized_model; "
             f"stage_main(lambda: load_dequantized_model({str(bad)!r}, 'cpu'))()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

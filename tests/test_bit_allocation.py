@@ -11,7 +11,8 @@ import torch
 
 import stages.hessians
 import stages.quantize
-from pgolf.quant.artifact import StoredTensor, compress_bytes, encode, load_dequantized_model, read_artifact
+from pgolf.quant.artifact import StoredTensor, compress_bytes, encode, read_artifact
+from pgolf.quant.restore import load_dequantized_model
 from pgolf.quant.bit_allocation import (Option, code_entropy_bits, compressed_alone_bytes, estimated_bytes,
                                   fit_to_limit, greedy_demote)
 from pgolf.config import from_params

@@ -7,10 +7,10 @@ import torch
 
 from pgolf.model.checkpoint import build_model, Checkpoint
 from pgolf.errors import DataError
-from pgolf.quant.hessians import (HessianCollector, HessiansConfig, HessianSet, autoregressive_batches,
-                            check_train_shards, collect_hessians, hessian_key_for_module,
-                            hessian_key_for_weight, load_hessians, save_hessians,
-                            train_calibration_batches)
+from pgolf.quant.hessian_file import (HessianSet, hessian_key_for_module, hessian_key_for_weight,
+                                     load_hessians, save_hessians)
+from pgolf.quant.hessians import (HessianCollector, HessiansConfig, autoregressive_batches,
+                            check_train_shards, collect_hessians, train_calibration_batches)
 from pgolf.model.gpt import GPT, ModelConfig
 from pgolf.data.shards import write_shard
 

@@ -16,7 +16,7 @@ import torch
 from pgolf.quant.artifact import FORMAT_VERSION, HEADER_BYTES, read_artifact, write_artifact
 from pgolf.model.checkpoint import save_checkpoint
 from pgolf.tools.cli import main
-from pgolf.quant.hessians import HessianSet, save_hessians
+from pgolf.quant.hessian_file import HessianSet, save_hessians
 from pgolf.io import write_json_atomic
 from pgolf.model.gpt import GPT, unbank_state_dict
 from pgolf.quant.policy import QuantizeConfig, quantize_state_dict

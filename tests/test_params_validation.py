@@ -82,7 +82,6 @@ def test_the_project_params_build():
     ("optim.muon_lr", -1), ("optim.embed_lr", -0.5), ("optim.scalar_lr", float("nan")),
     ("eval_ttt.lr", -1), ("eval_ttt.lr", float("inf")),
     ("quantize.attn_bits", 9), ("quantize.mlp_bits", 1), ("quantize.embed_bits", 9),
-    ("train.qat_bits", 9), ("train.qat_bits", 1),
     ("eval_sliding.stride", 0), ("tokenizer.vocab_size", 100), ("hessians.seq_len", 0),
     ("launch.nproc_per_node", 0), ("launch.nproc_per_node", -2),
 ])

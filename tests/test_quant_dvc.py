@@ -18,9 +18,11 @@ import yaml
 import stages.hessians
 import stages.quantize
 import stages.size_check
-from pgolf.quant.artifact import HEADER_BYTES, load_dequantized_model, read_artifact
+from pgolf.quant.artifact import HEADER_BYTES, read_artifact
+from pgolf.quant.restore import load_dequantized_model
 from pgolf.model.checkpoint import save_checkpoint
-from pgolf.quant.hessians import HessiansConfig, load_hessians
+from pgolf.quant.hessian_file import load_hessians
+from pgolf.quant.hessians import HessiansConfig
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.data.shards import write_shard
 from pgolf.submission.size import SizeConfig, counted_code_files

@@ -14,6 +14,7 @@ from pgolf.quant.gptq import gptq_quantize
 from pgolf.quant.policy import (QuantizeConfig, candidate_scales, prune_to_target, quantize_state_dict,
                             row_quantiles, tensor_class)
 from pgolf.quant.grid import row_scales
+from pgolf.model.layout import block_weight
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -217,7 +218,7 @@ def test_pruning_reaches_the_target_with_the_fewest_cheapest_entries():
     assert out.fits and out.size_bytes == _size(out.tensors) <= target and out.pruned > 0
     changed_costs, kept_costs = [], []
     for old, new in zip(tensors, out.tensors):
-        if not (old.quantized and quantize_mod._BLOCK_MATRIX.match(old.name)):
+        if not (old.quantized and block_weight(old.name)):
             assert old is new
             continue
         changed = old.q != new.q
@@ -241,7 +242,7 @@ def test_pruning_targets_change_the_result_and_impossible_targets_change_nothing
     assert fits_already.pruned == 0 and fits_already.fits and fits_already.tensors == tensors
     hopeless = prune_to_target(tensors, 100, _size)
     assert not hopeless.fits and hopeless.pruned == 0 and hopeless.tensors == tensors
-    no_candidates = [t for t in tensors if not quantize_mod._BLOCK_MATRIX.match(t.name)]
+    no_candidates = [t for t in tensors if block_weight(t.name) is None]
     assert prune_to_target(no_candidates, 10**9, _size).fits
     assert not prune_to_target(no_candidates, 100, _size).fits
 

@@ -67,7 +67,7 @@ def test_warmdown_qat_and_swa_decisions_follow_the_schedule(tmp_path, tiny_data)
     assert m["final_weights"] in ("live", "ema", "swa")
     assert m[f"holdout_loss_{m['final_weights']}"] == min(losses)
     ckpt = load_checkpoint(tmp_path / OUT / "model.pt")
-    assert ckpt.meta["qat"] == {"enabled": True, "bits": 6, "from_step": m["qat_from_step"]}
+    assert ckpt.meta["qat"] == {"enabled": True, "bits": {"attn": 6, "mlp": 6}, "from_step": m["qat_from_step"]}
     averages = torch.load(tmp_path / OUT / "averages.pt", weights_only=True)
     chosen = averages["weights"][m["final_weights"]]
     assert all(torch.equal(chosen[k], v) for k, v in ckpt.state_dict.items())

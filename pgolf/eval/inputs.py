@@ -18,7 +18,7 @@ from pgolf.errors import DataError
 from pgolf.eval.sliding import EvalSlidingConfig, prepare_tokens
 from pgolf.pipeline.paths import ARTIFACT, EVAL_SLIDING_DIR, SHARD_DIR, TOKENIZER_MODEL
 from pgolf.precision import configure_backends
-from pgolf.quant.artifact import load_dequantized_model
+from pgolf.quant.restore import load_dequantized_model
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ stay on the device and are all-reduced once at the end.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -33,12 +32,11 @@ from pgolf.data.bpb import ByteTables
 from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import ParamError
+from pgolf.model.layout import block_index
 from pgolf.eval.sliding import EvalSums, Forward, Observer, EvalSlidingConfig, WindowScorer, nll_forward
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
 from pgolf.eval.windows import chunk_sequences, chunk_window_bounds, plan_sliding
-
-_BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,7 @@ def chunk_lr(cfg: EvalTTTConfig, chunk: int, chunks: int) -> float:
 
 def block_count(model: torch.nn.Module) -> int:
     """Number of ``blocks.{i}`` modules."""
-    indices = {int(m.group(1)) for name, _ in model.named_modules()
-               if (m := _BLOCK_NAME.search(name))}
+    indices = {i for name, _ in model.named_modules() if (i := block_index(name)) is not None}
     return max(indices) + 1 if indices else 0
 
 
@@ -104,8 +101,8 @@ class FrozenBlocks:
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            block = _BLOCK_NAME.search(name)
-            if count and block and int(block.group(1)) < count:
+            block = block_index(name)
+            if count and block is not None and block < count:
                 param.requires_grad_(False)
                 self._unfrozen.append(param)
                 continue

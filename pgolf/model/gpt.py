@@ -41,10 +41,12 @@ traffic of every elementwise kernel and of the saved activations. With
 bf16. Neither setting changes anything without autocast (CPU runs).
 
 Late QAT (docs/RECIPE.md §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
-the export grid (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode
+the export grid (each bank at its class's bits) (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode
 forwards, switched by a tensor buffer so a compiled graph honours the switch.
 """
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,8 @@ from torch import nn
 from pgolf.model.attention import BankLinear, CausalSelfAttention, KVCache
 from pgolf.model.embeddings import BigramHash, SmearGate, ValueEmbedding, rms_norm
 from pgolf.model.config import ModelConfig
+from pgolf.model.layout import (BANK_CLASS, BANK_NAMES, EMBEDDING_PARAMS, ROLE_BANK, ROLE_EMBEDDING, ROLE_SCALAR,
+                                ROLES, bank_layout)
 from pgolf.quant.grid import fake_quantize_ste, qmax_for_bits
 from pgolf.model.rope import rope_tables
 
@@ -65,12 +69,6 @@ ROPE_TABLE_POSITIONS = 4096
 
 __all__ = ["GPT", "ModelConfig", "param_roles", "param_groups_by_role",
            "unbank_state_dict", "rebank_state_dict", "KVCache"]
-
-ROLE_BANK = "bank"
-ROLE_EMBEDDING = "embed"
-ROLE_SCALAR = "scalar"
-ROLES = (ROLE_BANK, ROLE_EMBEDDING, ROLE_SCALAR)
-BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 
 
 class MLP(nn.Module):
@@ -146,7 +144,7 @@ class GPT(nn.Module):
         # Late-QAT switch: a tensor so torch.compile reads it at run time instead
         # of baking it in; bits are a Python int (changing them may recompile).
         self.register_buffer("qat_enabled", torch.zeros((), dtype=torch.bool), persistent=False)
-        self.qat_bits: int | None = None
+        self.qat_bits: dict[str, int] | None = None  # per bank, while late QAT is configured
         # RoPE tables for the first ROPE_TABLE_POSITIONS positions, precomputed:
         # computed inside a compiled graph, inductor re-evaluated pow/cos/sin per
         # q/k element in every layer's kernel (forward and backward).
@@ -207,22 +205,28 @@ class GPT(nn.Module):
         return rope_tables(positions, self.cfg.rope_dims, self.cfg.rope_base)
 
     # ------------------------------------------------------------ late QAT
-    def set_qat(self, enabled: bool, bits: int) -> None:
+    def set_qat(self, enabled: bool, bits: int | Mapping[str, int]) -> None:
         """Turn STE fake quantisation of every bank slice on/off for training forwards.
 
-        Call once with ``enabled=False`` before compiling to put the switch in
-        the graph; later flips then take effect without recompiling.
+        ``bits``: the grid's bits per block-matrix class (``{"attn": 6, "mlp": 6}``,
+        pgolf.model.layout.BLOCK_CLASSES), each bank on its class's grid; an int
+        means the same bits for every class. Call once with ``enabled=False``
+        before compiling to put the switch in the graph; later flips then take
+        effect without recompiling.
         """
-        qmax_for_bits(bits)
-        self.qat_bits = int(bits)
+        by_class = bits if isinstance(bits, Mapping) else {cls: bits for cls in BANK_CLASS.values()}
+        per_bank = {bank: int(by_class[cls]) for bank, cls in BANK_CLASS.items()}
+        for width in per_bank.values():
+            qmax_for_bits(width)
+        self.qat_bits = per_bank
         self.qat_enabled.fill_(bool(enabled))
 
     def _banks(self) -> tuple[torch.Tensor, ...]:
-        banks = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
+        banks = {name: getattr(self, name) for name in BANK_NAMES}
         if self.training and self.qat_bits is not None:
-            banks = tuple(torch.where(self.qat_enabled, fake_quantize_ste(b, self.qat_bits), b)
-                          for b in banks)
-        return banks
+            banks = {name: torch.where(self.qat_enabled, fake_quantize_ste(b, self.qat_bits[name]), b)
+                     for name, b in banks.items()}
+        return tuple(banks[name] for name in BANK_NAMES)
 
     # -------------------------------------------------------------- forward
     def _hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -325,13 +329,11 @@ def param_roles(model: GPT) -> dict[str, str]:
     (tok_emb, bigram and value-embedding tables, and an untied lm_head).
     ``scalar``: everything else, including the bigram and VE projections.
     """
-    embedding_names = {"tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight",
-                       "lm_head.weight"}
     roles = {}
     for name, _ in model.named_parameters():
         if name in BANK_NAMES:
             roles[name] = ROLE_BANK
-        elif name in embedding_names:
+        elif name in EMBEDDING_PARAMS:
             roles[name] = ROLE_EMBEDDING
         else:
             roles[name] = ROLE_SCALAR
@@ -350,21 +352,6 @@ def param_groups_by_role(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]
     return groups
 
 
-def _bank_layout(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
-    """2-D name → (bank name, slice index)."""
-    L = cfg.num_layers
-    layout = {}
-    for i in range(L):
-        prefix = f"blocks.{i}"
-        layout[f"{prefix}.attn.c_q.weight"] = ("qo_bank", i)
-        layout[f"{prefix}.attn.proj.weight"] = ("qo_bank", L + i)
-        layout[f"{prefix}.attn.c_k.weight"] = ("kv_bank", i)
-        layout[f"{prefix}.attn.c_v.weight"] = ("kv_bank", L + i)
-        layout[f"{prefix}.mlp.fc.weight"] = ("mlp_up_bank", i)
-        layout[f"{prefix}.mlp.proj.weight"] = ("mlp_down_bank", i)
-    return layout
-
-
 def unbank_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Split the banks into per-layer 2-D tensors with conventional names.
 
@@ -375,14 +362,14 @@ def unbank_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     if missing:
         raise KeyError(f"state dict has no {missing[0]}")
     out = {name: t for name, t in sd.items() if name not in BANK_NAMES}
-    for name, (bank, index) in _bank_layout(cfg).items():
+    for name, (bank, index) in bank_layout(cfg.num_layers).items():
         out[name] = sd[bank][index].clone()
     return out
 
 
 def rebank_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Inverse of :func:`unbank_state_dict` (exact)."""
-    layout = _bank_layout(cfg)
+    layout = bank_layout(cfg.num_layers)
     missing = [name for name in layout if name not in sd]
     if missing:
         raise KeyError(f"state dict has no {missing[0]}")

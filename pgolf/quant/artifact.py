@@ -38,6 +38,7 @@ smaller than the frames (README, "Measured figures").
 Nothing in the file is ever unpickled: the reader parses JSON and copies
 bytes into tensors. Encoding is deterministic (sorted JSON, fixed array
 order, single-threaded compressors), so equal inputs give equal bytes.
+The format knows nothing of the model: pgolf/quant/restore.py rebuilds the GPT.
 """
 from __future__ import annotations
 
@@ -55,10 +56,8 @@ import numpy as np
 import torch
 import zstandard
 
-from pgolf.model.checkpoint import Checkpoint, build_model
-from pgolf.errors import DataError, ParamError
+from pgolf.errors import DataError
 from pgolf.io import write_bytes_atomic
-from pgolf.model.gpt import GPT, ModelConfig, rebank_state_dict
 from pgolf.quant.grid import dequantize_grid
 
 MAGIC = b"PGOLFQZ\n"
@@ -339,22 +338,3 @@ def dequantize(artifact: Artifact) -> dict[str, torch.Tensor]:
     """The unbanked state dict (conventional 2-D names) the artifact encodes."""
     return {t.name: dequantize_tensor(t) for t in artifact.tensors}
 
-
-def load_dequantized_model(path: str | Path, device: str | torch.device) -> GPT:
-    """Rebuild the ``GPT`` stored in ``path`` (config from the artifact) with
-    dequantised weights, in eval mode on ``device``.
-
-    Every eval stage scores this model, never the training weights.
-    """
-    artifact = read_artifact(path)
-    try:
-        cfg = ModelConfig.from_dict(artifact.model_config)
-    except ParamError as exc:
-        raise DataError(f"{path}: bad model_config: {exc.key}: {exc.message}") from None
-    try:
-        state = rebank_state_dict(dequantize(artifact), cfg)
-        model = build_model(Checkpoint(model_config=cfg, state_dict=state, meta=artifact.meta), device)
-    except (KeyError, RuntimeError) as exc:
-        raise DataError(f"{path}: artifact does not match its model config "
-                        f"({str(exc).splitlines()[0]})") from None
-    return model.eval()

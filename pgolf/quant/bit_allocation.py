@@ -3,12 +3,11 @@
 Used by the quantize stage when ``quantize.fit_to_limit`` is on and the encoded
 artifact is over the target (the one pruning uses: 16,000,000 − code bytes −
 ``prune_margin_bytes``). One job: choose which GPTQ block matrices
-(``blocks.{i}.attn.{c_q,c_k,c_v,proj}.weight``, ``blocks.{i}.mlp.{fc,proj}.weight``)
-to store with fewer bits.
+(pgolf/model/layout.py) to store with fewer bits.
 
 Algorithm:
 
-1. Options. Every block matrix is quantised again at each width from its class
+1. Options (:func:`build_options`). Every block matrix is quantised again at each width from its class
    bits − 1 down to ``fit_min_bits`` with the very same machinery
    (``pgolf.quant.policy.quantize_block_matrices``: GPTQ, clip search, damping,
    batched by shape). Each option has an *error* and an *estimated size*.
@@ -24,13 +23,13 @@ Algorithm:
    bytes / summed frames``, ~1.001). (The order-0 entropy,
    :func:`estimated_bytes`, is not enough: the compressors' overhead over it
    grows as codes get more peaked.)
-3. Greedy order. Starting from every matrix at its class bits, repeatedly
+3. Greedy order (:func:`order_demotions`). Starting from every matrix at its class bits, repeatedly
    take the one-step demotion (b → b−1 of one matrix) with the smallest error
    increase per estimated byte saved; ties go to the smaller name, and a step
    that saves no bytes comes only when nothing else is left. This lists every
    step once (:func:`demotion_order`); the greedy for any byte budget
    (:func:`greedy_demote`) is a prefix of it.
-4. Search over the prefix length with real encodes, at most ``MAX_ROUNDS``:
+4. Search over the prefix length (:func:`search_prefix`) with real encodes, at most ``MAX_ROUNDS``:
    each guess is the shortest prefix whose size × (real / summed bytes of
    the latest probe) meets the target, kept strictly inside the bracket
    (longest prefix known to miss, shortest known to fit); when the guess
@@ -53,12 +52,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from pgolf.quant.artifact import StoredTensor, tensor_frames
+from pgolf.model.layout import BLOCK_CLASSES
 from pgolf.progress import Progress
+from pgolf.quant.artifact import StoredTensor, tensor_frames
 from pgolf.quant.policy import QuantizeConfig, QuantizeResult, quantize_block_matrices
 
 MAX_ROUNDS = 6  # real encodes of the prefix search (plus one of everything demoted if none fitted)
-BLOCK_CLASSES = ("attn", "mlp")  # pgolf.quant.policy.tensor_class of the GPTQ block matrices
 
 
 @dataclass(frozen=True)
@@ -166,32 +165,26 @@ def _error_of(row: dict, numel: int, metric: str) -> float:
     return float(row["hessian_error"]) if metric == "hessian" else float(row["weight_mse"]) * numel
 
 
-def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
-                 num_tokens: int, cfg: QuantizeConfig, device: torch.device, target_bytes: int,
-                 encoded_size: Callable[[list[StoredTensor]], int], hessian_source: str = "hessians",
-                 log: Callable[[str], None] | None = None, progress: Progress | None = None,
-                 frame_sizes: Callable[[list[StoredTensor]], list[int]] | None = None) -> FitOutcome:
-    """Demote block matrices of ``result`` until ``encoded_size`` ≤ ``target_bytes`` (module docstring).
+@dataclass(frozen=True)
+class FitOptions:
+    """Every width of every demotable matrix (level 0: its class bits) and the sizing tables."""
 
-    ``state`` is the unbanked state dict ``result`` was made from; ``log``
-    receives one line per round. ``frame_sizes`` gives each tensor's frame size
-    (default :func:`compressed_alone_bytes`); the quantize stage passes its
-    ``EncodeCache``'s, so the frames the probes encode are compressed once.
-    """
-    say = log or (lambda _line: None)
-    if frame_sizes is None:
-        def frame_sizes(ts: list[StoredTensor]) -> list[int]:
-            return compressed_alone_bytes(ts, cfg.compressor, cfg.compression_level)
-    initial = encoded_size(result.tensors)
+    choices: dict[str, list[tuple[StoredTensor, dict]]]  # name → (stored tensor, report row) per level
+    tables: dict[str, list[Option]]  # name → Option per level, names sorted
+    fixed_bytes: float  # summed frames of the tensors that are never demoted
+
+    def tensors_at(self, levels: Mapping[str, int], tensors: Sequence[StoredTensor]) -> list[StoredTensor]:
+        """``tensors`` with each demotable matrix at its level."""
+        return [self.choices[t.name][levels[t.name]][0] if t.name in levels else t for t in tensors]
+
+
+def build_options(result: QuantizeResult, class_bits: Mapping[str, int], state: Mapping[str, torch.Tensor],
+                  hessians: Mapping[str, torch.Tensor], num_tokens: int, cfg: QuantizeConfig,
+                  device: torch.device, metric: str, frame_sizes: Callable[[list[StoredTensor]], list[int]],
+                  hessian_source: str = "hessians", progress: Progress | None = None) -> FitOptions:
+    """Step 1 and 2 of the module docstring: quantise every lower width, size and score each option."""
     index = {t.name: i for i, t in enumerate(result.tensors)}
     rows = {r["name"]: r for r in result.report}
-    class_bits = {n: result.tensors[index[n]].bits for n, r in rows.items() if r["class"] in BLOCK_CLASSES}
-    metric = "hessian" if all(rows[n]["hessian_error"] is not None for n in class_bits) else "weight_sse"
-    if initial <= target_bytes:
-        say(f"fit: {initial:,} bytes already within the target {target_bytes:,}; nothing demoted")
-        return FitOutcome(result.tensors, result.report, dict(class_bits), 0, [], target_bytes, initial,
-                          initial, True, metric, 0.0)
-
     # Every lower width of every demotable matrix, one batched pass per width.
     choices: dict[str, list[tuple[StoredTensor, dict]]] = {
         n: [(result.tensors[index[n]], rows[n])] for n in class_bits}
@@ -210,31 +203,51 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
     tables = {n: [Option(s.bits, float(next(alone)), _error_of(r, s.q.numel(), metric)) for s, r in choices[n]]
               for n in names}
     fixed = [t for t in result.tensors if t.name not in class_bits]
-    fixed_est = float(sum(frame_sizes(fixed)))
+    return FitOptions(choices, tables, float(sum(frame_sizes(fixed))))
 
-    # Every one-bit step in greedy order; the greedy for any budget takes a prefix of it.
-    order = demotion_order(tables, {n: 0 for n in tables})
 
-    def levels_at(k: int) -> dict[str, int]:
-        levels = {n: 0 for n in tables}
-        for name in order[:k]:
+@dataclass(frozen=True)
+class DemotionPlan:
+    """Every one-bit step in greedy order; the greedy for any budget takes a prefix of it."""
+
+    names: tuple[str, ...]  # the demotable matrices
+    order: list[str]  # the matrix demoted by each step
+    est_at: list[float]  # est_at[k]: the whole artifact's (uncalibrated) estimate after the first k steps
+
+    def levels_at(self, k: int) -> dict[str, int]:
+        levels = {n: 0 for n in self.names}
+        for name in self.order[:k]:
             levels[name] += 1
         return levels
 
-    def demoted_at(k: int) -> int:
-        return len(set(order[:k]))
+    def demoted_at(self, k: int) -> int:
+        return len(set(self.order[:k]))
 
-    def tensors_at(k: int) -> list[StoredTensor]:
-        levels = levels_at(k)
-        return [choices[t.name][levels[t.name]][0] if t.name in levels else t for t in result.tensors]
 
-    # est_at[k]: the whole artifact's estimate after the first k steps.
-    est_at = [fixed_est + sum(table[0].est_bytes for table in tables.values())]
+def order_demotions(options: FitOptions) -> DemotionPlan:
+    """Step 3 of the module docstring, with the estimate after every prefix."""
+    tables = options.tables
+    order = demotion_order(tables, {n: 0 for n in tables})
+    est_at = [options.fixed_bytes + sum(table[0].est_bytes for table in tables.values())]
     taken = {n: 0 for n in tables}
     for name in order:
         table = tables[name]
         est_at.append(est_at[-1] + table[taken[name] + 1].est_bytes - table[taken[name]].est_bytes)
         taken[name] += 1
+    return DemotionPlan(tuple(tables), order, est_at)
+
+
+@dataclass(frozen=True)
+class PrefixSearch:
+    steps: int  # the chosen prefix length: the shortest that fitted, else every step
+    sizes: dict[int, int]  # real encoded size of each probed prefix length
+    rounds: list[FitRound]  # one per real encode after the first
+
+
+def search_prefix(plan: DemotionPlan, initial_bytes: int, target_bytes: int,
+                  encode_prefix: Callable[[int], int], say: Callable[[str], None]) -> PrefixSearch:
+    """Step 4 of the module docstring. ``encode_prefix(k)``: real bytes with the first k steps taken."""
+    est_at = plan.est_at
 
     def guess(ratio: float, lo: int, hi: int) -> int:
         """Fewest steps in (lo, hi) whose estimate × ratio meets the target, else hi − 1."""
@@ -243,14 +256,14 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
     # Bracket search over the prefix length k with real encodes: lo never fits, hi fits (or is
     # the end + 1 while no probe fitted). Each guess uses the ratio of the latest probe and
     # stays inside the bracket.
-    lo, hi, n = 0, len(order) + 1, len(order)
-    sizes: dict[int, int] = {0: initial}
-    ratio, rounds = initial / est_at[0], []
+    lo, hi, n = 0, len(plan.order) + 1, len(plan.order)
+    sizes: dict[int, int] = {0: initial_bytes}
+    ratio, rounds = initial_bytes / est_at[0], []
     k = guess(ratio, lo, hi)
     while k not in sizes and len(rounds) < MAX_ROUNDS:
         predicted = round(est_at[k] * ratio)
-        sizes[k] = size = encoded_size(tensors_at(k))
-        demoted = demoted_at(k)
+        sizes[k] = size = encode_prefix(k)
+        demoted = plan.demoted_at(k)
         rounds.append(FitRound(demoted, predicted, size))
         say(f"fit round {len(rounds)}: {k} of {n} steps, {demoted} matrices demoted, estimated "
             f"{predicted:,} bytes, real {size:,} ({size - target_bytes:+,} vs target {target_bytes:,})")
@@ -266,22 +279,56 @@ def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hess
             mid = (lo + min(hi, n)) // 2
             k = mid if mid not in sizes else min(hi, n)
     if hi > n and n not in sizes and len(rounds) < MAX_ROUNDS + 1:
-        sizes[n] = size = encoded_size(tensors_at(n))  # last resort: everything at fit_min_bits
-        rounds.append(FitRound(demoted_at(n), round(est_at[n] * ratio), size))
+        sizes[n] = size = encode_prefix(n)  # last resort: everything at fit_min_bits
+        rounds.append(FitRound(plan.demoted_at(n), round(est_at[n] * ratio), size))
         if size <= target_bytes:
             hi = n
     if hi > n:
         say("fit: even every block matrix at fit_min_bits does not meet the target")
-    best = hi if hi <= n else n
-    levels, tensors = levels_at(best), tensors_at(best)
-    size = sizes.get(best)
+    return PrefixSearch(hi if hi <= n else n, sizes, rounds)
+
+
+def fit_to_limit(result: QuantizeResult, state: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
+                 num_tokens: int, cfg: QuantizeConfig, device: torch.device, target_bytes: int,
+                 encoded_size: Callable[[list[StoredTensor]], int], hessian_source: str = "hessians",
+                 log: Callable[[str], None] | None = None, progress: Progress | None = None,
+                 frame_sizes: Callable[[list[StoredTensor]], list[int]] | None = None) -> FitOutcome:
+    """Demote block matrices of ``result`` until ``encoded_size`` ≤ ``target_bytes`` (module docstring).
+
+    ``state`` is the unbanked state dict ``result`` was made from; ``log``
+    receives one line per round. ``frame_sizes`` gives each tensor's frame size
+    (default :func:`compressed_alone_bytes`); the quantize stage passes its
+    ``EncodeCache``'s, so the frames the probes encode are compressed once.
+    """
+    say = log or (lambda _line: None)
+    if frame_sizes is None:
+        def frame_sizes(ts: list[StoredTensor]) -> list[int]:
+            return compressed_alone_bytes(ts, cfg.compressor, cfg.compression_level)
+    initial = encoded_size(result.tensors)
+    rows = {r["name"]: r for r in result.report}
+    bits_now = {t.name: t.bits for t in result.tensors}
+    class_bits = {n: bits_now[n] for n, r in rows.items() if r["class"] in BLOCK_CLASSES}
+    metric = "hessian" if all(rows[n]["hessian_error"] is not None for n in class_bits) else "weight_sse"
+    if initial <= target_bytes:
+        say(f"fit: {initial:,} bytes already within the target {target_bytes:,}; nothing demoted")
+        return FitOutcome(result.tensors, result.report, dict(class_bits), 0, [], target_bytes, initial,
+                          initial, True, metric, 0.0)
+
+    options = build_options(result, class_bits, state, hessians, num_tokens, cfg, device, metric, frame_sizes,
+                            hessian_source, progress)
+    plan = order_demotions(options)
+    search = search_prefix(plan, initial, target_bytes,
+                           lambda k: encoded_size(options.tensors_at(plan.levels_at(k), result.tensors)), say)
+    levels = plan.levels_at(search.steps)
+    tensors = options.tensors_at(levels, result.tensors)
+    size = search.sizes.get(search.steps)
     if size is None:
         size = encoded_size(tensors)
-
-    report = [choices[r["name"]][levels[r["name"]]][1] if r["name"] in levels else r for r in result.report]
+    report = [options.choices[r["name"]][levels[r["name"]]][1] if r["name"] in levels else r for r in result.report]
+    tables = options.tables
     increase = sum(tables[n][levels[n]].error - tables[n][0].error for n in tables)
     return FitOutcome(tensors, report, {n: tables[n][levels[n]].bits for n in tables},
-                      demoted_at(best), rounds, target_bytes, initial, size,
+                      plan.demoted_at(search.steps), search.rounds, target_bytes, initial, size,
                       size <= target_bytes, metric, increase)
 
 

@@ -4,14 +4,51 @@ One definition of the grid keeps training-time fake quantisation and the
 exported integers identical (the records clamped QAT to [-32, 31] but exported
 on [-31, 31]). A ``bits``-bit tensor stores integers in [-qmax, qmax] with
 ``qmax = 2**(bits-1) - 1`` in an int8 container, and one fp16 scale per row.
+
+The bits of each block-matrix class (:class:`GridBits`: ``quantize.attn_bits``,
+``quantize.mlp_bits``) are one setting, read by the quantize stage and by
+training's late QAT alike.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping
+
 import torch
+
+from pgolf.config import check, from_params
+from pgolf.errors import ParamError
+
+GRID_SECTION = "quantize"  # the params section that holds GridBits' keys
 
 # Scales are stored as fp16; the floor keeps an all-zero row from dividing by 0
 # while staying far below any scale a trained row produces.
 SCALE_FLOOR = 2.0 ** -24
+
+
+@dataclass(frozen=True)
+class GridBits:
+    """The grid's bits per block-matrix class (pgolf.model.layout.BLOCK_CLASSES)."""
+
+    attn_bits: int
+    mlp_bits: int
+
+    def __post_init__(self) -> None:
+        for key in ("attn_bits", "mlp_bits"):
+            check(2 <= getattr(self, key) <= 8, key, "must be in 2..8")
+
+    def by_class(self) -> dict[str, int]:
+        return {"attn": self.attn_bits, "mlp": self.mlp_bits}
+
+
+def grid_bits_from_params(params: Mapping) -> GridBits:
+    """Just GridBits' keys of the ``quantize`` section (late QAT reads no other quantize key)."""
+    section = params.get(GRID_SECTION)
+    if not isinstance(section, Mapping):
+        raise ParamError(GRID_SECTION, "missing section")
+    keys = [f.name for f in dataclasses.fields(GridBits)]
+    return from_params(GridBits, {GRID_SECTION: {k: section[k] for k in keys if k in section}}, GRID_SECTION)
 
 
 def qmax_for_bits(bits: int) -> int:

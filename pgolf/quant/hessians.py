@@ -2,12 +2,11 @@
 
 Forward-pre-hooks on the model's parameter-free ``BankLinear`` modules see the
 exact input of each block matmul, so value embeddings, VRL and every other
-mixing path are what the trained model computes (docs/RECIPE.md §4.3, §6.7). Q, K and
-V read one input, stored once under ``blocks.{i}.attn.qkv``; the others are
-keyed by their module name (``blocks.{i}.attn.proj``, ``blocks.{i}.mlp.fc``,
-``blocks.{i}.mlp.proj``). Under CUDA bf16 autocast the sums are of the bf16
-operands the matmuls really use. Sums are kept in float64 and saved as
-float32, raw: no averaging, no damping (the solver damps exactly once).
+mixing path are what the trained model computes (docs/RECIPE.md §4.3, §6.7).
+Keys and file format: pgolf/quant/hessian_file.py (matrices that read one
+input, Q, K and V, share one sum). Under CUDA bf16 autocast the sums are of
+the bf16 operands the matmuls really use. Sums are kept in float64 and saved
+as float32, raw: no averaging, no damping (the solver damps exactly once).
 
 Calibration sequences come from one of two sources:
 
@@ -21,6 +20,7 @@ Calibration sequences come from one of two sources:
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Literal, Sequence, Sized
@@ -28,14 +28,17 @@ from typing import Callable, ContextManager, Iterable, Iterator, Literal, Sequen
 import torch
 from torch import nn
 
-from pgolf.config import check
-from pgolf.distributed import all_reduce_sum_, shard_range
-from pgolf.errors import DataError
-from pgolf.io import atomic_path, load_tensor_file
+from pgolf.config import check, to_dict
 from pgolf.data.loader import TokenStream
+from pgolf.data.shards import list_shards
+from pgolf.distributed import DistContext, all_reduce_sum_, shard_range
+from pgolf.errors import DataError
+from pgolf.model.checkpoint import build_model, load_checkpoint
+from pgolf.model.layout import BLOCK_MATRICES, BlockMatrix, block_module, first_reader, hessian_key, shares_input
+from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
+from pgolf.quant.hessian_file import HessianSet, hessian_key_for_module
 
-_MODULE = re.compile(r"^blocks\.(\d+)\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))$")
 _TRAIN_SHARD = re.compile(r"^train_\d+\.bin$")
 
 
@@ -59,32 +62,6 @@ class HessiansConfig:
         check(self.ar_num_seqs >= 1, "ar_num_seqs", "must be >= 1")
         check(self.ar_batch_seqs >= 1, "ar_batch_seqs", "must be >= 1")
         check(self.ar_temperature > 0, "ar_temperature", "must be > 0")
-
-
-@dataclass(frozen=True)
-class HessianSet:
-    """Raw second moments keyed as in the module docstring, plus what they cover."""
-
-    hessians: dict[str, torch.Tensor]
-    num_tokens: int
-    num_sequences: int
-
-
-def hessian_key_for_module(module_name: str) -> str | None:
-    """``blocks.3.attn.c_k`` → ``blocks.3.attn.qkv``; None for modules without one."""
-    match = _MODULE.match(module_name)
-    if match is None:
-        return None
-    if match.group(3) in ("c_q", "c_k", "c_v"):
-        return f"blocks.{match.group(1)}.attn.qkv"
-    return module_name
-
-
-def hessian_key_for_weight(weight_name: str) -> str | None:
-    """``blocks.3.attn.c_k.weight`` → ``blocks.3.attn.qkv`` (unbanked weight names)."""
-    if not weight_name.endswith(".weight"):
-        return None
-    return hessian_key_for_module(weight_name.removesuffix(".weight"))
 
 
 def matmul_operand(x: torch.Tensor) -> torch.Tensor:
@@ -124,22 +101,25 @@ class HessianCollector:
         self.model = model
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
-        self._qkv_input: dict[str, torch.Tensor] = {}
+        self._shared_input: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
-    def _hook(self, module_name: str, key: str) -> Callable:
-        shared_reader = module_name.endswith((".c_k", ".c_v"))
+    def _hook(self, module_name: str, layer: int, matrix: BlockMatrix) -> Callable:
+        key = hessian_key(layer, matrix)
+        first = first_reader(matrix)
+        shared_reader = first is not matrix  # checks its input is the first reader's, adds nothing
+        keeps_input = shares_input(matrix) and not shared_reader
 
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
             if shared_reader:
-                seen = self._qkv_input.get(key)
+                seen = self._shared_input.get(key)
                 if seen is None or (seen is not x and not torch.equal(seen, x)):
-                    raise RuntimeError(f"{module_name} got a different input than its c_q; "
+                    raise RuntimeError(f"{module_name} got a different input than its {first.module}; "
                                        f"the shared {key} Hessian would be wrong")
                 return
-            if key.endswith(".qkv"):
-                self._qkv_input[key] = x
+            if keeps_input:
+                self._shared_input[key] = x
             flat = matmul_operand(x.detach()).reshape(-1, x.shape[-1])
             if key not in self.sums:
                 self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64,
@@ -151,9 +131,9 @@ class HessianCollector:
 
     def __enter__(self) -> "HessianCollector":
         for name, module in self.model.named_modules():
-            key = hessian_key_for_module(name)
-            if key is not None:
-                self._handles.append(module.register_forward_pre_hook(self._hook(name, key)))
+            found = block_module(name)
+            if found is not None:
+                self._handles.append(module.register_forward_pre_hook(self._hook(name, *found)))
         if not self._handles:
             raise ValueError("model has no blocks.{i}.attn/mlp hook modules to calibrate")
         return self
@@ -162,7 +142,7 @@ class HessianCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._qkv_input.clear()
+        self._shared_input.clear()
 
 
 def check_train_shards(paths: Sequence[str | Path]) -> list[Path]:
@@ -253,25 +233,44 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: 
 
 def _input_width(model: nn.Module, key: str) -> int:
     """Input features of the matrices behind ``key`` (from the model config)."""
-    cfg = model.cfg
-    return cfg.mlp_hidden if key.endswith("mlp.proj") else cfg.model_dim
+    within_block = key.split(".", 2)[2]
+    matrix = next(m for m in BLOCK_MATRICES if m.hessian == within_block)
+    return getattr(model.cfg, matrix.cols)
 
 
-def save_hessians(path: str | Path, hs: HessianSet) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"hessians": hs.hessians, "num_tokens": torch.tensor(hs.num_tokens),
-                    "num_sequences": torch.tensor(hs.num_sequences)}, tmp)
+@dataclass(frozen=True)
+class HessianOutcome:
+    """What the hessians stage writes: the sums (complete on every rank) and its metrics."""
+
+    hessians: HessianSet
+    metrics: dict
 
 
-def load_hessians(path: str | Path) -> HessianSet:
-    """Tensors-only load (``weights_only=True``); DataError naming the file on any mismatch."""
-    path = Path(path)
-    data = load_tensor_file(path, "Hessian file", "run the hessians stage")
-    if not (isinstance(data, dict) and isinstance(data.get("hessians"), dict)
-            and isinstance(data.get("num_tokens"), torch.Tensor)):
-        raise DataError(f"{path}: not a Hessian file (expected hessians/num_tokens/num_sequences)")
-    for key, h in data["hessians"].items():
-        if not (isinstance(h, torch.Tensor) and h.dim() == 2 and h.shape[0] == h.shape[1]):
-            raise DataError(f"{path}: Hessian {key!r} is not a square matrix")
-    return HessianSet(hessians=data["hessians"], num_tokens=int(data["num_tokens"]),
-                      num_sequences=int(data.get("num_sequences", torch.tensor(0))))
+def calibrate(cfg: HessiansConfig, checkpoint: Path, shard_dir: Path, ctx: DistContext,
+              log: Progress | None = None) -> HessianOutcome:
+    """Hessians of the trained model in ``checkpoint`` from ``cfg.source``'s sequences.
+
+    ``train`` reads only the list of train shards in ``shard_dir``; every rank
+    must call this (the sums are all-reduced). Data time counts separately
+    from collection time, as training-data calibration counts inside the
+    challenge's training budget.
+    """
+    started = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt, ctx.device).eval()
+    if cfg.source == "train":
+        batches = list(train_calibration_batches(list_shards(shard_dir, "train"), ckpt.model_config.vocab_size,
+                                                 cfg, ctx.rank, ctx.world_size))
+    else:
+        with autocast(ctx.device):
+            batches = list(autoregressive_batches(model, cfg, ctx.rank, ctx.world_size, ctx.device, log))
+    synchronize(ctx.device)
+    sampled = time.perf_counter()
+    hs = collect_hessians(model, batches, ctx.device, lambda: autocast(ctx.device), log)
+    synchronize(ctx.device)
+    finished = time.perf_counter()
+    metrics = {"source": cfg.source, "num_sequences": hs.num_sequences, "num_tokens": hs.num_tokens,
+               "num_matrices": len(hs.hessians), "world_size": ctx.world_size, "device": ctx.device.type,
+               "seconds": round(finished - started, 3), "seconds_data": round(sampled - started, 3),
+               "seconds_collect": round(finished - sampled, 3), "params": to_dict(cfg)}
+    return HessianOutcome(hs, metrics)

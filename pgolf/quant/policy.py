@@ -5,8 +5,9 @@ first matching rule wins:
 
 1. not floating point, or ``numel <= passthrough_numel`` → passthrough (floats
    stored as fp16);
-2. ``blocks.{i}.attn.{c_q,c_k,c_v,proj}.weight`` → ``attn_bits`` per row;
-3. ``blocks.{i}.mlp.{fc,proj}.weight`` → ``mlp_bits`` per row;
+2. block matrices of class ``attn`` (pgolf/model/layout.py:
+   ``blocks.{i}.attn.{c_q,c_k,c_v,proj}.weight``) → ``attn_bits`` per row;
+3. block matrices of class ``mlp`` (``blocks.{i}.mlp.{fc,proj}.weight``) → ``mlp_bits`` per row;
 4. anything else (embeddings) → ``embed_bits`` per row with the
    ``embed_clip_quantile`` clip (docs/RECIPE.md §4.4), round to nearest.
 
@@ -22,7 +23,6 @@ can demote matrices (``fit_to_limit``) with the very same machinery.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping
 
@@ -32,11 +32,10 @@ from pgolf.quant.artifact import StoredTensor, dtype_name, encode, tensor_frames
 from pgolf.config import check
 from pgolf.errors import DataError
 from pgolf.quant.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
-from pgolf.quant.hessians import hessian_key_for_weight
+from pgolf.model.layout import block_weight
+from pgolf.quant.hessian_file import hessian_key_for_weight
 from pgolf.progress import Progress
-from pgolf.quant.grid import SCALE_FLOOR, quantize_to_grid, row_scales
-
-_BLOCK_MATRIX = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
+from pgolf.quant.grid import SCALE_FLOOR, GridBits, quantize_to_grid, row_scales
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,8 @@ class QuantizeConfig:
         check(self.block_size >= 1, "block_size", "must be >= 1")
         check(len(self.clip_candidates) >= 1, "clip_candidates", "needs at least one value")
         check(all(0 < p <= 1 for p in self.clip_candidates), "clip_candidates", "values must be in (0, 1]")
-        for key in ("attn_bits", "mlp_bits", "embed_bits"):
-            check(2 <= getattr(self, key) <= 8, key, "must be in 2..8")
+        GridBits(self.attn_bits, self.mlp_bits)  # checks both, as for late QAT
+        check(2 <= self.embed_bits <= 8, "embed_bits", "must be in 2..8")
         check(0 < self.embed_clip_quantile <= 1, "embed_clip_quantile", "must be in (0, 1]")
         check(self.passthrough_numel >= 0, "passthrough_numel", "must be >= 0")
         check(1 <= self.zstd_level <= 22, "zstd_level", "must be in 1..22")
@@ -79,6 +78,11 @@ class QuantizeConfig:
         check(not self.fit_to_limit or self.fit_min_bits < max(self.attn_bits, self.mlp_bits), "fit_min_bits",
               f"must be below attn_bits ({self.attn_bits}) or mlp_bits ({self.mlp_bits}) when fit_to_limit "
               "is on, else no matrix could be demoted")
+
+    @property
+    def grid_bits(self) -> GridBits:
+        """The block matrices' bits per class, the setting late QAT shares."""
+        return GridBits(self.attn_bits, self.mlp_bits)
 
     @property
     def compression_level(self) -> int:
@@ -96,9 +100,9 @@ def tensor_class(name: str, tensor: torch.Tensor, cfg: QuantizeConfig) -> str:
     """``passthrough``, ``attn``, ``mlp`` or ``embed`` (module docstring's rules)."""
     if not tensor.is_floating_point() or tensor.numel() <= cfg.passthrough_numel:
         return "passthrough"
-    match = _BLOCK_MATRIX.match(name)
-    if match and tensor.dim() == 2:
-        return "attn" if match.group(1).startswith("attn") else "mlp"
+    found = block_weight(name)
+    if found is not None and tensor.dim() == 2:
+        return found[1].cls
     return "embed"
 
 
@@ -251,12 +255,12 @@ def quantize_state_dict(state: Mapping[str, torch.Tensor], hessians: Mapping[str
                         hessian_source: str = "hessians", progress: Progress | None = None) -> QuantizeResult:
     """Quantise an unbanked state dict; tensors come back in sorted name order.
 
-    ``hessians`` maps ``pgolf.quant.hessians`` keys to raw (undamped) H; block
+    ``hessians`` maps ``pgolf.quant.hessian_file`` keys to raw (undamped) H; block
     matrices need theirs when GPTQ or the Hessian metric is used, and a
     missing or mis-shaped one is a DataError naming ``hessian_source``.
     ``progress`` counts block matrices, advancing per same-shape group.
     """
-    class_bits = {"attn": cfg.attn_bits, "mlp": cfg.mlp_bits}
+    class_bits = cfg.grid_bits.by_class()
     bits_of: dict[str, int] = {}
     done: dict[str, tuple[StoredTensor, dict]] = {}
     for name in sorted(state):
@@ -312,7 +316,7 @@ def prune_order(tensors: list[StoredTensor]) -> tuple[torch.Tensor, torch.Tensor
     none = torch.zeros(0, dtype=torch.int64)
     owners, flats, costs = [none], [none], [torch.zeros(0)]
     for i, t in enumerate(tensors):
-        if t.quantized and _BLOCK_MATRIX.match(t.name):
+        if t.quantized and block_weight(t.name) is not None:
             flat = torch.nonzero(t.q.reshape(-1).abs() == 1).squeeze(1)
             owners.append(torch.full_like(flat, i))
             flats.append(flat)

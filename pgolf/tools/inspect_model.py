@@ -19,8 +19,9 @@ from pgolf.model import checkpoint as checkpoint_format
 from pgolf.train import resume as train_state
 from pgolf.train.averaging import AVERAGES_FORMAT
 from pgolf.errors import DataError
-from pgolf.quant.hessians import load_hessians
+from pgolf.quant.hessian_file import load_hessians
 from pgolf.tools.inspect_summary import Summary, UnrecognisedFile, fmt, natural_key, one_line, table
+
 
 
 def _load_tensors_only(path: Path) -> Any:

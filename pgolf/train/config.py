@@ -23,8 +23,7 @@ class TrainConfig:
     warmdown_frac: float          # time form: linear decay over the last warmdown_frac of max_train_seconds
     compile: bool                 # torch.compile the model on CUDA (CPU always runs eager)
     compile_warmup_steps: int     # untimed steps to compile before training; state is restored after
-    qat_lr_scale_threshold: float  # late QAT switches on once lr_scale < this; 0 = off
-    qat_bits: int                 # bits of the fake-quantisation grid (must match quantize's grid)
+    qat_lr_scale_threshold: float  # late QAT (on quantize's grid bits) switches on once lr_scale < this; 0 = off
     holdout_tokens: int           # tail of the train stream kept out of training to choose the weights
     final_weights: Literal["best_holdout", "live", "ema", "swa"]
     resume_every: int             # steps between writes of the resume state; 0 = none
@@ -49,7 +48,6 @@ class TrainConfig:
             check(0.0 <= self.warmdown_frac <= 1.0, "warmdown_frac", "must be in [0, 1]")
         check(self.compile_warmup_steps >= 0, "compile_warmup_steps", "must be >= 0")
         check(0.0 <= self.qat_lr_scale_threshold <= 1.0, "qat_lr_scale_threshold", "must be in [0, 1] (0 = off)")
-        check(2 <= self.qat_bits <= 8, "qat_bits", "must be in 2..8")
         check(self.holdout_tokens > self.seq_len, "holdout_tokens",
               f"must exceed seq_len ({self.seq_len}): the holdout is scored in whole sequences")
         check(self.final_weights == "best_holdout" or self.final_weights in CANDIDATES, "final_weights",

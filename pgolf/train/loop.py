@@ -7,7 +7,8 @@ averages the gradients across ranks, so one GPU reproduces the 8-GPU step.
 
 Per step, in order: LR scale from :mod:`pgolf.train.schedule` (step-count or
 wall-clock form); late QAT switches on the first time the scale drops below
-``qat_lr_scale_threshold``; micro-steps; optimizer step; EMA update; SWA
+``qat_lr_scale_threshold``, on the export grid's bits (``quantize.attn_bits`` /
+``quantize.mlp_bits``, :class:`pgolf.quant.grid.GridBits`); micro-steps; optimizer step; EMA update; SWA
 snapshot (when the scale is below the SWA threshold, every ``swa_every``
 steps); then the ranks agree (all-reduce MAX, one sync per step) on whether to
 stop: a non-finite loss or gradient norm on any rank, or the wall-clock cap.
@@ -38,6 +39,7 @@ from pgolf.distributed import DistContext, all_reduce_max_, all_reduce_mean_
 from pgolf.errors import PgolfError
 from pgolf.data.loader import TokenStream, TrainLoader, holdout_sequences
 from pgolf.model.gpt import GPT, ModelConfig, param_roles
+from pgolf.quant.grid import GridBits
 from pgolf.train.optim import OptimConfig, PgolfOptimizer
 from pgolf.precision import (autocast, compile_enabled, configure_backends, maybe_compile, peak_memory,
                              synchronize)
@@ -83,15 +85,15 @@ class _Progress:
 class Trainer:
     """Owns the model, optimizer, loader and averages of one run."""
 
-    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfig,
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfig, grid: GridBits,
                  ctx: DistContext, stream: TokenStream):
-        self.cfg, self.optim_cfg, self.ctx = cfg, optim_cfg, ctx
+        self.cfg, self.optim_cfg, self.grid, self.ctx = cfg, optim_cfg, grid, ctx
         torch.manual_seed(cfg.seed)
         configure_backends(ctx.device)
         self.model = GPT(model_cfg).to(ctx.device)
         if cfg.qat_lr_scale_threshold > 0:
             # Put the (off) switch into the graph before compiling; see GPT.set_qat.
-            self.model.set_qat(False, cfg.qat_bits)
+            self.model.set_qat(False, grid.by_class())
         self.optimizer = PgolfOptimizer(self.model.named_parameters(), param_roles(self.model), optim_cfg, ctx)
         self.accum = cfg.grad_accum(ctx.world_size)
         self.loader = TrainLoader(stream, cfg.holdout_tokens, cfg.seq_len, cfg.micro_batch_tokens,
@@ -146,7 +148,7 @@ class Trainer:
     def maybe_enable_qat(self, lr_scale: float) -> None:
         cfg, p = self.cfg, self.progress
         if p.qat_from_step is None and cfg.qat_lr_scale_threshold > 0 and lr_scale < cfg.qat_lr_scale_threshold:
-            self.model.set_qat(True, cfg.qat_bits)
+            self.model.set_qat(True, self.grid.by_class())
             p.qat_from_step = p.step
 
     def agree(self, loss: torch.Tensor, grad_norm: float) -> tuple[bool, bool]:
@@ -168,7 +170,9 @@ class Trainer:
 
     # -------------------------------------------------------------- resume
     def run_hash(self, model_cfg: ModelConfig) -> str:
-        return config_hash(to_dict(model_cfg), to_dict(self.optim_cfg), to_dict(self.cfg),
+        # The grid's bits are hashed with the train section: late QAT trains on them.
+        train = {**to_dict(self.cfg), **to_dict(self.grid)}
+        return config_hash(to_dict(model_cfg), to_dict(self.optim_cfg), train,
                            self.ctx.world_size, self.loader.stream.shard_sizes)
 
     def save_resume(self, path: Path, run_hash: str, reporter: TrainReporter) -> None:
@@ -198,21 +202,21 @@ class Trainer:
         p.step, p.elapsed_s, p.qat_from_step = state.step, state.elapsed_s, state.qat_from_step
         p.resumed_from_step = p.last_resume_step = state.step
         if p.qat_from_step is not None:
-            self.model.set_qat(True, self.cfg.qat_bits)
+            self.model.set_qat(True, self.grid.by_class())
         if state.curve_rows:
             p.last_loss = float(state.curve_rows[-1][LOSS_CURVE])
         reporter.replay(state.curve_rows)
 
 
 # ------------------------------------------------------------------ the run
-def run_training(model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfig, ctx: DistContext,
-                 stream: TokenStream, files: RunFiles) -> TrainOutcome:
+def run_training(model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfig, grid: GridBits,
+                 ctx: DistContext, stream: TokenStream, files: RunFiles) -> TrainOutcome:
     """Train (or resume) to the step or time limit, then choose the final weights.
 
     The resume file, if any, is left in place: the caller marks it finished
     (:func:`pgolf.train.resume.mark_finished`) once its outputs are written.
     """
-    trainer = Trainer(model_cfg, optim_cfg, cfg, ctx, stream)
+    trainer = Trainer(model_cfg, optim_cfg, cfg, grid, ctx, stream)
     run_hash = trainer.run_hash(model_cfg)
     state, why = None, "resume state off"
     if files.resume is not None:
@@ -262,7 +266,7 @@ def _loop(t: Trainer, reporter: TrainReporter, resume_path: Path | None, run_has
         reporter.progress(p.step, tokens_per_s)
         if p.step % cfg.log_every == 0 or p.step == 1 or last:  # step 1: the curve's starting point
             p.last_loss = float(all_reduce_mean_(loss.clone()))
-            qat = f" qat{cfg.qat_bits}" if p.qat_from_step is not None else ""
+            qat = f" qat{t.grid.attn_bits}/{t.grid.mlp_bits}" if p.qat_from_step is not None else ""
             reporter.line(f"step {p.step}/{cfg.max_steps} loss {p.last_loss:.4f} lr_scale {lr_scale:.3f} "
                           f"grad_norm {stats['grad_norm']:.3f} tok/s {tokens_per_s:,.0f} "
                           f"train_time {p.elapsed_s:.1f}s swa {t.swa.count}{qat}")
@@ -298,7 +302,7 @@ def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float)
     peak = torch.tensor(float(peak_bytes), dtype=torch.float64, device=ctx.device)
     tokens = p.step * cfg.tokens_per_step
     stopped_by = "max_train_seconds" if t.time_is_up() else "max_steps"
-    qat = {"enabled": p.qat_from_step is not None, "bits": cfg.qat_bits, "from_step": p.qat_from_step}
+    qat = {"enabled": p.qat_from_step is not None, "bits": t.grid.by_class(), "from_step": p.qat_from_step}
     metrics = {
         "steps": p.step, "tokens": tokens, "train_seconds": p.elapsed_s,
         "tokens_per_s": tokens / p.elapsed_s if p.elapsed_s > 0 else None,

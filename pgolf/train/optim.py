@@ -41,10 +41,10 @@ from torch import nn
 from pgolf.config import check
 from pgolf.distributed import DistContext
 from pgolf.errors import DataError
+from pgolf.model.layout import ROLES
 from pgolf.train.muon import ShardedBank
 from pgolf.train.schedule import momentum_warmup
 
-ROLES = ("bank", "embed", "scalar")
 STATE_VERSION = 1
 CLIP_EPS = 1e-6
 

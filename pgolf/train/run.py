@@ -22,6 +22,7 @@ from pgolf.errors import DataError, ParamError
 from pgolf.io import atomic_path, write_json_atomic
 from pgolf.model.checkpoint import save_checkpoint
 from pgolf.model.gpt import ModelConfig
+from pgolf.quant.grid import GridBits
 from pgolf.pipeline.paths import CHECKPOINT, RESUME_STATE, SHARD_DIR, SHARDS_MANIFEST, TOKENIZER_META, TRAIN_DIR
 from pgolf.tools.plots import plot_lines
 from pgolf.train.averaging import AVERAGES_FORMAT
@@ -58,7 +59,7 @@ def check_shards(manifest_path: Path, meta_path: Path) -> None:
 
 
 def train_to_files(root: Path, model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfig,
-                   ctx: DistContext, curves: bool = True) -> dict:
+                   grid: GridBits, ctx: DistContext, curves: bool = True) -> dict:
     """Train on ``root``'s shards and (rank 0) write the outputs under ``root``; return the metrics.
 
     ``curves=False`` skips the dvclive curves and loss.png (for runs where dvclive is absent).
@@ -69,7 +70,7 @@ def train_to_files(root: Path, model_cfg: ModelConfig, optim_cfg: OptimConfig, c
     files = RunFiles(log=root / TRAIN_DIR / "train.log", live_dir=root / TRAIN_DIR / "live" if curves else None,
                      resume=root / RESUME_STATE)
     with exclusive_run(root / RESUME_STATE) if ctx.is_main else contextlib.nullcontext():
-        outcome = run_training(model_cfg, optim_cfg, cfg, ctx, stream, files)
+        outcome = run_training(model_cfg, optim_cfg, cfg, grid, ctx, stream, files)
         if ctx.is_main:
             write_outputs(root, outcome, model_cfg, optim_cfg, cfg, ctx.world_size, curves)
     barrier()

@@ -1,0 +1,150 @@
+"""Trained weights + Hessians → the ``.ptz`` bytes, its report and metrics: the quantize stage's work.
+
+In order: unbank the checkpoint (pgolf/model/layout.py); quantise every tensor
+(pgolf/quant/policy.py, GPTQ in pgolf/quant/gptq.py); with
+``quantize.fit_to_limit``, demote block matrices over the byte target a bit at
+a time (pgolf/quant/bit_allocation.py); with ``quantize.prune``, the ±1
+pruning takes what is left (pgolf/quant/policy.py); encode (pgolf/quant/artifact.py).
+Both aim at the byte target ``16,000,000 − code bytes − prune_margin_bytes``,
+code bytes as pgolf/submission/size.py counts them under ``code_root``; the
+size_check stage is the gate either way.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from pgolf.config import to_dict
+from pgolf.model.checkpoint import load_checkpoint
+from pgolf.model.gpt import unbank_state_dict
+from pgolf.model.layout import BLOCK_CLASSES
+from pgolf.precision import synchronize
+from pgolf.progress import StageLog
+from pgolf.quant.artifact import StoredTensor
+from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
+from pgolf.quant.hessian_file import HessianSet, load_hessians
+from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, prune_to_target, quantize_state_dict
+from pgolf.submission.size import LIMIT_BYTES, code_bytes, counted_code_files
+
+# Search settings of the byte budget stay out of the artifact's meta: the bits of
+# each tensor record their outcome, and a fit that demotes nothing then gives
+# the same bytes as fit_to_limit: false.
+UNRECORDED_KEYS = ("fit_to_limit", "fit_min_bits")
+
+
+@dataclass(frozen=True)
+class QuantizeOutcome:
+    """Everything the quantize stage writes."""
+
+    blob: bytes  # model.ptz, byte for byte
+    report: list[dict]  # report.json: one row per tensor, with its compressed frame's bytes
+    metrics: dict  # metrics.json
+
+
+def trained_grid(meta: Mapping) -> dict[str, int] | None:
+    """Late QAT's bits per class if the checkpoint's run switched it on (meta ``qat``), else None."""
+    qat = meta.get("qat")
+    if not (isinstance(qat, Mapping) and qat.get("enabled")):
+        return None
+    bits = qat["bits"]
+    return {cls: int(bits[cls]) for cls in BLOCK_CLASSES} if isinstance(bits, Mapping) else {
+        cls: int(bits) for cls in BLOCK_CLASSES}
+
+
+def layer_error_rows(report: list[dict]) -> list[dict]:
+    """The error of each quantised block matrix (layer_error.json, a DVC plot)."""
+    return [{"tensor": r["name"], "weight_mse": r["weight_mse"], "hessian_error": r["hessian_error"]}
+            for r in report if r["class"] in BLOCK_CLASSES]
+
+
+def quantize_checkpoint(checkpoint: Path, hessians: Path, cfg: QuantizeConfig, device: torch.device,
+                        code_root: Path, log: StageLog) -> QuantizeOutcome:
+    """Quantise ``checkpoint`` with the Hessians in ``hessians`` (module docstring)."""
+    started = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    _warn_if_trained_on_another_grid(ckpt.meta, cfg, log)
+    hs = load_hessians(hessians)
+    state = unbank_state_dict(ckpt.state_dict, ckpt.model_config)
+    result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, str(hessians), log)
+    synchronize(device)
+    quantized = time.perf_counter()
+
+    meta = {"quantize": {k: v for k, v in to_dict(cfg).items() if k not in UNRECORDED_KEYS}}
+    blobs = EncodeCache(ckpt.model_config.to_dict(), meta, cfg)
+    tensors, report, budget_metrics = result.tensors, result.report, {}
+    if cfg.fit_to_limit or cfg.prune:
+        tensors, report, budget_metrics = _meet_byte_target(result, state, hs, cfg, device, code_root, blobs,
+                                                            str(hessians), log)
+    blob = blobs.encode(tensors)
+    # Each tensor's exact share of the file: its own compressed frame (format v2).
+    frame_bytes = {t.name: len(f) for t, f in zip(tensors, blobs.frames(tensors))}
+    report = [{**r, "compressed_bytes": frame_bytes.get(r["name"])} for r in report]
+    finished = time.perf_counter()
+
+    quantized_rows = [r for r in report if r["bits"] is not None]
+    metrics = {
+        "model_bytes": len(blob),
+        "stored_bytes": sum(t.stored_bytes() for t in tensors),
+        "num_tensors": len(tensors), "num_quantized": len(quantized_rows),
+        "fallback_more_damping": result.fallbacks["more_damping"],
+        "fallback_round_to_nearest": result.fallbacks["round_to_nearest"],
+        "weight_mse_mean": sum(r["weight_mse"] for r in quantized_rows) / max(len(quantized_rows), 1),
+        "hessian_error_total": sum(r["hessian_error"] or 0.0 for r in quantized_rows),
+        "calibration_tokens": hs.num_tokens, "device": device.type,
+        "seconds": round(finished - started, 3), "seconds_quantize": round(quantized - started, 3),
+        **budget_metrics, "params": to_dict(cfg)}
+    return QuantizeOutcome(blob, report, metrics)
+
+
+def _warn_if_trained_on_another_grid(meta: Mapping, cfg: QuantizeConfig, log: StageLog) -> None:
+    """Train reads the same grid keys, so only a stale or hand-made checkpoint differs."""
+    trained = trained_grid(meta)
+    if trained is None or trained == cfg.grid_bits.by_class():
+        return
+    widths = sorted(set(trained.values()))
+    at = (f"{widths[0]} bits" if len(widths) == 1
+          else ", ".join(f"{cls} {bits} bits" for cls, bits in trained.items()))
+    log.warning(f"the model was trained with late QAT at {at} but quantize uses "
+                f"attn_bits={cfg.attn_bits}, mlp_bits={cfg.mlp_bits}")
+
+
+def _meet_byte_target(result: QuantizeResult, state: Mapping[str, torch.Tensor], hs: HessianSet,
+                      cfg: QuantizeConfig,
+                      device: torch.device, code_root: Path, blobs: EncodeCache, hessian_source: str,
+                      log: StageLog) -> tuple[list[StoredTensor], list[dict], dict]:
+    """fit_to_limit, then prune, as ``cfg`` says: (tensors, report, their ``fit_*``/``prune_*`` metrics)."""
+    code = code_bytes(code_root, counted_code_files(code_root))
+    target = LIMIT_BYTES - code - cfg.prune_margin_bytes
+    log.line(f"byte target {target:,} (code {code:,}, margin {cfg.prune_margin_bytes:,})")
+
+    def probe(what: str) -> Callable[[list[StoredTensor]], int]:
+        def encoded_size(ts: list[StoredTensor]) -> int:
+            began = time.perf_counter()
+            size = len(blobs.encode(ts))
+            log.line(f"{what} probe: {size:,} bytes ({size - target:+,} vs target) in "
+                     f"{time.perf_counter() - began:.1f} s")
+            return size
+        return encoded_size
+
+    tensors, report, metrics = result.tensors, result.report, {}
+    if cfg.fit_to_limit:
+        fit = fit_to_limit(result, state, hs.hessians, hs.num_tokens, cfg, device, target, probe("fit"),
+                           hessian_source, log.line, log, frame_sizes=lambda ts: [len(f) for f in blobs.frames(ts)])
+        tensors, report = fit.tensors, fit.report
+        metrics.update(outcome_metrics(fit), fit_code_bytes=code)
+        if not fit.fits:
+            log.warning(f"fit_to_limit left the artifact at {fit.size_bytes:,} bytes, over the target "
+                        f"{target:,} ({fit.demoted} matrices demoted, fit_min_bits {cfg.fit_min_bits})")
+    if cfg.prune:
+        outcome = prune_to_target(tensors, target, probe("prune"))
+        tensors = outcome.tensors
+        metrics.update(prune_candidates=outcome.candidates, pruned=outcome.pruned,
+                       prune_target_bytes=outcome.target_bytes, prune_fits=outcome.fits,
+                       prune_probes=outcome.probes, prune_code_bytes=code)
+        if not outcome.fits:
+            log.warning(f"pruning every ±1 entry cannot reach {outcome.target_bytes:,} bytes")
+    return tensors, report, metrics

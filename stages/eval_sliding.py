@@ -3,7 +3,8 @@
 Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_sliding``.
 Scores the dequantised artifact (never the training weights) with exact
 sliding windows (every target once; pgolf/eval/windows.py), then the cheap
-non-overlapping eval as a diagnostic. bpb uses the tokenizer's byte tables.
+non-overlapping eval as a diagnostic. bpb charges bytes from the val byte sidecar
+when the shards have one (CaseOps), else from the tokenizer's byte tables.
 Progress and the result go to artifacts/eval_sliding/eval_sliding.log.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pgolf.quant.artifact import load_dequantized_model
-from pgolf.data.bpb import ByteTables, build_byte_tables
+from pgolf.data.bpb import ByteSource, load_byte_source
 from pgolf.config import from_params
 from pgolf.distributed import DistContext, barrier, init_distributed
 from pgolf.eval.sliding import (SlidingConfig, nll_forward, prepare_tokens, score_nonoverlapping,
@@ -33,14 +34,14 @@ OUT = Path("artifacts/eval_sliding")
 
 
 def load_eval_inputs(root: Path, cfg: SlidingConfig, ctx: DistContext
-                     ) -> tuple[torch.nn.Module, torch.Tensor, ByteTables]:
-    """(dequantised model, validation stream on the device, byte tables)."""
+                     ) -> tuple[torch.nn.Module, torch.Tensor, ByteSource]:
+    """(dequantised model, validation stream on the device, byte source)."""
     configure_backends(ctx.device)
     model = load_dequantized_model(root / ARTIFACT, ctx.device)
     vocab = model.cfg.vocab_size
     stream = load_split(root / SHARD_DIR, "val", vocab)
     tokens = prepare_tokens(stream, cfg.seq_len, cfg.trim_to_seq_len, ctx.device, str(root / SHARD_DIR))
-    return model, tokens, build_byte_tables(root / TOKENIZER, vocab)
+    return model, tokens, load_byte_source(root / SHARD_DIR, root / TOKENIZER, vocab)
 
 
 def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict:

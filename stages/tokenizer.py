@@ -27,15 +27,15 @@ def run(p: dict, root: Path = Path(".")) -> dict:
     if cfg.source == "train":
         docs = iter_jsonl(root / TRAIN_DOCS)
         docs = list(itertools.islice(docs, cfg.max_train_docs) if cfg.max_train_docs else docs)
-        model = train_model(docs, cfg.vocab_size)
+        model = train_model(docs, cfg.vocab_size, cfg.case_transform)
         meta.update(train_docs=len(docs), trainer_settings=CHALLENGE_TRAINER_SETTINGS)
         where = "trained tokenizer"
     else:
         model = read_model(cfg.model_path)
         meta["model_path"] = cfg.model_path
         where = cfg.model_path
-    check_layout(model, cfg.vocab_size, where)
-    meta.update(vocab_size=cfg.vocab_size, sha256=sha256_bytes(model))
+    check_layout(model, cfg.vocab_size, where, cfg.case_transform)
+    meta.update(vocab_size=cfg.vocab_size, case_transform=cfg.case_transform, sha256=sha256_bytes(model))
     write_bytes_atomic(root / OUT_DIR / "tokenizer.model", model)
     write_json_atomic(root / OUT_DIR / "meta.json", meta)
     write_json_atomic(root / METRICS, {"vocab_size": cfg.vocab_size,

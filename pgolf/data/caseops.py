@@ -54,7 +54,8 @@ CASE_TRANSFORMS: tuple[str, ...] = ("none", "caseops")
 
 _CONTROL_CLASS = "[\ue001-\ue004]"
 _LITERAL_CONTROL = re.compile(_CONTROL_CLASS)
-_WORD = re.compile("[A-Za-z]+")
+# Only words with an uppercase letter change; lowercase words are left to the regex engine.
+_CASED_WORD = re.compile("(?<![A-Za-z])[a-z]*[A-Z][A-Za-z]*")
 _DECODE = re.compile(
     "\ue004(?P<literal>[\ue001-\ue004])"
     "|(?<![A-Za-z])\ue002(?P<allcaps>[a-z]{2,})(?![a-z\ue003])"
@@ -71,8 +72,6 @@ class CaseOpsError(ValueError):
 
 def _encode_word(match: re.Match) -> str:
     word = match.group()
-    if word.islower():
-        return word
     lower = word.lower()
     if len(word) >= 2 and word.isupper():
         return ALLCAPS + lower
@@ -87,7 +86,7 @@ def _encode_word(match: re.Match) -> str:
 def encode(text: str) -> str:
     """The CaseOps form of ``text`` (module docstring)."""
     escaped = _LITERAL_CONTROL.sub(lambda m: ESC + m.group(), text)
-    return _WORD.sub(_encode_word, escaped)
+    return _CASED_WORD.sub(_encode_word, escaped)
 
 
 def _decode_match(match: re.Match) -> str:
@@ -134,16 +133,15 @@ def apply(transform: str, text: str) -> str:
 def char_original_bytes(transformed: str, caseops: bool = True) -> np.ndarray:
     """Original UTF-8 bytes each character of ``transformed`` stands for (int64 [len]);
     with ``caseops`` false the text is its own original (every character its UTF-8 length)."""
-    data = transformed.encode("utf-8")
-    lead = np.frombuffer(data, dtype=np.uint8)
-    lead = lead[(lead & 0xC0) != 0x80]          # one lead byte per character
-    weights = np.ones(lead.size, dtype=np.int64)
-    weights[lead >= 0xC0] = 2
-    weights[lead >= 0xE0] = 3
-    weights[lead >= 0xF0] = 4
-    if caseops and any(c in transformed for c in CONTROLS):
-        for run in _CONTROL_RUN.finditer(transformed):
-            weights[run.start()] = 0            # a marker, or the ESC of a literal (which keeps its 3)
+    codes = np.frombuffer(transformed.encode("utf-32-le"), dtype="<u4")
+    weights = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)
+    if not caseops:
+        return weights
+    if ESC not in transformed:                  # no literals: every control character is a marker
+        weights[(codes >= ord(TITLE)) & (codes <= ord(ESC))] = 0
+        return weights
+    for run in _CONTROL_RUN.finditer(transformed):
+        weights[run.start()] = 0                # a marker, or the ESC of a literal (which keeps its 3)
     return weights
 
 

@@ -216,3 +216,45 @@ def test_missing_or_misaligned_sidecar_is_refused(caseops_data, tmp_path):
     with pytest.raises(ValueError, match="pass target_positions"):
         target_bytes(SidecarBytes(np.zeros(4, np.uint16)), torch.zeros(2, dtype=torch.long),
                      torch.zeros(2, dtype=torch.long))
+
+
+def write_random_artifact(root: Path) -> None:
+    """A random-init GPT (vocab 512, tiny widths) stored losslessly as the quantize stage would."""
+    from pgolf.config import from_params
+    from pgolf.model.gpt import GPT, ModelConfig, unbank_state_dict
+    from pgolf.quant.artifact import StoredTensor, write_artifact
+
+    model_params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["model"]
+    model_params.update(vocab_size=512, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
+                        rope_dims=8, xsa_layers=[1], ve_layers=[1], ve_dim=8, bigram_buckets=64, bigram_dim=16)
+    cfg = from_params(ModelConfig, {"model": model_params}, "model")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    tensors = [StoredTensor(name, tuple(t.shape), "float32", "passthrough", raw=t.detach().float())
+               for name, t in sorted(unbank_state_dict(model.state_dict(), cfg).items())]
+    write_artifact(root / "artifacts/quant/model.ptz", tensors, cfg.to_dict(), {}, "zstd", 1)
+
+
+@pytest.mark.slow
+def test_both_eval_stages_charge_the_sidecar(caseops_data, tmp_path):
+    import stages.eval_sliding
+    import stages.eval_ttt
+
+    write_random_artifact(tmp_path)
+    for sub in ("data/shards", "data/tokenizer"):
+        (tmp_path / sub).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub).symlink_to(caseops_data / sub, target_is_directory=True)
+    params = {"launch": {"nproc_per_node": 1, "device": "cpu"},
+              "eval_sliding": {"seq_len": 128, "stride": 128, "batch_windows": 64, "trim_to_seq_len": True,
+                               "compile": False},
+              # one chunk: TTT scores everything and never trains (fast; the byte path is the same)
+              "eval_ttt": {"chunk_tokens": 65536, "epochs": 1, "optimizer": "sgd", "lr": 0.001,
+                           "lr_schedule": "cosine", "momentum": 0.9, "beta2": 0.999, "weight_decay": 0.0,
+                           "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32}}
+    sidecar = load_sidecar(caseops_data / "data" / "shards")
+    targets = (sidecar.size - 1) // 128 * 128
+    expected = int(sidecar[1:targets + 1].sum(dtype=np.int64))
+    sliding = stages.eval_sliding.run(params, tmp_path)
+    ttt = stages.eval_ttt.run(params, tmp_path)
+    assert sliding["scored_tokens"] == ttt["scored_tokens"] == targets
+    assert sliding["bytes"] == ttt["bytes"] == expected

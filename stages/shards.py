@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
 from pgolf.data.bpb import load_byte_source, stream_bytes
 from pgolf.data.challenge_import import import_challenge
 from pgolf.config import from_params

@@ -181,8 +181,8 @@ def _encode_batch_with_bytes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     try:
         encoded = _worker_sp.encode(transformed, return_type="offset_mapping")
     except (TypeError, ValueError) as exc:
-        raise DataError(f"this sentencepiece cannot report token offsets ({exc}); "
-                        "the byte sidecar needs sentencepiece >= 0.2.3") from None
+        raise DataError(f"sentencepiece {spm.__version__} cannot report token offsets ({exc}); the byte "
+                        "sidecar needs encode(return_type='offset_mapping') (present in 0.2.3)") from None
     tokens: list[np.ndarray] = []
     counts: list[np.ndarray] = []
     for text, doc in zip(transformed, encoded):

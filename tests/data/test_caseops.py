@@ -184,3 +184,12 @@ def test_char_original_bytes_counts_markers_zero_and_escaped_literals_in_full():
     assert caseops.char_original_bytes(text).tolist() == [0, 1, 0, 3, 2, 0, 3, 4]
     assert caseops.char_original_bytes(text, caseops=False).tolist() == [3, 1, 3, 3, 2, 3, 3, 4]
     assert np.array_equal(caseops.piece_original_bytes(text, [(0, 2), (2, 4), (4, 8)]), [1, 3, 9])
+
+
+@pytest.mark.parametrize("transform", ["none", "caseops"])
+def test_sp8192_trains_on_the_embedded_corpus(embedded_corpus, transform):
+    """The challenge's vocabulary at the challenge's trainer settings (3.1 s here for 'none')."""
+    docs = list(iter_jsonl(embedded_corpus / "train.jsonl"))
+    model = train_model(docs, 8192, transform)
+    check_layout(model, 8192, "sp8192", transform)
+    assert case_transform_of(model) == transform

@@ -52,8 +52,7 @@ CONTROL_PIECES_START = 4   # a CaseOps tokenizer's ids 4..7 are the controls (FR
 CaseTransform = Literal["none", "caseops"]
 CASE_TRANSFORMS: tuple[str, ...] = ("none", "caseops")
 
-_CONTROL_CLASS = "[\ue001-\ue004]"
-_LITERAL_CONTROL = re.compile(_CONTROL_CLASS)
+_LITERAL_CONTROL = re.compile("[\ue001-\ue004]")
 # Only words with an uppercase letter change; lowercase words are left to the regex engine.
 _CASED_WORD = re.compile("(?<![A-Za-z])[a-z]*[A-Z][A-Za-z]*")
 _DECODE = re.compile(
@@ -94,9 +93,7 @@ def _decode_match(match: re.Match) -> str:
     value = match.group(kind)
     if kind == "literal":
         return value
-    if kind == "allcaps":
-        return value.upper()
-    if kind in ("title", "capnext"):
+    if kind != "bad":                       # allcaps, title, capnext: uppercase what they mark
         return value.upper()
     raise CaseOpsError(f"misplaced {_describe(value)} at character {match.start()}")
 

@@ -3,7 +3,8 @@
 Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_sliding``.
 Scores the dequantised artifact (never the training weights) with exact
 sliding windows (every target once; pgolf/eval/windows.py), then the cheap
-non-overlapping eval as a diagnostic. bpb uses the tokenizer's byte tables.
+non-overlapping eval as a diagnostic. bpb charges bytes from the val byte sidecar
+when the shards have one (CaseOps), else from the tokenizer's byte tables.
 Progress and the result go to artifacts/eval_sliding/eval_sliding.log.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         inputs = load_eval_inputs(root, cfg, ctx.device)
         log.line(f"eval_sliding: {inputs.tokens.numel() - 1:,} targets, world {ctx.world_size}, "
                  f"device {ctx.device.type}")
-        metrics = {**evaluate_sliding(inputs.model, inputs.tokens, inputs.tables, cfg, rank=ctx.rank,
+        metrics = {**evaluate_sliding(inputs.model, inputs.tokens, inputs.byte_source, cfg, rank=ctx.rank,
                                       world_size=ctx.world_size, progress=log),
                    "world_size": ctx.world_size, "device": ctx.device.type}
         if ctx.is_main:

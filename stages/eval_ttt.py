@@ -36,7 +36,7 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         inputs = load_eval_inputs(root, windows, ctx.device)
         log.line(f"eval_ttt: {inputs.tokens.numel() - 1:,} targets, {cfg.optimizer} lr {cfg.lr:g} x {cfg.epochs} "
                  f"epochs, world {ctx.world_size}, device {ctx.device.type}")
-        result = run_ttt(inputs.model, inputs.tokens, inputs.tables, windows, cfg, rank=ctx.rank, world_size=ctx.world_size,
+        result = run_ttt(inputs.model, inputs.tokens, inputs.byte_source, windows, cfg, rank=ctx.rank, world_size=ctx.world_size,
                          progress=log, warmup=compile_enabled(windows.compile, ctx.device))
         metrics = {**score_metrics(result), "chunks": result.num_chunks, "train_steps": result.train_steps,
                    "sliding_val_bpb": baseline, "gain_vs_sliding": baseline - result.sums.val_bpb,

@@ -1,5 +1,6 @@
 """Stage shards: tokenized corpus (or validated challenge shards) →
-data/shards/{train,val}_NNNNNN.bin + manifest.json (pgolf/data/build_shards.py)."""
+data/shards/{train,val}_NNNNNN.bin + manifest.json, and val_bytes_NNNNNN.bin (the val byte
+sidecar) when the tokenizer is CaseOps (pgolf/data/build_shards.py)."""
 from __future__ import annotations
 
 import time

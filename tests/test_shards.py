@@ -136,7 +136,8 @@ def test_import_validates_and_renames_challenge_shards(tmp_path):
 
 
 def test_shards_config_checks_ranges_and_source_paths():
-    base = {"source": "tokenize", "challenge_dir": "", "link": False, "tokens_per_shard": 10, "workers": 0}
+    base = {"source": "tokenize", "challenge_dir": "", "link": False, "tokens_per_shard": 10, "workers": 0,
+            "max_shared_val_docs": 0}
     assert from_params(ShardsConfig, {"shards": base}, "shards").tokens_per_shard == 10
     for bad, key in [({"tokens_per_shard": 0}, "shards.tokens_per_shard"),
                      ({"workers": -1}, "shards.workers"),

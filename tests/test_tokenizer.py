@@ -107,7 +107,7 @@ def test_input_errors_surface_from_the_worker_pool(model):
 
 
 def test_config_ranges_and_source_paths():
-    base = {"source": "train", "model_path": "", "vocab_size": 1024, "max_train_docs": 0}
+    base = {"source": "train", "model_path": "", "vocab_size": 1024, "max_train_docs": 0, "case_transform": "none"}
     assert from_params(TokenizerConfig, {"tokenizer": base}, "tokenizer").vocab_size == 1024
     for bad, key in [({"vocab_size": 260}, "tokenizer.vocab_size"),
                      ({"vocab_size": 70000}, "tokenizer.vocab_size"),

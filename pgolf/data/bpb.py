@@ -1,4 +1,14 @@
-"""Per-token byte counts for the bits-per-byte metric (docs/RECIPE.md §1.4).
+"""Per-token byte counts for the bits-per-byte metric (docs/RECIPE.md §1.4, FRONTIER §1.4).
+
+A byte source says how many bytes each scored target is worth. There are two:
+the tokenizer's byte tables (:class:`ByteTables`, below), and the val byte
+sidecar (:class:`SidecarBytes`), which stores the count for every val token
+position and is the only source for a CaseOps tokenizer: its control pieces
+stand for no text, and its lowercased pieces for bytes of the original case,
+which no per-piece table can know. :func:`load_byte_source` picks the
+sidecar whenever the shard folder has one; :func:`build_byte_tables` refuses
+a CaseOps tokenizer. The evals call :func:`target_bytes` with the targets' stream
+positions, so either source plugs into the same scoring code.
 
 Three tables, indexed by token id and of length max(sp_vocab, vocab_size):
 
@@ -42,6 +52,8 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 import sentencepiece as spm
 
+from pgolf.data.caseops import has_control_pieces
+from pgolf.data.shards import SIDECAR, load_sidecar
 from pgolf.errors import DataError
 
 if TYPE_CHECKING:
@@ -91,6 +103,9 @@ def build_byte_tables(model_path: str | Path, vocab_size: int) -> ByteTables:
         sp = spm.SentencePieceProcessor(model_file=str(model_path))
     except (RuntimeError, OSError) as exc:
         raise DataError(f"{model_path}: not a SentencePiece model ({exc})") from None
+    if has_control_pieces(sp):
+        raise DataError(f"{model_path}: a CaseOps tokenizer; its bytes come from the val byte sidecar "
+                        f"({SIDECAR}_NNNNNN.bin beside the val shards), never from byte tables")
     sp_vocab = sp.vocab_size()
     size = max(sp_vocab, vocab_size)
     base = np.zeros(size, dtype=np.int16)
@@ -111,16 +126,62 @@ def build_byte_tables(model_path: str | Path, vocab_size: int) -> ByteTables:
     return ByteTables(base, space, boundary)
 
 
-def target_bytes(tables: ByteTables, prev_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    """Bytes credited to each target: ``base[y] + (space[y] & ~boundary[x])`` (int64)."""
-    base, space, boundary = tables.on(target_ids.device)
+@dataclass(frozen=True, eq=False)
+class SidecarBytes:
+    """The val byte sidecar: the target at stream position ``p`` is worth ``per_token[p]``."""
+
+    per_token: np.ndarray           # uint16 [val tokens]
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.per_token.ndim != 1:
+            raise ValueError(f"a byte sidecar must be 1-D, got shape {self.per_token.shape}")
+
+    def on(self, device: torch.device | str) -> torch.Tensor:
+        """The counts as an int32 tensor on ``device``, cached."""
+        import torch
+
+        key = str(torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = torch.from_numpy(self.per_token.astype(np.int32)).to(device)
+        return self._on_device[key]
+
+
+ByteSource = ByteTables | SidecarBytes
+
+
+def load_byte_source(shard_dir: str | Path, tokenizer_path: str | Path, vocab_size: int) -> ByteSource:
+    """The val byte sidecar of ``shard_dir`` if it has one, else the tokenizer's
+    byte tables (which refuse a CaseOps tokenizer)."""
+    sidecar = load_sidecar(shard_dir)
+    if sidecar is not None:
+        return SidecarBytes(sidecar)
+    return build_byte_tables(tokenizer_path, vocab_size)
+
+
+def target_bytes(source: ByteSource, prev_ids: torch.Tensor, target_ids: torch.Tensor,
+                 target_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Bytes credited to each target (int64): from the tables ``base[y] + (space[y] &
+    ~boundary[x])``; from a sidecar its entry at the target's stream position."""
+    if isinstance(source, SidecarBytes):
+        if target_positions is None:
+            raise ValueError("a byte sidecar charges by stream position; pass target_positions")
+        return source.on(target_ids.device)[target_positions].long()
+    base, space, boundary = source.on(target_ids.device)
     return base[target_ids] + (space[target_ids] & ~boundary[prev_ids]).long()
 
 
-def stream_bytes(tables: ByteTables, tokens: np.ndarray | Iterable[np.ndarray]) -> int:
+def stream_bytes(source: ByteSource, tokens: np.ndarray | Iterable[np.ndarray]) -> int:
     """Σ bytes over the targets ``stream[1:]`` of one token stream, given whole
-    or as consecutive chunks (e.g. shard files); exact integer arithmetic."""
+    or as consecutive chunks (e.g. shard files); exact integer arithmetic.
+    With a sidecar the stream is the val stream (or a prefix of it)."""
     chunks = [tokens] if isinstance(tokens, np.ndarray) else tokens
+    if isinstance(source, SidecarBytes):
+        length = sum(int(np.asarray(c).size) for c in chunks)
+        if length > source.per_token.size:
+            raise ValueError(f"stream of {length} tokens is longer than the sidecar ({source.per_token.size})")
+        return int(source.per_token[1:length].sum(dtype=np.int64))
+    tables = source
     total = 0
     prev_last: np.ndarray | None = None
     for chunk in chunks:

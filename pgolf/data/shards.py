@@ -9,6 +9,12 @@ cross file boundaries.
 
 The reader memory-maps the body (nothing is loaded up front) and refuses a
 file whose header, size or ids disagree with what it claims, naming the file.
+
+The val byte sidecar (FRONTIER §1.4, written when the tokenizer is CaseOps)
+uses the same file format: ``val_bytes_NNNNNN.bin`` holds, for every token
+of ``val_NNNNNN.bin`` at the same position, the UTF-8 bytes of the original
+text that token covers (0 for BOS and control pieces). The challenge's
+export names it ``fineweb_val_bytes_NNNNNN.bin``.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -32,6 +38,8 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 BOS_ID = 1
 SPLITS = ("train", "val")
+SIDECAR = "val_bytes"         # the val byte sidecar's file stem
+SIDECAR_MAX = (1 << 16) - 1    # entries are uint16
 TOKEN_DTYPE = np.dtype("<u2")
 # Ids are checked against the vocabulary in slices of this many tokens, so a
 # 100M-token shard is scanned without materialising it in memory.
@@ -114,8 +122,8 @@ def read_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
 
 def list_shards(directory: str | Path, split: str) -> list[Path]:
     """Sorted ``{split}_NNNNNN.bin`` files of ``directory``; DataError if none."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in SPLITS + (SIDECAR,):
+        raise ValueError(f"split must be one of {SPLITS + (SIDECAR,)}, got {split!r}")
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: shard directory not found")
@@ -123,6 +131,14 @@ def list_shards(directory: str | Path, split: str) -> list[Path]:
     if not paths:
         raise DataError(f"{directory}: no {split}_NNNNNN.bin shards")
     return paths
+
+
+def iter_chunks(files: Iterable[Path], size: int = _SCAN_CHUNK) -> Iterator[np.ndarray]:
+    """The files' tokens in order, in slices, so a 100M-token shard is never all in memory."""
+    for path in files:
+        tokens = read_shard(path)
+        for start in range(0, tokens.size, size):
+            yield tokens[start:start + size]
 
 
 def load_split(directory: str | Path, split: str, vocab_size: int | None = None) -> np.ndarray:
@@ -158,8 +174,8 @@ class ShardWriter:
     tokens (the last one partial), numbered from 000000 in stream order."""
 
     def __init__(self, directory: str | Path, split: str, tokens_per_shard: int):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in SPLITS + (SIDECAR,):
+            raise ValueError(f"split must be one of {SPLITS + (SIDECAR,)}, got {split!r}")
         if tokens_per_shard <= 0:
             raise ValueError("tokens_per_shard must be positive")
         self.directory = Path(directory)
@@ -193,12 +209,13 @@ class ShardWriter:
         self.shards.append(ShardInfo.of(path, tokens))
 
 
-def import_shards(sources: Iterable[Path], directory: Path, split: str, vocab_size: int,
+def import_shards(sources: Iterable[Path], directory: Path, split: str, vocab_size: int | None,
                   link: bool) -> list[ShardInfo]:
     """Validate already-tokenized shards and place them as ``{split}_NNNNNN.bin``.
 
-    Every file's header, size and ids (< vocab_size) are checked before it is
-    hard-linked (``link``, which needs the same file system) or copied.
+    Every file's header, size and ids (< vocab_size; unchecked when None, as
+    for a sidecar) are checked before it is hard-linked (``link``, which needs
+    the same file system) or copied.
     """
     directory.mkdir(parents=True, exist_ok=True)
     infos = []
@@ -226,10 +243,12 @@ class ShardsConfig:
     link: bool              # 'challenge': hard-link the files instead of copying them
     tokens_per_shard: int   # 'tokenize': tokens per file (the last one of a split is partial)
     workers: int            # 'tokenize': encoding processes; 0 = all cores
+    max_shared_val_docs: int  # 'challenge': val documents allowed to occur in train too (0 = disjoint)
 
     def __post_init__(self) -> None:
         check(0 < self.tokens_per_shard < 2**31, "tokens_per_shard", "must be in [1, 2^31)")
         check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+        check(self.max_shared_val_docs >= 0, "max_shared_val_docs", "must be >= 0")
         if self.source == "challenge":
             check(self.challenge_dir != "", "challenge_dir", "source 'challenge' needs a folder")
         else:
@@ -245,8 +264,41 @@ def write_stream(chunks: Iterable[np.ndarray], directory: Path, split: str,
     return writer.close()
 
 
+def write_val_with_sidecar(pairs: Iterable[tuple[np.ndarray, np.ndarray]], directory: Path,
+                           tokens_per_shard: int) -> tuple[list[ShardInfo], list[ShardInfo]]:
+    """Cut the val stream, given as (tokens, original bytes per token) chunks,
+    into val shards and byte-sidecar files cut at the same positions."""
+    tokens = ShardWriter(directory, "val", tokens_per_shard)
+    sidecar = ShardWriter(directory, SIDECAR, tokens_per_shard)
+    for ids, counts in pairs:
+        if counts.shape != ids.shape:
+            raise ValueError(f"{counts.shape} byte counts for {ids.shape} tokens")
+        if counts.size and int(counts.max()) > SIDECAR_MAX:
+            raise DataError(f"{directory}: a val token covers {int(counts.max())} original bytes, "
+                            f"more than a uint16 sidecar entry holds ({SIDECAR_MAX})")
+        tokens.add(ids)
+        sidecar.add(counts.astype(np.uint16))
+    return tokens.close(), sidecar.close()
+
+
+def load_sidecar(directory: str | Path) -> np.ndarray | None:
+    """The val byte sidecar of a shard folder (uint16, one entry per val token),
+    or None if it has none; DataError unless its files match the val shards 1:1."""
+    directory = Path(directory)
+    if not any(directory.glob(f"{SIDECAR}_*.bin")):
+        return None
+    files, shards = list_shards(directory, SIDECAR), list_shards(directory, "val")
+    if len(files) != len(shards):
+        raise DataError(f"{directory}: {len(files)} {SIDECAR} files for {len(shards)} val shards")
+    for side, shard in zip(files, shards):
+        if side.name[len(SIDECAR):] != shard.name[len("val"):] or read_header(side) != read_header(shard):
+            raise DataError(f"{side}: not aligned with {shard.name} "
+                            f"({read_header(side)} entries, {read_header(shard)} tokens)")
+    return np.concatenate([np.asarray(read_shard(p)) for p in files])
+
+
 def challenge_sources(directory: str | Path, split: str) -> list[Path]:
-    """The challenge's ``fineweb_{split}_NNNNNN.bin`` files, sorted."""
+    """The challenge's ``fineweb_{split}_NNNNNN.bin`` files, sorted (split may be SIDECAR)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: challenge shard folder not found")
@@ -254,6 +306,11 @@ def challenge_sources(directory: str | Path, split: str) -> list[Path]:
     if not paths:
         raise DataError(f"{directory}: no fineweb_{split}_NNNNNN.bin shards")
     return paths
+
+
+def sidecar_summary(infos: list[ShardInfo]) -> dict:
+    return {"files": [{k: v for k, v in dataclasses.asdict(i).items() if k != "documents"} for i in infos],
+            "entries": sum(i.tokens for i in infos)}
 
 
 def split_summary(infos: list[ShardInfo]) -> dict:

@@ -1,8 +1,9 @@
-"""What both eval stages read: the dequantised artifact, the validation stream on the device, the byte tables.
+"""What both eval stages read: the dequantised artifact, the validation stream on the device, its byte source.
 
 Scores are always of the artifact as submitted (never the training weights);
-a benchmark scoring other weights reads the same stream and tables with
-:func:`load_eval_data`.
+a benchmark scoring other weights reads the same stream and bytes with
+:func:`load_eval_data`. Bytes come from the val byte sidecar when the shards
+have one (CaseOps), else from the tokenizer's tables (pgolf/data/bpb.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.data.bpb import ByteTables, build_byte_tables
+from pgolf.data.bpb import ByteSource, load_byte_source
 from pgolf.data.shards import load_split
 from pgolf.errors import DataError
 from pgolf.eval.sliding import EvalSlidingConfig, prepare_tokens
@@ -25,23 +26,23 @@ from pgolf.quant.restore import load_dequantized_model
 class EvalInputs:
     model: torch.nn.Module
     tokens: torch.Tensor  # the validation stream (trimmed as the config asks), int64 on the device
-    tables: ByteTables
+    byte_source: ByteSource  # bytes charged per target: the sidecar, else the tokenizer's tables
 
 
 def load_eval_data(root: Path, cfg: EvalSlidingConfig, vocab_size: int, device: torch.device
-                   ) -> tuple[torch.Tensor, ByteTables]:
-    """(validation stream on ``device``, byte tables) of the project under ``root``."""
+                   ) -> tuple[torch.Tensor, ByteSource]:
+    """(validation stream on ``device``, byte source) of the project under ``root``."""
     stream = load_split(root / SHARD_DIR, "val", vocab_size)
     tokens = prepare_tokens(stream, cfg.seq_len, cfg.trim_to_seq_len, device, str(root / SHARD_DIR))
-    return tokens, build_byte_tables(root / TOKENIZER_MODEL, vocab_size)
+    return tokens, load_byte_source(root / SHARD_DIR, root / TOKENIZER_MODEL, vocab_size)
 
 
 def load_eval_inputs(root: Path, cfg: EvalSlidingConfig, device: torch.device) -> EvalInputs:
     """The dequantised artifact and its eval data, with the device's numeric mode set."""
     configure_backends(device)
     model = load_dequantized_model(root / ARTIFACT, device)
-    tokens, tables = load_eval_data(root, cfg, model.cfg.vocab_size, device)
-    return EvalInputs(model, tokens, tables)
+    tokens, byte_source = load_eval_data(root, cfg, model.cfg.vocab_size, device)
+    return EvalInputs(model, tokens, byte_source)
 
 
 def read_sliding_bpb(root: Path) -> float:

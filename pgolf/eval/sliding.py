@@ -202,7 +202,7 @@ class WindowScorer:
         col = cols[:-1]
         scored = (col >= offsets[:, None]) & (col < lengths[:, None])
         nll_sum = torch.where(scored, nll.double(), 0.0).sum()
-        byte_sum = torch.where(scored, target_bytes(self.tables, ids, targets), 0).sum()
+        byte_sum = torch.where(scored, target_bytes(self.tables, ids, targets, index[:, 1:]), 0).sum()
         if self.observer is not None:
             positions = (starts[:, None] + col)[scored]
             context = col.expand_as(scored)[scored]

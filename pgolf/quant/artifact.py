@@ -33,7 +33,7 @@ whole model again, and frames compress on threads. One stream was erratic: on
 an H200 run whose fit mixed int5 and int6 matrices, its size moved by up to 7 %
 against the per-tensor sum from one mix to the next, and by 1.2 MB when a single
 matrix changed width. On the tensors a fit settles on, one stream is ~0.05 %
-smaller than the frames (README, "Measured figures").
+smaller than the frames (docs/LOG.md, 2026-11-25).
 
 Nothing in the file is ever unpickled: the reader parses JSON and copies
 bytes into tensors. Encoding is deterministic (sorted JSON, fixed array

@@ -116,7 +116,7 @@ class PgolfOptimizer:
         if self.world_size > 1 and not dist.is_initialized():
             raise RuntimeError("world_size > 1 but torch.distributed is not initialised")
         groups = _split_by_role(named_params, roles)
-        # Largest first, so the biggest reduction is in flight longest (§3.2).
+        # Largest first, so the biggest reduction is in flight longest (docs/RECIPE.md §3.2).
         banks = sorted(groups["bank"], key=lambda item: -item[1].numel())
         self.banks = [ShardedBank(name, p, self.rank, self.world_size) for name, p in banks]
         self.dense = [p for role in ("embed", "scalar") for _, p in groups[role]]

@@ -1,0 +1,81 @@
+"""Profiles compose like DVC's Hydra integration, and params.yaml is the default composition."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgolf.config import from_params
+from pgolf.errors import ParamError
+from pgolf.tools.profiles import CONF_DIR, compose
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
+
+
+def stage_configs():
+    from pgolf.data.corpus import CorpusConfig
+    from pgolf.eval.sliding import SlidingConfig
+    from pgolf.quant.hessians import HessianConfig
+    from pgolf.model.gpt import ModelConfig
+    from pgolf.train.optim import OptimConfig
+    from pgolf.quant.policy import QuantizeConfig
+    from pgolf.data.shards import ShardsConfig
+    from pgolf.submission.size import SizeConfig
+    from pgolf.data.tokenizer import TokenizerConfig
+    from pgolf.train.config import TrainConfig
+    from pgolf.eval.ttt import TTTConfig
+    return {"corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
+            "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "hessians": HessianConfig,
+            "quantize": QuantizeConfig, "size": SizeConfig, "eval_sliding": SlidingConfig, "eval_ttt": TTTConfig}
+
+
+def test_params_yaml_is_the_default_composition():
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == compose("cpu"), "params.yaml is stale: run `pgolf params --profile cpu`"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_builds_every_stage_config(profile):
+    params = compose(profile)
+    for section, cls in stage_configs().items():
+        from_params(cls, params, section)
+    assert set(params) == set(compose("cpu")), "a profile may only override existing sections"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_our_merge_equals_hydra(profile):
+    hydra = pytest.importorskip("hydra")
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose("config", overrides=[f"profile={profile}", "train.seed=7"])
+    assert OmegaConf.to_container(cfg) == compose(profile, ["train.seed=7"])
+    assert hydra is not None
+
+
+def test_record_profile_values():
+    rec = compose("record")
+    assert rec["model"]["num_layers"] == 11 and rec["model"]["bigram_buckets"] == 3072
+    assert rec["train"]["tokens_per_step"] == 786_432 and rec["train"]["seq_len"] == 2048
+    assert rec["launch"]["nproc_per_node"] == "gpu"
+    one = compose("gpu1")
+    assert one["launch"]["nproc_per_node"] == 1 and one["model"] == rec["model"]
+
+
+def test_bad_profile_and_override():
+    with pytest.raises(ParamError, match="unknown profile 'nope'"):
+        compose("nope")
+    with pytest.raises(ParamError, match="train.sede: unknown key"):
+        compose("cpu", ["train.sede=1"])
+    with pytest.raises(ParamError, match="key=value"):
+        compose("cpu", ["train.seed"])
+
+
+def test_record_model_parameter_count():
+    import torch
+
+    from pgolf.model.gpt import GPT, ModelConfig
+    cfg = from_params(ModelConfig, compose("record"), "model")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GPT(cfg).parameters())
+    assert n == 27_124_838  # 26,928,220 (PR #549) + 196,608 (BigramHash 3072) + 10 VRL gates

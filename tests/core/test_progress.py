@@ -4,21 +4,19 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.pipeline.dist_eval_worker import TTT_SGD, WINDOWS, TinyBankLM, make_stream, make_tables  # noqa: E402
+from tests.helpers.eval_lm import TTT_SGD, WINDOWS, TinyBankLM, make_stream, make_tables
 
-from pgolf.config import from_params  # noqa: E402
-from pgolf.eval.sliding import score_nonoverlapping, score_sliding_windows  # noqa: E402
-from pgolf.quant.hessians import autoregressive_batches, collect_hessians  # noqa: E402
-from pgolf.model.gpt import unbank_state_dict  # noqa: E402
-from pgolf.progress import StageLog, format_seconds  # noqa: E402
-from pgolf.quant.policy import QuantizeConfig, quantize_state_dict  # noqa: E402
-from pgolf.eval.ttt import run_ttt  # noqa: E402
+from pgolf.config import from_params
+from pgolf.eval.sliding import score_nonoverlapping, score_sliding_windows
+from pgolf.quant.hessians import autoregressive_batches, collect_hessians
+from pgolf.model.gpt import unbank_state_dict
+from pgolf.progress import StageLog, format_seconds
+from pgolf.quant.policy import QuantizeConfig, quantize_state_dict
+from pgolf.eval.ttt import run_ttt
 
 torch.set_num_threads(1)
 
@@ -143,8 +141,7 @@ def test_ttt_reports_each_chunk_with_its_targets():
 
 
 def test_calibration_sampling_and_quantisation_report_their_work():
-    from tests.quant.test_hessians import hessian_config, tiny_model
-    from tests.pipeline.test_quant_dvc import PARAMS
+    from tests.helpers.models import QUANT_PARAMS as PARAMS, hessian_config, tiny_model
 
     model, cpu = tiny_model(), torch.device("cpu")
     batches = [torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from tests.pipeline.dist_eval_worker import (ProbeLM, TinyBankLM, decode_probe, make_stream,  # noqa: E402
+from tests.helpers.eval_lm import (ProbeLM, TinyBankLM, decode_probe, make_stream,
                               make_tables)
 
-from pgolf.data.bpb import ByteTables, stream_bytes  # noqa: E402
-from pgolf.config import from_params  # noqa: E402
-from pgolf.errors import ParamError  # noqa: E402
-from pgolf.eval.sliding import (SlidingConfig, prepare_tokens, score_nonoverlapping,  # noqa: E402
+from pgolf.data.bpb import ByteTables, stream_bytes
+from pgolf.config import from_params
+from pgolf.errors import ParamError
+from pgolf.eval.sliding import (SlidingConfig, prepare_tokens, score_nonoverlapping,
                                 score_sliding_windows)
 
 torch.set_num_threads(1)
@@ -213,7 +213,7 @@ EVAL_PARAMS = {"launch": {"nproc_per_node": 1, "device": "cpu"},
 @pytest.fixture(scope="module")
 def eval_root(tiny_data, tmp_path_factory):
     from tests.helpers import TINY_TRAIN_PARAMS
-    from tests.pipeline.dist_eval_worker import write_eval_root
+    from tests.helpers.models import write_eval_root
 
     root = tmp_path_factory.mktemp("eval_sliding")
     return root, write_eval_root(root, tiny_data, TINY_TRAIN_PARAMS["model"])

@@ -4,20 +4,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.pipeline.dist_eval_worker import ProbeLM, TinyBankLM, decode_probe, make_stream, make_tables  # noqa: E402
+from tests.helpers.eval_lm import ProbeLM, TinyBankLM, decode_probe, make_stream, make_tables
 
-from pgolf.config import from_params, to_dict  # noqa: E402
-from pgolf.errors import ParamError  # noqa: E402
-from pgolf.eval.sliding import SlidingConfig, score_sliding_windows  # noqa: E402
-from pgolf.eval.ttt import TTTConfig, block_count, chunk_lr, run_ttt  # noqa: E402
-from pgolf.eval.windows import chunk_sequences, num_chunks  # noqa: E402
+from pgolf.config import from_params, to_dict
+from pgolf.errors import ParamError
+from pgolf.eval.sliding import SlidingConfig, score_sliding_windows
+from pgolf.eval.ttt import TTTConfig, block_count, chunk_lr, run_ttt
+from pgolf.eval.windows import chunk_sequences, num_chunks
 
 torch.set_num_threads(1)
 VOCAB = 16
@@ -280,7 +278,7 @@ STAGE_PARAMS = {"launch": {"nproc_per_node": 1, "device": "cpu"},
 def ttt_root(tiny_data, tmp_path_factory):
     import stages.eval_sliding
     from tests.helpers import TINY_TRAIN_PARAMS
-    from tests.pipeline.dist_eval_worker import write_eval_root
+    from tests.helpers.models import write_eval_root
 
     root = tmp_path_factory.mktemp("eval_ttt")
     write_eval_root(root, tiny_data, TINY_TRAIN_PARAMS["model"])

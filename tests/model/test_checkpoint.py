@@ -7,14 +7,12 @@ import torch
 from pgolf.model import checkpoint as ckpt_mod
 from pgolf.model.checkpoint import build_model, load_checkpoint, save_checkpoint
 from pgolf.errors import DataError
-from pgolf.model.gpt import GPT, ModelConfig
+from pgolf.model.gpt import GPT
+from tests.helpers import tiny_model_config
 
-CFG = ModelConfig(
-    vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
-    mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
-    ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=4, rope_base=22082.0, qk_norm=True,
-    qk_gain_init=1.5, xsa_layers=(2,), ve_layers=(1, 2), ve_dim=8, smear_gate=True,
-    bigram_buckets=16, bigram_dim=8, vrl=True, attention_backend="cudnn", residual_dtype="autocast")
+CFG = tiny_model_config(vocab_size=64, num_layers=3, num_heads=4, num_kv_heads=2, rope_dims=4,
+                        rope_base=22082.0, xsa_layers=[2], ve_layers=[1, 2], bigram_buckets=16, bigram_dim=8,
+                        attention_backend="cudnn")
 
 
 def trained_like_model(seed: int = 0) -> GPT:

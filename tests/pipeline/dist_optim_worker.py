@@ -1,6 +1,6 @@
-"""2-rank parallel Muon vs 1 rank with 2 accumulation steps (run by tests/test_optim.py).
+"""2-rank parallel Muon vs 1 rank with 2 accumulation steps (run by tests/train/test_optim.py).
 
-    torchrun --standalone --nproc_per_node=2 tests/dist_optim_worker.py OUT.pt
+    torchrun --standalone --nproc_per_node=2 tests/pipeline/dist_optim_worker.py OUT.pt
 
 (with the repository root on PYTHONPATH). Each rank takes its half of one
 fixed batch per step; the distributed run stops after ``STEPS_BEFORE_RESUME``
@@ -13,7 +13,7 @@ also checks that the clip acts on the averaged gradient: hand-made rank
 gradients whose own norms exceed the clip but whose average does not.
 
 Everything the test compares is saved to OUT.pt by rank 0. The tiny model
-lives here so that the test and the worker share one definition.
+lives in tests/helpers/optim_model.py, shared with the test.
 """
 from __future__ import annotations
 
@@ -22,75 +22,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from pgolf.distributed import DistContext, init_distributed
-from pgolf.train.optim import OptimConfig, PgolfOptimizer
-
-VOCAB, DIM, HIDDEN = 24, 8, 16
-BATCH, SEQ = 8, 6
-STEPS, STEPS_BEFORE_RESUME = 6, 3
-
-
-class TinyBankedModel(nn.Module):
-    """Banks with leading dims 4 and 3 (padding to 4 is exercised at 2 ranks), tall and wide."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.tok_emb = nn.Parameter(torch.randn(VOCAB, DIM, generator=g) * 0.5)
-        self.up_bank = nn.Parameter(torch.randn(4, HIDDEN, DIM, generator=g) / DIM ** 0.5)
-        self.down_bank = nn.Parameter(torch.randn(3, DIM, HIDDEN, generator=g) / HIDDEN ** 0.5)
-        self.gains = nn.Parameter(torch.ones(3))
-        self.head = nn.Parameter(torch.randn(VOCAB, HIDDEN, generator=g) * 0.1)
-
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = self.tok_emb[ids]
-        for i in range(3):
-            h = h + self.gains[i] * torch.relu(h @ self.up_bank[i].T) @ self.down_bank[i].T
-        logits = torch.tanh(h @ self.up_bank[3].T) @ self.head.T
-        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
-
-
-ROLES = {"tok_emb": "embed", "up_bank": "bank", "down_bank": "bank", "gains": "scalar", "head": "scalar"}
-
-
-def tiny_config(**overrides: float) -> OptimConfig:
-    values = dict(muon_lr=0.05, muon_momentum=0.95, muon_momentum_warmup_start=0.85,
-                  muon_momentum_warmup_steps=4, muon_wd=0.04, ns_steps=5, embed_lr=0.05, scalar_lr=0.03,
-                  adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, adam_wd=0.04, grad_clip_norm=0.3,
-                  ema_decay=0.997, swa_lr_scale_threshold=0.2, swa_every=50, swa_on_cpu=False)
-    values.update(overrides)
-    return OptimConfig(**values)
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def lr_scale(step: int) -> float:
-    return 1.0 if step < 3 else (STEPS - step) / 3  # a warmdown, so several LR values are used
-
-
-def train_steps(model: nn.Module, opt: PgolfOptimizer, steps: range, rank: int, world_size: int) -> list[dict]:
-    """Each step: the batch split into 2 halves, taken as ranks (world 2) or micro-batches (world 1)."""
-    accum = 2 // world_size
-    stats = []
-    for step in steps:
-        ids, targets = batch(step)
-        opt.zero_grad()
-        for micro in range(accum):
-            part = rank * accum + micro
-            rows = slice(part * BATCH // 2, (part + 1) * BATCH // 2)
-            (model(ids[rows], targets[rows]) / accum).backward()
-        stats.append(opt.step(lr_scale(step), step))
-    return stats
-
-
-def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+from pgolf.train.optim import PgolfOptimizer
+from tests.helpers.optim_model import (ROLES, STEPS, STEPS_BEFORE_RESUME, TinyBankedModel, params_of,
+                                       tiny_config, train_steps)
 
 
 def averaged_clip_check(ctx: DistContext) -> dict[str, torch.Tensor]:

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.tools.test_inspect import write_tiny_artifact  # noqa: E402
+from tests.helpers.models import write_tiny_artifact
 
-from bench.compressors import main  # noqa: E402
-from pgolf.quant.artifact import read_artifact  # noqa: E402
-from pgolf.quant.bit_allocation import estimated_bytes  # noqa: E402
+from bench.compressors import main
+from pgolf.quant.artifact import read_artifact
+from pgolf.quant.bit_allocation import estimated_bytes
 
 
 def test_own_setting_reproduces_the_file(tmp_path, capsys):

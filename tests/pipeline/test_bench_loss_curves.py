@@ -1,12 +1,9 @@
 """bench/loss_curves.py reads train.log files into (tokens, loss) and refuses other files."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-from bench.loss_curves import main, read_curve  # noqa: E402
+from bench.loss_curves import main, read_curve
 
 LOG = """train: 1,000 parameters, world 1, grad accum 2, 4,096 tokens/step, device cpu, compile False
 compile warm-up: 0 steps

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline.dist_eval_worker import run_all
+from tests.helpers.eval_lm import run_all
 
 HERE = Path(__file__).resolve().parent
 

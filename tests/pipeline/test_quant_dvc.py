@@ -1,7 +1,6 @@
 """The hessians → quantize → size_check stages end to end, and their dvc.yaml blocks."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -10,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,53 +17,20 @@ import stages.hessians
 import stages.quantize
 import stages.size_check
 from pgolf.quant.artifact import HEADER_BYTES, load_dequantized_model, read_artifact
-from pgolf.model.checkpoint import save_checkpoint
 from pgolf.quant.hessians import HessianConfig, load_hessians
 from pgolf.quant.policy import QuantizeConfig
-from pgolf.data.shards import write_shard
 from pgolf.submission.size import SizeConfig, counted_code_files
-from tests.quant.test_hessians import tiny_model
+from tests.helpers.models import QUANT_PARAMS, quant_params, tiny_model, write_quant_root
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
-PARAMS = {
-    "launch": {"nproc_per_node": 1, "device": "cpu"},
-    "hessians": {"source": "train", "seq_len": 16, "train_batches": 2, "train_batch_seqs": 4,
-                 "ar_num_seqs": 4, "ar_batch_seqs": 2, "ar_temperature": 0.8, "seed": 0},
-    "quantize": {"method": "gptq", "damp": 0.01, "block_size": 16, "act_order": True,
-                 "clip_candidates": [0.999, 1.0], "clip_metric": "weight_mse", "attn_bits": 6,
-                 "mlp_bits": 6, "embed_bits": 8, "embed_clip_quantile": 0.9999, "passthrough_numel": 256,
-                 "compressor": "zstd", "zstd_level": 10, "lzma_preset": 6, "prune": False,
-                 "prune_margin_bytes": 0, "fit_to_limit": False,
-                 "fit_min_bits": 5},
-    "size": {"enforce": True},
-}
-
-
-def params(**sections) -> dict:
-    p = copy.deepcopy(PARAMS)
-    for section, values in sections.items():
-        p[section].update(values)
-    return p
+PARAMS, params = QUANT_PARAMS, quant_params
 
 
 @pytest.fixture
 def root(tmp_path) -> Path:
-    """A run directory: the project's code (linked), a tiny checkpoint, train shards, a poisoned val shard."""
-    for name in ("pgolf", "stages"):
-        (tmp_path / name).symlink_to(REPO / name)
-    model = tiny_model()
-    save_checkpoint(tmp_path / "artifacts/train/model.pt", model.cfg, model.state_dict(),
-                    {"qat": {"enabled": True, "bits": 5, "from_step": 3}})
-    g = np.random.default_rng(0)
-    shards = tmp_path / "data/shards"
-    shards.mkdir(parents=True)
-    for i in range(2):
-        write_shard(shards / f"train_{i:06d}.bin", g.integers(0, 64, 100).astype(np.uint16))
-    (shards / "val_000000.bin").write_bytes(b"reading this file would fail the test")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    return tmp_path
+    return write_quant_root(tmp_path)
 
 
 def test_stages_end_to_end(root, capsys):

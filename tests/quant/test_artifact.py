@@ -17,7 +17,7 @@ from pgolf.quant.artifact import (HEADER_BYTES, StoredTensor, decode, dequantize
 from pgolf.errors import DataError
 from pgolf.model.gpt import rebank_state_dict, unbank_state_dict
 from pgolf.quant.grid import dequantize_grid
-from tests.quant.test_hessians import tiny_model
+from tests.helpers.models import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ from pgolf.config import from_params
 from pgolf.errors import ParamError
 from pgolf.quant.policy import QuantizeConfig, quantize_state_dict, tensor_class
 from pgolf.submission.size import LIMIT_BYTES, code_bytes, counted_code_files
-from tests.pipeline.test_quant_dvc import PARAMS, params, root  # noqa: F401  (root is a fixture)
+from tests.helpers.models import quant_params as params, write_quant_root
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -344,7 +344,8 @@ def test_fit_min_bits_must_leave_something_to_demote():
 
 
 # --------------------------------------------------------------- stage
-def test_stage_fits_the_artifact_and_reports_the_bits(root):  # noqa: F811
+def test_stage_fits_the_artifact_and_reports_the_bits(tmp_path):
+    root = write_quant_root(tmp_path)
     stages.hessians.run(params(), root)
     off = stages.quantize.run(params(), root)
     off_bytes = (root / "artifacts/quant/model.ptz").read_bytes()

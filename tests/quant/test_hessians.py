@@ -7,38 +7,14 @@ import torch
 
 from pgolf.model.checkpoint import build_model, Checkpoint
 from pgolf.errors import DataError
-from pgolf.quant.hessians import (HessianCollector, HessianConfig, HessianSet, autoregressive_batches,
+from pgolf.quant.hessians import (HessianCollector, HessianSet, autoregressive_batches,
                             check_train_shards, collect_hessians, hessian_key_for_module,
                             hessian_key_for_weight, load_hessians, save_hessians,
                             train_calibration_batches)
-from pgolf.model.gpt import GPT, ModelConfig
+from tests.helpers.models import hessian_config, tiny_model
 from pgolf.data.shards import write_shard
 
 F64 = torch.float64
-TINY_MODEL = dict(
-    vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
-    mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.02,
-    ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=4, rope_base=10000.0, qk_norm=True,
-    qk_gain_init=1.5, xsa_layers=[2], ve_layers=[1, 2], ve_dim=8, smear_gate=True,
-    bigram_buckets=32, bigram_dim=8, vrl=True, attention_backend="auto", residual_dtype="autocast")
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    """A tiny GPT with every parameter perturbed (the zero-initialised O/down banks too)."""
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig.from_dict(TINY_MODEL))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def hessian_config(**over) -> HessianConfig:
-    base = dict(source="train", seq_len=16, train_batches=2, train_batch_seqs=3, ar_num_seqs=5,
-                ar_batch_seqs=2, ar_temperature=0.8, seed=1)
-    return HessianConfig(**{**base, **over})
-
-
 def no_autocast():
     return torch.autocast("cpu", enabled=False)
 

@@ -13,7 +13,7 @@ from pgolf.tools.cli import main
 from pgolf.submission.export import git_commit
 from pgolf.io import write_json_atomic
 from pgolf.submission.size import report_dict, size_report
-from tests.tools.test_inspect import write_tiny_artifact
+from tests.helpers.models import write_tiny_artifact
 
 REPO = Path(__file__).resolve().parents[2]
 CODE_FILES = ["stages/eval_sliding.py", "pgolf/model/gpt.py"]

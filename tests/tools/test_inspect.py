@@ -13,38 +13,17 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf.quant.artifact import FORMAT_VERSION, HEADER_BYTES, read_artifact, write_artifact
+from pgolf.quant.artifact import FORMAT_VERSION, HEADER_BYTES, read_artifact
 from pgolf.model.checkpoint import save_checkpoint
 from pgolf.tools.cli import main
 from pgolf.quant.hessians import HessianSet, save_hessians
 from pgolf.io import write_json_atomic
-from pgolf.model.gpt import GPT, unbank_state_dict
-from pgolf.quant.policy import QuantizeConfig, quantize_state_dict
 from pgolf.data.shards import write_shard
 from pgolf.submission.size import report_dict, size_report
 from pgolf.train.resume import mark_finished
-from tests.quant.test_hessians import tiny_model
+from tests.helpers.models import tiny_model, write_tiny_artifact
 
 REPO = Path(__file__).resolve().parents[2]
-
-RTN = QuantizeConfig(
-    method="rtn", damp=0.01, block_size=8, act_order=True, clip_candidates=(0.99, 1.0),
-    clip_metric="weight_mse", attn_bits=6, mlp_bits=5, embed_bits=8, embed_clip_quantile=0.9999,
-    passthrough_numel=64, compressor="lzma", zstd_level=3, lzma_preset=6, prune=False, prune_margin_bytes=0)
-
-
-
-def write_tiny_artifact(path: Path, with_report: bool = True) -> GPT:
-    """A real round-to-nearest .ptz of the tiny model (and the quantize stage's report.json beside it)."""
-    model = tiny_model()
-    result = quantize_state_dict(unbank_state_dict(model.state_dict(), model.cfg), {}, 0, RTN,
-                                 torch.device("cpu"))
-    write_artifact(path, result.tensors, model.cfg.to_dict(), {"quantize": {"method": "rtn", "lzma_preset": 6}},
-                   "lzma", 6)
-    if with_report:
-        write_json_atomic(path.parent / "report.json", result.report)
-    return model
-
 
 def inspect(capsys, *args: str) -> tuple[int, str, str]:
     code = main(["inspect", *map(str, args)])

@@ -9,7 +9,7 @@ import torch
 from pgolf.train.muon import ShardedBank, apply_muon_update, muon_direction, newton_schulz5, shape_scale
 from pgolf.train.optim import PgolfOptimizer
 
-from tests.pipeline.dist_optim_worker import tiny_config
+from tests.helpers.optim_model import tiny_config
 
 
 def conditioned(rows: int, cols: int, cond: float, seed: int) -> torch.Tensor:

@@ -13,10 +13,9 @@ from pgolf.config import from_params, load_params
 from pgolf.errors import DataError, ParamError
 from pgolf.train.optim import OptimConfig, PgolfOptimizer
 
-from tests.pipeline import dist_optim_worker as worker
+from tests.helpers.optim_model import ROLES, TinyBankedModel, batch, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-TinyBankedModel, ROLES, tiny_config = worker.TinyBankedModel, worker.ROLES, worker.tiny_config
 
 
 def set_grads(model: torch.nn.Module, seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -121,7 +120,7 @@ def test_momentum_warmup_is_applied_by_step():
 
 def test_state_dict_round_trip_continues_bit_identically():
     cfg = tiny_config()
-    ids, targets = worker.batch(0)
+    ids, targets = batch(0)
 
     def run(model, opt, steps):
         for step in steps:

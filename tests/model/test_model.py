@@ -12,6 +12,7 @@ from pgolf.errors import ParamError
 from pgolf.model.gpt import (BANK_NAMES, GPT, ModelConfig, param_groups_by_role, param_roles,
                          rebank_state_dict, unbank_state_dict)
 from pgolf.quant.grid import dequantize_grid, quantize_to_grid, row_scales
+from pgolf.tools.profiles import model_preset
 from tests.helpers import tiny_model_config
 
 F64 = torch.float64
@@ -24,12 +25,7 @@ ALL_OFF = TINY.replace(
     rope_dims=0, qk_norm=False, xsa_layers=(), ve_layers=(), ve_dim=0, smear_gate=False,
     bigram_buckets=0, bigram_dim=0, vrl=False)
 
-RECORD = ModelConfig(
-    vocab_size=1024, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0,
-    mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
-    ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=16, rope_base=22082.0, qk_norm=True,
-    qk_gain_init=1.5, xsa_layers=(7, 8, 9, 10), ve_layers=(9, 10), ve_dim=128, smear_gate=True,
-    bigram_buckets=1536, bigram_dim=128, vrl=False, attention_backend="cudnn", residual_dtype="autocast")
+R549 = ModelConfig.from_dict(model_preset("r549"))
 
 
 def randomized(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> GPT:
@@ -312,11 +308,15 @@ def test_unbank_rebank_round_trip_is_exact():
 
 
 # ----------------------------------------------------------------- counts
-def test_record_profile_parameter_count():
+def test_record_parameter_counts():
     with torch.device("meta"):
-        assert GPT(RECORD).num_parameters() == 26_928_220  # PR #549's logged count
+        assert GPT(R549).num_parameters() == 26_928_220  # PR #549's logged count
         # PR #960: BigramHash 3072×128 (+196,608) and 10 VRL gates.
-        assert GPT(RECORD.replace(bigram_buckets=3072, vrl=True)).num_parameters() == 27_124_838
+        assert GPT(R549.replace(bigram_buckets=3072, vrl=True)).num_parameters() == 27_124_838
+        r960 = ModelConfig.from_dict(model_preset("r960"))
+        assert r960 == R549.replace(bigram_buckets=3072, vrl=True)
+        # R1019: XSA on all 11 layers, BigramHash 3072×112 (its logged count).
+        assert GPT(ModelConfig.from_dict(model_preset("r1019"))).num_parameters() == 27_067_484
 
 
 def test_param_roles_partition_and_assign_recipe_groups():

@@ -6,10 +6,11 @@ import yaml
 
 from pgolf.config import from_params
 from pgolf.errors import ParamError
-from pgolf.tools.profiles import CONF_DIR, compose
+from pgolf.tools.profiles import CONF_DIR, compose, model_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
 def stage_configs():
@@ -79,3 +80,27 @@ def test_record_model_parameter_count():
     with torch.device("meta"):
         n = sum(p.numel() for p in GPT(cfg).parameters())
     assert n == 27_124_838  # 26,928,220 (PR #549) + 196,608 (BigramHash 3072) + 10 VRL gates
+
+
+def test_record_presets_are_complete_model_sections():
+    from pgolf.model.gpt import ModelConfig
+    assert PRESETS == ["r1019", "r549", "r960"]
+    for name in PRESETS:
+        preset = model_preset(name)
+        assert list(preset) == list(compose("cpu")["model"]), name  # every key, in params.yaml's order
+        ModelConfig.from_dict(preset)
+    r549 = model_preset("r549")
+    assert model_preset("r960") == {**r549, "bigram_buckets": 3072, "vrl": True}
+    assert model_preset("r1019") == {**r549, "xsa_layers": list(range(11)), "bigram_buckets": 3072,
+                                     "bigram_dim": 112}
+
+
+def test_record_profiles_use_the_r960_model():
+    for profile in ("record", "gpu1"):
+        assert compose(profile)["model"] == model_preset("r960"), profile
+    assert compose("record", ["model.num_layers=9"])["model"]["num_layers"] == 9
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ParamError, match="unknown model 'r1'.*r1019, r549, r960"):
+        model_preset("r1")

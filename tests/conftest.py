@@ -1,4 +1,6 @@
-"""Shared test fixtures: the challenge's sp8192 tokenizer and a tiny real data set.
+"""Shared test fixtures (the challenge's sp8192 tokenizer, a tiny real data set) and the
+``gpu`` marker: tests marked ``@pytest.mark.gpu`` are skipped here, in one place, when
+CUDA is unavailable. Builders shared by several test modules live in tests/helpers/.
 
 ``tiny_data`` runs the three data stages once per session on a few State of
 the Union speeches (small vocab, small shards), so tests of later stages can
@@ -11,6 +13,18 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import FIXTURES, run_data_stages, tiny_data_params
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs CUDA")
+    for item in gpu_tests:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

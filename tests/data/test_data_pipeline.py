@@ -115,6 +115,7 @@ def run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_entry_point_fails_with_one_line_naming_file_and_line(tmp_path):
     bad = tmp_path / "docs.jsonl"
     bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text" "c"}\n{"text": "d"}\n')

@@ -193,7 +193,6 @@ def test_config_range_errors_name_the_key(key, value):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_compiled_scoring_is_close_to_cpu_fp32():
     tokens = make_stream(301, 16, seed=10)
     tables = make_tables(16)
@@ -219,6 +218,7 @@ def eval_root(tiny_data, tmp_path_factory):
     return root, write_eval_root(root, tiny_data, TINY_TRAIN_PARAMS["model"])
 
 
+@pytest.mark.slow
 def test_stage_scores_the_artifact_on_the_trimmed_val_split(eval_root, capsys):
     import json
 
@@ -243,6 +243,7 @@ def test_stage_scores_the_artifact_on_the_trimmed_val_split(eval_root, capsys):
     assert metrics["size_warning"] is True and "size unknown" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stage_stays_quiet_when_the_size_check_passed(eval_root, capsys):
     import json
 
@@ -258,6 +259,7 @@ def test_stage_stays_quiet_when_the_size_check_passed(eval_root, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stage_without_an_artifact_prints_one_error_line_and_exits_1(tmp_path):
     import subprocess
 

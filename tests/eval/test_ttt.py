@@ -242,7 +242,6 @@ def test_config_errors_name_the_key(key, value):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_ttt_scores_with_its_updated_weights():
     # If the compiled graph baked the weights in, TTT would score like eval_sliding.
     from tests.helpers import TINY_TRAIN_PARAMS
@@ -285,6 +284,7 @@ def ttt_root(tiny_data, tmp_path_factory):
     return root, stages.eval_sliding.run(STAGE_PARAMS, root)
 
 
+@pytest.mark.slow
 def test_stage_with_lr_zero_reproduces_eval_sliding(ttt_root):
     import json
 
@@ -304,6 +304,7 @@ def test_stage_with_lr_zero_reproduces_eval_sliding(ttt_root):
     assert series[-1]["running_bpb"] == pytest.approx(metrics["val_bpb"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_stage_trains_and_reports_the_gain(ttt_root):
     import stages.eval_ttt as stage
 

@@ -384,7 +384,6 @@ def test_sample_matches_sampling_from_full_recompute():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_kv_cache_and_sampling_on_cuda(autocast):
     model = randomized(TINY.replace(attention_backend="cudnn")).cuda().eval()

@@ -231,7 +231,6 @@ def test_bigram_module_output():
 
 # ------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient", "math"])
 def test_cuda_backends_match_reference(backend):
     g = torch.Generator().manual_seed(8)

@@ -33,6 +33,7 @@ def root(tmp_path) -> Path:
     return write_quant_root(tmp_path)
 
 
+@pytest.mark.slow
 def test_stages_end_to_end(root, capsys):
     h = stages.hessians.run(params(), root)
     assert h["source"] == "train" and h["num_tokens"] == 2 * 4 * 16 and h["num_matrices"] == 12
@@ -61,11 +62,13 @@ def test_stages_end_to_end(root, capsys):
     assert s["fits"] and s["model_bytes"] == len(first) and s["code_files"] == counted_code_files(root)
 
 
+@pytest.mark.slow
 def test_autoregressive_calibration_stage(root):
     h = stages.hessians.run(params(hessians={"source": "autoregressive"}), root)
     assert (h["source"], h["num_sequences"], h["num_tokens"]) == ("autoregressive", 4, 64)
 
 
+@pytest.mark.slow
 def test_compressor_and_level_reach_the_file(root):
     stages.hessians.run(params(), root)
     sizes = {}
@@ -76,6 +79,7 @@ def test_compressor_and_level_reach_the_file(root):
     assert len(set(sizes.values())) == 4, sizes
 
 
+@pytest.mark.slow
 def test_pruning_stage_meets_a_decimal_byte_target(root):
     stages.hessians.run(params(), root)
     unpruned = stages.quantize.run(params(), root)["model_bytes"]
@@ -88,7 +92,6 @@ def test_pruning_stage_meets_a_decimal_byte_target(root):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_stages_on_cuda_match_the_cpu_artifact_closely(root):
     stages.hessians.run(params(), root)
     cpu_tensors = read_artifact(stages_artifact(root, params())).tensors

@@ -27,6 +27,8 @@ import stages.train
 from pgolf.model.checkpoint import load_checkpoint
 from pgolf.model.gpt import unbank_state_dict
 
+pytestmark = pytest.mark.slow   # trains and runs every model stage once (module fixture)
+
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BLOCK_MATRIX = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
@@ -142,7 +144,6 @@ def test_eval_logs_count_windows_and_chunks_with_rates(run):
     assert lines[-1].startswith(f"eval_ttt: val_bpb {m['eval_ttt']['val_bpb']:.6f}")
 
 
-@pytest.mark.slow
 def test_dvc_plots_show_resolves_every_declared_plot(run, tmp_path):
     root, _ = run
     declared = [next(iter(entry)) if isinstance(entry, dict) else entry

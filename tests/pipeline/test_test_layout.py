@@ -79,3 +79,56 @@ def test_test_files_are_named_test_star_or_worker():
         if path.parent.name == "helpers" or path.name in TOP_LEVEL_FILES:
             continue
         assert path.name.startswith(("test_", "dist_")), f"{path.relative_to(TESTS.parent)}: put builders in tests/helpers"
+
+
+SUBPROCESS_CALLS = {"run", "Popen", "check_call", "check_output", "call"}
+
+
+def _calls_a_subprocess(node: ast.AST, helpers: set[str]) -> bool:
+    for call in ast.walk(node):
+        if not isinstance(call, ast.Call):
+            continue
+        fn = call.func
+        if (isinstance(fn, ast.Attribute) and fn.attr in SUBPROCESS_CALLS and isinstance(fn.value, ast.Name)
+                and fn.value.id == "subprocess"):
+            return True
+        if isinstance(fn, ast.Name) and fn.id in helpers:
+            return True
+    return False
+
+
+def _marks(decorators: list[ast.expr]) -> set[str]:
+    """Names of ``pytest.mark.X`` used as decorators or listed in ``pytestmark``."""
+    names = set()
+    for dec in decorators:
+        for node in ast.walk(dec):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and node.value.attr == "mark"):
+                names.add(node.attr)
+    return names
+
+
+def test_subprocess_tests_are_marked_slow_and_gpu_skips_live_in_conftest():
+    unmarked, own_skips = [], []
+    for path in python_files():
+        if not path.name.startswith("test_"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        module_marks = _marks([node.value for node in tree.body if isinstance(node, ast.Assign)
+                               and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets)])
+        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+        helpers: set[str] = set()
+        for _ in range(3):   # helpers calling helpers, a few levels deep
+            helpers |= {f.name for f in functions if not f.name.startswith("test_") and _calls_a_subprocess(f, helpers)}
+        fixtures = {f.name for f in functions if f.name in helpers and "fixture" in ast.dump(ast.Module(f.decorator_list, []))}
+        for f in functions:
+            if not f.name.startswith("test_"):
+                continue
+            uses_fixture = any(arg.arg in fixtures for arg in f.args.args)
+            if (_calls_a_subprocess(f, helpers) or uses_fixture) and "slow" not in _marks(f.decorator_list) | module_marks:
+                unmarked.append(f"{path.relative_to(TESTS.parent)}::{f.name}")
+            for dec in f.decorator_list:
+                if "skipif" in ast.dump(dec) and "cuda" in ast.dump(dec):
+                    own_skips.append(f"{path.relative_to(TESTS.parent)}::{f.name}")
+    assert not unmarked, f"subprocess tests without @pytest.mark.slow: {unmarked}"
+    assert not own_skips, f"use @pytest.mark.gpu (tests/conftest.py skips it without CUDA): {own_skips}"

@@ -188,6 +188,7 @@ def test_inconsistent_index_is_a_data_error():
         decode(_signed(struct.pack("<I", len(index)) + index + bytes(8)), "x.ptz")
 
 
+@pytest.mark.slow
 def test_stage_entry_prints_one_line_and_exits_1_on_a_bad_artifact(tmp_path):
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"not an artifact at all, just text" * 3)

@@ -344,6 +344,7 @@ def test_fit_min_bits_must_leave_something_to_demote():
 
 
 # --------------------------------------------------------------- stage
+@pytest.mark.slow
 def test_stage_fits_the_artifact_and_reports_the_bits(tmp_path):
     root = write_quant_root(tmp_path)
     stages.hessians.run(params(), root)

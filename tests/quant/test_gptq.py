@@ -170,7 +170,6 @@ def test_bad_shapes_are_rejected():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_sweep_matches_the_cpu_reference():
     w, _, h = correlated_problem(64, 128, seed=9, dead=(4,))
     scale = row_scales(w, 6)

@@ -185,7 +185,6 @@ def test_build_model_path_gives_the_same_hessians():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_collection_matches_cpu():
     model = tiny_model()
     ids = torch.randint(64, (4, 16), generator=torch.Generator().manual_seed(5))

@@ -117,6 +117,7 @@ def test_stage_over_the_limit(tmp_path, enforce):
     assert written["code_files"] == EXPECTED
 
 
+@pytest.mark.slow
 def test_stage_exit_code_and_single_line_message(tmp_path):
     root = _stage_root(tmp_path, 0)
     with open(root / "artifacts/quant/model.ptz", "wb") as f:

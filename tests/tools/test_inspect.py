@@ -332,6 +332,7 @@ def test_directory_lists_skipped_files_and_reports_corrupt_ones(tiny_data, tmp_p
     assert "train_000001.bin: token shard" in out and ".tmp" not in out
 
 
+@pytest.mark.slow
 def test_module_entry_point_exit_code(tmp_path):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(bytes(range(256)) * 4)

@@ -178,7 +178,6 @@ def test_reporter_logs_lines_and_curves_and_replays_them(tmp_path, stream_cls):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_run_compiles_warms_up_and_trains(tmp_path, tiny_data):
     """The CUDA-only path: bf16 autocast, torch.compile, untimed warm-up, pinned batches."""
     m = train_in(tmp_path, tiny_data, launch={"device": "cuda"},

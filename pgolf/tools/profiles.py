@@ -8,7 +8,7 @@ tests and benchmarks load with ``model_preset``.
 DVC's Hydra integration (`.dvc/config`: hydra.enabled) writes params.yaml from
 that composition on every `dvc exp run`; `pgolf params --profile NAME` writes
 the same file for a plain `dvc repro`. The committed params.yaml is the
-composition of the default profile (tests/test_profiles.py checks it).
+composition of the default profile (tests/tools/test_profiles.py checks it).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Shared test builders: one home for everything more than one test module needs.
 
 Test modules import from here (or use the fixtures in tests/conftest.py), never
-from each other; tests/tools/test_test_layout.py checks that with ``ast``.
+from each other; tests/pipeline/test_test_layout.py checks that with ``ast``.
 
 - this module: paths, tiny params for every stage (derived from the cpu profile
   in conf/, so a new params key reaches the tests by itself), data links;

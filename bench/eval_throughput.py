@@ -32,7 +32,7 @@ from pgolf.data.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import resolve_device  # noqa: E402
 from pgolf.eval.sliding import EvalSlidingConfig, nll_forward, score_sliding_windows  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
-from pgolf.tools.profiles import compose  # noqa: E402
+from pgolf.tools.profiles import model_preset  # noqa: E402
 from pgolf.precision import configure_backends, synchronize  # noqa: E402
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt  # noqa: E402
 from pgolf.eval.windows import CHALLENGE_VAL_TARGETS  # noqa: E402
@@ -41,9 +41,9 @@ from pgolf.eval.windows import CHALLENGE_VAL_TARGETS  # noqa: E402
 RECORD_SECONDS = {"sliding": (73.7, 105.1), "ttt": (408.0, 410.3)}
 GOAL_SECONDS = {"sliding": 75.0, "ttt": 300.0}
 
-# R549 / PR #960 shape: 11 layers of 512, GQA 8/4, MLP 3x, XSA on the last 4, VE on 9-10,
-# BigramHash 3072x128, VRL (docs/RECIPE.md §2.1).
-RECORD_MODEL = {**compose("record")["model"], "attention_backend": "auto"}
+# PR #960's model (conf/model/r960.yaml): 11 layers of 512, GQA 8/4, MLP 3x, XSA on the last 4,
+# VE on 9-10, BigramHash 3072x128, VRL (docs/RECIPE.md §2.1).
+RECORD_MODEL = {**model_preset("r960"), "attention_backend": "auto"}
 PROFILES = {
     "record": dict(model=RECORD_MODEL, seq_len=2048, stride=64, batch_windows=32, chunk_tokens=32768,
                    sliding_targets=4 * 2**20, ttt_chunks=24, warmup_chunks=2),

@@ -2,8 +2,8 @@
 
     python bench/gptq.py OUT.json [--device auto] [--calib-seqs 16] [--seq-len 2048]
 
-1. Hessian collection: a record-shape GPT (11 layers, d=512, VRL, VE, XSA,
-   BigramHash 3072; random weights) runs ``--calib-seqs`` random sequences
+1. Hessian collection: PR #960's GPT (conf/model/r960.yaml: 11 layers, d=512,
+   VRL, VE, XSA, BigramHash 3072; random weights) runs ``--calib-seqs`` random sequences
    through :func:`pgolf.quant.hessians.collect_hessians` (bf16 autocast on CUDA).
 2. GPTQ: the 66 block matrices (11 × Q 512², K/V 256×512, O 512², up
    1536×512, down 512×1536), random weights with heavy tails and random but
@@ -36,13 +36,10 @@ from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
 from pgolf.model.layout import BLOCK_MATRICES, first_reader, hessian_key, weight_name  # noqa: E402
 from pgolf.precision import autocast, synchronize  # noqa: E402
 from pgolf.quant.policy import QuantizeConfig, quantize_state_dict  # noqa: E402
+from pgolf.tools.profiles import model_preset  # noqa: E402
 
-RECORD_MODEL = dict(
-    vocab_size=1024, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0,
-    mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005, ln_scale=True,
-    unet_skips=True, resid_mix=True, rope_dims=16, rope_base=22082.0, qk_norm=True, qk_gain_init=1.5,
-    xsa_layers=list(range(11)), ve_layers=[9, 10], ve_dim=128, smear_gate=True, bigram_buckets=3072,
-    bigram_dim=112, vrl=True, attention_backend="auto", residual_dtype="autocast")
+# PR #960's model (conf/model/r960.yaml, the record profile's); "auto" lets PyTorch pick the kernel.
+RECORD_MODEL = {**model_preset("r960"), "attention_backend": "auto"}
 RECORD_QUANT = QuantizeConfig(
     method="gptq", damp=0.01, block_size=128, act_order=True,
     clip_candidates=(0.999, 0.9995, 0.9999, 0.99999, 1.0), clip_metric="weight_mse", attn_bits=6,

@@ -54,17 +54,16 @@ from pgolf.data.loader import TokenStream, open_train_stream  # noqa: E402
 from pgolf.model.gpt import BANK_NAMES, GPT, ModelConfig  # noqa: E402
 from pgolf.train.optim import OptimConfig  # noqa: E402
 from pgolf.precision import peak_memory, synchronize  # noqa: E402
-from pgolf.tools.profiles import compose  # noqa: E402
+from pgolf.tools.profiles import compose, model_preset  # noqa: E402
 from pgolf.data.shards import write_shard  # noqa: E402
 from pgolf.train.loop import Trainer  # noqa: E402
 from pgolf.quant.grid import GridBits, grid_bits_from_params  # noqa: E402
 from pgolf.train.config import TrainConfig  # noqa: E402
 
-# PR #960's model and optimizer at the record shape, from the record profile (conf/profile/record.yaml);
+# PR #960's model (conf/model/r960.yaml) and the record profile's optimizer (conf/profile/record.yaml);
 # attention_backend "auto" lets PyTorch pick (--attention-backend sets one).
-_RECORD = compose("record")
-RECORD_MODEL = {**_RECORD["model"], "attention_backend": "auto"}
-RECORD_OPTIM = _RECORD["optim"]
+RECORD_MODEL = {**model_preset("r960"), "attention_backend": "auto"}
+RECORD_OPTIM = compose("record")["optim"]
 SHAPES = {
     # name: (seq_len, tokens_per_step, micro_batch_seqs, steps, warmup_steps)
     "record": (2048, 786_432, 48, 10, 3),

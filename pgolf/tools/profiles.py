@@ -1,14 +1,18 @@
 """Profiles: params.yaml composed from conf/ exactly as `dvc exp run -S profile=<name>` does.
 
 conf/config.yaml holds the CPU default (with comments) and conf/profile/*.yaml
-the overlays (record: 8 GPUs; gpu1: one GPU; gpu_smoke: a short GPU check).
+the overlays (record: 8 GPUs; gpu1: one GPU; gpu_smoke: a short GPU check);
+conf/model/*.yaml the records' model sections, named after their PRs (r549,
+r960, r1019), which a profile takes with ``defaults: [/model: r960]`` and
+tests and benchmarks load with ``model_preset``.
 DVC's Hydra integration (`.dvc/config`: hydra.enabled) writes params.yaml from
 that composition on every `dvc exp run`; `pgolf params --profile NAME` writes
 the same file for a plain `dvc repro`. The committed params.yaml is the
-composition of the default profile (tests/test_profiles.py checks it).
+composition of the default profile (tests/tools/test_profiles.py checks it).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +35,41 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def _load_overlay(conf: Path, name: str) -> dict:
-    path = conf / "profile" / f"{name}.yaml"
+def _load_with_defaults(conf: Path, group: str, name: str, load_entry) -> dict:
+    """``conf/<group>/<name>.yaml`` merged over its ``defaults`` list, in Hydra's order:
+    each entry where it stands, the file's own keys at ``_self_`` (at the end if absent)."""
+    path = conf / group / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (conf / "profile").glob("*.yaml"))
-        raise ParamError("profile", f"unknown profile {name!r} (known: {', '.join(known)})")
+        known = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        raise ParamError(group, f"unknown {group} {name!r} (known: {', '.join(known)})")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    defaults = data.pop("defaults", None) or []
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
     out: dict = {}
-    for parent in data.pop("defaults", None) or []:
-        _merge(out, _load_overlay(conf, parent))
-    return _merge(out, data)
+    for entry in defaults:
+        _merge(out, copy.deepcopy(data) if entry == "_self_" else load_entry(entry))
+    return out
+
+
+def model_preset(name: str, conf: Path = CONF_DIR) -> dict[str, Any]:
+    """The complete ``model`` section of a record, ``conf/model/<name>.yaml`` (r549, r960, r1019)."""
+    def parent(entry: Any) -> dict:
+        if not isinstance(entry, str):
+            raise ParamError(f"conf/model/{name}.yaml", f"defaults entry {entry!r} must name another model")
+        return model_preset(entry, conf)
+    return _load_with_defaults(conf, "model", name, parent)
+
+
+def _load_overlay(conf: Path, name: str) -> dict:
+    """A profile: parent profiles by name, and ``/model: <preset>`` for a record's model section."""
+    def parent(entry: Any) -> dict:
+        if isinstance(entry, str):
+            return _load_overlay(conf, entry)
+        if isinstance(entry, dict) and list(entry) == ["/model"]:
+            return {"model": model_preset(entry["/model"], conf)}
+        raise ParamError(f"conf/profile/{name}.yaml", f"defaults entry {entry!r}: a profile or /model: <preset>")
+    return _load_with_defaults(conf, "profile", name, parent)
 
 
 def compose(profile: str = "cpu", overrides: list[str] | None = None, conf: Path = CONF_DIR) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""The daily loop: a full `dvc repro`, then a queued sweep of a quantisation param.
+
+Runs the real dvc.yaml in a scratch git+DVC repo on a tiny configuration
+(the committed conf/ with tiny overrides, so DVC's Hydra composition on
+`dvc exp run` produces the same tiny params.yaml) and proves that the sweep
+re-ran only the stages after training, and that `dvc exp show` shows the key
+metrics as top-level columns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import TINY_DATA_PARAMS, TINY_TRAIN_PARAMS
+from pgolf.tools.profiles import compose, write_params
+
+REPO = Path(__file__).resolve().parents[2]
+# quantize.* reaches only these; hessians read no quantize param, so they are reused too.
+RERUN = ["quantize", "size_check", "eval_sliding", "eval_ttt"]
+TINY_REST = {
+    "hessians": {"seq_len": 32, "train_batches": 2, "train_batch_seqs": 4, "ar_num_seqs": 4, "ar_batch_seqs": 2},
+    "quantize": {"passthrough_numel": 256, "compressor": "zstd", "zstd_level": 3, "prune": False,
+                 "clip_candidates": [0.999, 1.0], "block_size": 16},
+    "eval_sliding": {"seq_len": 32, "stride": 16, "batch_windows": 8},
+    "eval_ttt": {"chunk_tokens": 2048, "epochs": 1, "batch_seqs": 8},
+}
+
+
+def tiny_conf(root: Path) -> None:
+    params = compose("cpu")
+    for source in (TINY_DATA_PARAMS, TINY_TRAIN_PARAMS, TINY_REST):
+        for section, values in source.items():
+            params[section].update(values)
+    shutil.copytree(REPO / "conf", root / "conf")
+    text = "defaults:\n  - _self_\n  - profile: cpu\n\n" + yaml.safe_dump(params, sort_keys=False)
+    (root / "conf" / "config.yaml").write_text(text)
+    write_params(root / "params.yaml", params, "cpu")
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_queued_quantize_sweep_reruns_only_post_training_stages(tmp_path):
+    root = tmp_path / "proj"
+    root.mkdir()
+    for name in ("pgolf", "stages", "requirements"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    tiny_conf(root)
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "t@example.com"], root)
+    run(["git", "config", "user.name", "t"], root)
+    run(["dvc", "init", "-q"], root)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "project"], root)  # dvclive needs a non-empty git repo
+    run(["dvc", "repro"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "baseline"], root)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    train_out = {o["path"]: o["md5"] for o in lock["stages"]["train"]["outs"]}
+
+    run(["dvc", "exp", "run", "--queue", "-S", "quantize.damp=0.02,0.05"], root)
+    log = run(["dvc", "exp", "run", "--run-all", "-j", "1"], root)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root))
+    exps = [e for entry in shown for group in entry.get("experiments") or [] for e in group["revs"]]
+    assert len(exps) == 2, f"expected 2 experiments, got {len(exps)}"
+    damps = set()
+    for exp in exps:
+        data = exp["data"]
+        damps.add(data["params"]["params.yaml"]["data"]["quantize"]["damp"])
+        metrics = data["metrics"]
+        # Key metrics are top-level keys of small metric files (readable `dvc exp show` columns).
+        assert "val_bpb" in metrics["artifacts/eval_sliding/metrics.json"]["data"]
+        assert "val_bpb" in metrics["artifacts/eval_ttt/metrics.json"]["data"]
+        assert {"total_bytes", "fits"} <= set(metrics["artifacts/size.json"]["data"])
+        # Training was reused, not re-run: identical train outputs in every experiment.
+        deps = exp["data"]["deps"]
+        reused = [p for p in train_out if p in deps]
+        assert reused, f"no train output among the experiment's deps: {sorted(deps)}"
+        for path in reused:
+            assert deps[path]["hash"] == train_out[path], f"{path} changed: train re-ran"
+    assert damps == {0.02, 0.05}
+    for stage in ["corpus", "tokenizer", "shards", "train", "hessians"]:
+        assert f"Running stage '{stage}'" not in log, f"{stage} re-ran in the sweep"
+    for stage in RERUN:
+        assert log.count(f"Running stage '{stage}'") == 2, f"{stage} should run once per experiment"
+    table = run(["dvc", "exp", "show", "--md"], root)
+    assert "val_bpb" in table and "quantize.damp" in table

@@ -67,6 +67,21 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def save_tensor_file(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, with the same bytes for the same tensors.
+
+    ``torch.save`` to a file *name* records that name inside the zip (the records
+    are ``<name>/data.pkl``, ...), so saving through :func:`atomic_path`'s random
+    temporary name made every checkpoint differ byte-wise and DVC re-ran every
+    later stage. Saved through an open file object the records are always
+    ``archive/...``.
+    """
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def load_tensor_file(path: str | Path, what: str, hint: str = "") -> Any:
     """``torch.load(..., weights_only=True)`` on the CPU; any failure is one DataError line.
 

@@ -12,13 +12,11 @@ import contextlib
 import json
 from pathlib import Path
 
-import torch
-
 from pgolf.model.checkpoint import save_checkpoint
 from pgolf.config import from_params, to_dict
 from pgolf.distributed import barrier, init_distributed
 from pgolf.errors import DataError, ParamError
-from pgolf.io import atomic_path, write_json_atomic
+from pgolf.io import save_tensor_file, write_json_atomic
 from pgolf.data.loader import open_train_stream
 from pgolf.model.gpt import ModelConfig
 from pgolf.train.optim import OptimConfig
@@ -86,10 +84,10 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
 def _write_outputs(root: Path, outcome: TrainOutcome, model_cfg: ModelConfig, optim_cfg: OptimConfig,
                    cfg: TrainConfig, world_size: int, curves: bool) -> None:
     save_checkpoint(root / OUT / "model.pt", model_cfg, outcome.model.state_dict(), outcome.meta)
-    with atomic_path(root / OUT / "averages.pt") as tmp:
-        torch.save({"format": "pgolf-train-averages", "version": 1, "chosen": outcome.choice.name,
-                    "holdout_loss": outcome.choice.losses, "swa_count": outcome.metrics["swa_count"],
-                    "ema_updates": outcome.metrics["ema_updates"], "weights": outcome.candidates}, tmp)
+    save_tensor_file(root / OUT / "averages.pt", {
+        "format": "pgolf-train-averages", "version": 1, "chosen": outcome.choice.name,
+        "holdout_loss": outcome.choice.losses, "swa_count": outcome.metrics["swa_count"],
+        "ema_updates": outcome.metrics["ema_updates"], "weights": outcome.candidates})
     write_json_atomic(root / OUT / "config.json", {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg),
                                                     "train": to_dict(cfg), "world_size": world_size})
     write_json_atomic(root / OUT / "metrics.json", outcome.metrics)

@@ -31,7 +31,7 @@ from torch import nn
 from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import DataError
-from pgolf.io import atomic_path, load_tensor_file
+from pgolf.io import load_tensor_file, save_tensor_file
 from pgolf.data.loader import TokenStream
 from pgolf.progress import Progress
 
@@ -258,9 +258,8 @@ def _input_width(model: nn.Module, key: str) -> int:
 
 
 def save_hessians(path: str | Path, hs: HessianSet) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"hessians": hs.hessians, "num_tokens": torch.tensor(hs.num_tokens),
-                    "num_sequences": torch.tensor(hs.num_sequences)}, tmp)
+    save_tensor_file(path, {"hessians": hs.hessians, "num_tokens": torch.tensor(hs.num_tokens),
+                            "num_sequences": torch.tensor(hs.num_sequences)})
 
 
 def load_hessians(path: str | Path) -> HessianSet:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pgolf.quant.artifact import require_finite
 from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
 from pgolf.model.checkpoint import load_checkpoint
 from pgolf.config import from_params, to_dict
@@ -69,6 +70,10 @@ def _quantize(cfg: QuantizeConfig, device: torch.device, root: Path, log: StageL
         log.warning(f"the model was trained with late QAT at {trained_bits} bits but quantize uses "
                     f"attn_bits={cfg.attn_bits}, mlp_bits={cfg.mlp_bits}")
     hs = load_hessians(root / HESSIANS)
+    for name, t in ckpt.state_dict.items():
+        require_finite(t, f"{root / CHECKPOINT}: tensor {name}", "weight")
+    for key, h in hs.hessians.items():
+        require_finite(h, f"{root / HESSIANS}: Hessian {key}", "Hessian")
     state = unbank_state_dict(ckpt.state_dict, ckpt.model_config)
     result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, str(root / HESSIANS), log)
     synchronize(device)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.errors import DataError
+from pgolf.io import non_finite_value
 from pgolf.tools.inspect import Summary, UnrecognisedFile, fmt, one_line, table
 
 # JSON reports are small; a file past this is not one of them.
@@ -97,6 +98,17 @@ def _special_lines(kind: str, data: dict) -> list[str]:
     return []
 
 
+def _non_finite_facts(data: Any) -> dict:
+    bad = non_finite_value(data)
+    return {"non_finite_key": bad[0]} if bad else {}
+
+
+def _non_finite_lines(data: Any) -> list[str]:
+    """Python's json reads NaN/Infinity, which are not JSON: say so first."""
+    bad = non_finite_value(data)
+    return [f"WARNING: {bad[0]} is {bad[1]} (NaN/Inf is not valid JSON; the run that wrote it is broken)"] if bad else []
+
+
 def _classify_object(data: dict) -> JsonKind | None:
     return next((k for k in OBJECT_KINDS if k.required <= data.keys()), None)
 
@@ -138,8 +150,8 @@ def summarise_json(path: Path) -> Summary:
             raise UnrecognisedFile(f"{path}: JSON object with unrecognised keys ({', '.join(sorted(data)[:8])}); "
                             "not a pgolf report")
         # Nested, so a report's own keys (a manifest has "path") never shadow the summary's.
-        return Summary(found.kind, str(path), {"data": data},
-                       _special_lines(found.kind, data) + _key_lines(data, found.headline))
+        return Summary(found.kind, str(path), {"data": data, **_non_finite_facts(data)},
+                       _non_finite_lines(data) + _special_lines(found.kind, data) + _key_lines(data, found.headline))
     if isinstance(data, list):
         found = _classify_list(data)
         if found is None:

@@ -34,8 +34,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def _load_overlay(conf: Path, name: str) -> dict:
     path = conf / "profile" / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (conf / "profile").glob("*.yaml"))
-        raise ParamError("profile", f"unknown profile {name!r} (known: {', '.join(known)})")
+        raise ParamError("profile", f"unknown profile {name!r} (known: {', '.join(known_profiles(conf))})")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     out: dict = {}
     for parent in data.pop("defaults", None) or []:
@@ -66,6 +65,37 @@ def compose(profile: str = "cpu", overrides: list[str] | None = None, conf: Path
             raise ParamError(key, "unknown key")
         node[leaf] = yaml.safe_load(raw)
     return base
+
+
+# The dataclass each section of params.yaml builds (module, class); `pgolf params`
+# builds them all before writing, so a bad --set never reaches the file.
+SECTION_CONFIGS = {
+    "corpus": ("pgolf.data.corpus", "CorpusConfig"),
+    "tokenizer": ("pgolf.data.tokenizer", "TokenizerConfig"),
+    "shards": ("pgolf.data.shards", "ShardsConfig"),
+    "model": ("pgolf.model.config", "ModelConfig"),
+    "optim": ("pgolf.train.optim", "OptimConfig"),
+    "train": ("pgolf.train.config", "TrainConfig"),
+    "eval_sliding": ("pgolf.eval.sliding", "SlidingConfig"),
+    "eval_ttt": ("pgolf.eval.ttt", "TTTConfig"),
+    "hessians": ("pgolf.quant.hessians", "HessianConfig"),
+    "quantize": ("pgolf.quant.policy", "QuantizeConfig"),
+    "size": ("pgolf.submission.size", "SizeConfig"),
+}
+
+
+def known_profiles(conf: Path = CONF_DIR) -> list[str]:
+    """The names of conf/profile/*.yaml, sorted."""
+    return sorted(p.stem for p in (conf / "profile").glob("*.yaml"))
+
+
+def validate(params: dict) -> None:
+    """Build every section's config (the checks each stage makes at start); ParamError on the first bad key."""
+    import importlib
+
+    from pgolf.config import from_params
+    for section, (module, name) in SECTION_CONFIGS.items():
+        from_params(getattr(importlib.import_module(module), name), params, section)
 
 
 class _Dumper(yaml.SafeDumper):

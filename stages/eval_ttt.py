@@ -56,7 +56,13 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
             "windows": result.windows, "chunks": result.num_chunks, "train_steps": result.train_steps,
             "sliding_val_bpb": baseline, "gain_vs_sliding": baseline - result.sums.val_bpb,
             "world_size": ctx.world_size, "device": ctx.device.type,
+            "ttt_trained": result.train_steps > 0,
         }
+        if result.num_chunks < 2 and cfg.epochs > 0:
+            # Only chunks before the last are trained on: one chunk means TTT changed nothing.
+            log.warning(f"val has {tokens.numel() - 1:,} targets, within one chunk of eval_ttt.chunk_tokens "
+                        f"{cfg.chunk_tokens:,}: nothing was trained on, this is the sliding score "
+                        "(lower eval_ttt.chunk_tokens for TTT to act)")
         if ctx.is_main:
             metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
             write_json_atomic(root / OUT / "chunks.json", result.chunks)

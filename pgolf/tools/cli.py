@@ -1,4 +1,4 @@
-"""`pgolf` command line: significance, inspect and export."""
+"""`pgolf` command line: significance, params, inspect, results and export."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import sys
 
 from pgolf.submission import export as export_command
 from pgolf.tools import inspect as inspect_command
+from pgolf.tools import results as results_command
 from pgolf.tools.profiles import known_profiles
 from pgolf.errors import PgolfError
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     prm.add_argument("--out", default="params.yaml", help="file to write (default params.yaml)")
     prm.set_defaults(func=_cmd_params)
     inspect_command.add_subcommand(sub)
+    results_command.add_subcommand(sub)
     export_command.add_subcommand(sub)
     return parser
 

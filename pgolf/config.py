@@ -32,13 +32,16 @@ def check(condition: bool, key: str, message: str) -> None:
 def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ParamError(str(path), "file not found")
+        raise ParamError("", "file not found", file=str(path))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ParamError(str(path), f"invalid YAML: {exc}".splitlines()[0]) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamError("", f"invalid YAML{where}: {what}", file=str(path)) from None
     if not isinstance(data, dict):
-        raise ParamError(str(path), "top level must be a mapping")
+        raise ParamError("", "top level must be a mapping", file=str(path))
     return data
 
 

@@ -12,10 +12,11 @@ class PgolfError(Exception):
 class ParamError(PgolfError):
     """A params.yaml value is missing, unknown, mistyped or out of range."""
 
-    def __init__(self, key: str, message: str):
+    def __init__(self, key: str, message: str, file: str = "params.yaml"):
         self.key = key
         self.message = message
-        super().__init__(f"params.yaml: {key}: {message}")
+        # key "" : the message is about the file itself (missing, not YAML).
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
 class DataError(PgolfError):

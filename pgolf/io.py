@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -63,8 +64,41 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def non_finite_value(obj: Any, at: str = "") -> tuple[str, float] | None:
+    """(key path such as ``a.b[2]``, value) of the first NaN/Inf float in ``obj``, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return at or "(top level)", obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_value(value, f"{at}[{key}]" if isinstance(key, int) else f"{at}.{key}" if at else str(key))
+        if found:
+            return found
+    return None
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Sorted, indented JSON. A NaN/Inf value is a DataError and nothing is written:
+    NaN is not JSON, and a NaN metric means the model or the data is broken."""
+    bad = non_finite_value(obj)
+    if bad is not None:
+        from pgolf.errors import DataError
+        raise DataError(f"{path}: {bad[0]} is {bad[1]}, not a finite number; not written")
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def save_tensor_file(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, with the same bytes for the same tensors.
+
+    ``torch.save`` to a file *name* records that name inside the zip (the records
+    are ``<name>/data.pkl``, ...), so saving through :func:`atomic_path`'s random
+    temporary name made every checkpoint differ byte-wise and DVC re-ran every
+    later stage. Saved through an open file object the records are always
+    ``archive/...``.
+    """
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_tensor_file(path: str | Path, what: str, hint: str = "") -> Any:

@@ -14,7 +14,7 @@ from pgolf.config import from_params
 from pgolf.distributed import barrier, init_distributed
 from pgolf.eval.inputs import load_eval_inputs, read_sliding_bpb
 from pgolf.eval.sliding import EvalSlidingConfig, score_metrics
-from pgolf.eval.ttt import EvalTTTConfig, run_ttt
+from pgolf.eval.ttt import EvalTTTConfig, run_ttt, untrained_reason
 from pgolf.io import write_json_atomic
 from pgolf.pipeline.launch import launch_config, run_distributed, stage_main
 from pgolf.pipeline.paths import EVAL_TTT_DIR as OUT
@@ -40,7 +40,9 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
                          progress=log, warmup=compile_enabled(windows.compile, ctx.device))
         metrics = {**score_metrics(result), "chunks": result.num_chunks, "train_steps": result.train_steps,
                    "sliding_val_bpb": baseline, "gain_vs_sliding": baseline - result.sums.val_bpb,
-                   "world_size": ctx.world_size, "device": ctx.device.type}
+                   "world_size": ctx.world_size, "device": ctx.device.type, "ttt_trained": result.train_steps > 0}
+        if (why := untrained_reason(result, cfg, inputs.tokens.numel() - 1)) is not None:
+            log.warning(why)
         if ctx.is_main:
             metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
             write_json_atomic(root / OUT / "chunks.json", result.chunks)

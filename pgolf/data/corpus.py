@@ -145,7 +145,8 @@ def _parse_jsonl_line(raw: bytes, path: Path, number: int) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        # Some of json's messages end in "at" ("Unterminated string starting at").
+        raise DataError(f"{where}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
     if not isinstance(record, dict) or "text" not in record:
         raise DataError(f'{where}: missing "text" key')
     text = record["text"]

@@ -311,3 +311,12 @@ def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
         frozen.remove()
     return TTTResult(EvalSums.from_tensor(per_chunk.sum(0)), plan.num_windows, seconds,
                      trainer.steps, chunks, chunk_series(rows), compile_seconds)
+
+
+def untrained_reason(result: "TTTResult", cfg: EvalTTTConfig, targets: int) -> str | None:
+    """Why TTT changed nothing, or None: only chunks before the last are trained on, so a
+    validation stream within one chunk is scored exactly as the sliding eval scores it."""
+    if result.train_steps > 0 or cfg.epochs == 0:
+        return None
+    return (f"val has {targets:,} targets, within one chunk of eval_ttt.chunk_tokens {cfg.chunk_tokens:,}: "
+            "nothing was trained on, this is the sliding score (lower eval_ttt.chunk_tokens for TTT to act)")

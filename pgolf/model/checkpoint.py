@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from pgolf.errors import DataError, ParamError
-from pgolf.io import atomic_path, load_tensor_file
+from pgolf.io import load_tensor_file, save_tensor_file
 from pgolf.model.gpt import GPT, ModelConfig
 
 FORMAT = "pgolf-checkpoint"
@@ -73,8 +73,7 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, state_dict: Mapping[str,
         "state_dict": {name: t.detach().to("cpu", copy=True) for name, t in state_dict.items()},
         "meta": dict(meta),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_tensor_file(path, payload)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -66,8 +66,15 @@ _HEADER = struct.Struct("<8sHBBQQ32s")
 HEADER_BYTES = _HEADER.size
 COMPRESSORS = {"zstd": 1, "lzma": 2}
 _COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
-# A decompressed payload larger than this is refused before allocating it.
-MAX_PAYLOAD_BYTES = 1 << 32
+# Bounds on the decompressed payload a header may declare, checked before anything
+# is decompressed, so a crafted file (a decompression bomb) cannot make the reader
+# allocate more than max(MIN_PAYLOAD_LIMIT, MAX_EXPANSION x its compressed size),
+# and never more than MAX_PAYLOAD_BYTES. zstd's own ceiling is ~32,000x (RLE blocks),
+# far past any model: quantised weights compress ~1.5x (1.45-1.47 on the tests'
+# trained artifacts); the floor keeps tiny test files with regular data readable.
+MAX_PAYLOAD_BYTES = 1 << 30
+MAX_EXPANSION = 32
+MIN_PAYLOAD_LIMIT = 64 << 20
 _STORED_DTYPES = {
     "int8": (torch.int8, "<i1"), "uint8": (torch.uint8, "<u1"), "int16": (torch.int16, "<i2"),
     "int32": (torch.int32, "<i4"), "int64": (torch.int64, "<i8"), "bool": (torch.bool, "|b1"),
@@ -199,37 +206,60 @@ def write_artifact(path: str | Path, tensors: Sequence[StoredTensor], model_conf
     return len(data)
 
 
+def payload_limit(packed_len: int) -> int:
+    """The largest decompressed payload a file with ``packed_len`` compressed bytes may declare."""
+    return min(MAX_PAYLOAD_BYTES, max(MIN_PAYLOAD_LIMIT, MAX_EXPANSION * packed_len))
+
+
 def _decompress(packed: bytes, compressor_id: int, raw_length: int, where: str) -> tuple[bytes, list[int]]:
     """The frames of ``packed`` decompressed in order (never more than ``raw_length``
-    bytes), and each frame's compressed length."""
-    parts, sizes, total, rest = [], [], 0, packed
+    bytes), and each frame's compressed length.
+
+    Each frame is decompressed straight into one buffer of ``raw_length`` bytes
+    (the caller bounds it): a zstd frame must declare its size, and one that
+    declares more than the room left is refused before it is decompressed (the
+    decompressor itself stops a frame at its declared size); an xz stream is
+    decompressed with at most that room as its output limit.
+    """
+    out = bytearray(raw_length)
+    sizes, total, rest = [], 0, packed
     try:
         while rest:
+            room = raw_length - total
             if compressor_id == COMPRESSORS["zstd"]:
-                # Checked before decompressing: a crafted frame cannot inflate past the header.
                 declared = zstandard.frame_content_size(rest)
-                if declared < 0 or declared > raw_length - total:
+                if declared < 0 or declared > room:
                     raise DataError(f"{where}: payload decompresses to more than the header's {raw_length} bytes "
                                     f"(a frame declares {declared})")
                 frame = zstandard.ZstdDecompressor().decompressobj()
                 part = frame.decompress(rest)
             else:
                 frame = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-                part = frame.decompress(rest, max_length=raw_length - total + 1)
+                part = frame.decompress(rest, max_length=room + 1)
             if not frame.eof:
                 raise DataError(f"{where}: compressed payload is incomplete (a frame is cut short)")
-            total += len(part)
-            if total > raw_length:
+            if len(part) > room:
                 raise DataError(f"{where}: payload decompresses to more than the header's {raw_length} bytes")
-            parts.append(part)
+            out[total:total + len(part)] = part
+            total += len(part)
             sizes.append(len(rest) - len(frame.unused_data))
             rest = frame.unused_data
+            del part
     except (zstandard.ZstdError, lzma.LZMAError) as exc:
         raise DataError(f"{where}: payload does not decompress ({exc})") from None
-    data = b"".join(parts)
-    if len(data) != raw_length:
-        raise DataError(f"{where}: payload decompressed to {len(data)} bytes, header says {raw_length}")
-    return data, sizes
+    if total != raw_length:
+        raise DataError(f"{where}: payload decompressed to {total} bytes, header says {raw_length}")
+    return out, sizes
+
+
+def require_finite(t: torch.Tensor, at: str, what: str) -> None:
+    """NaN or Inf in a float tensor is a DataError naming ``at``: a model holding them
+    scores NaN instead of failing, so neither quantize nor the reader accepts one."""
+    if t.is_floating_point() and t.numel():
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = t.numel() - int(finite.sum())
+            raise DataError(f"{at}: {bad} of {t.numel()} {what} values are not finite (NaN/Inf)")
 
 
 def _read_array(data: memoryview, ref: Any, where: str) -> torch.Tensor:
@@ -269,11 +299,13 @@ def _parse_tensor(entry: Any, data: memoryview, where: str) -> StoredTensor:
         qmax = (1 << (bits - 1)) - 1
         if q.numel() and int(q.abs().max()) > qmax:
             raise DataError(f"{at}: integers exceed ±{qmax} for {bits} bits")
+        require_finite(scale, at, "scale")
         q = q.reshape(shape) if len(shape) == 2 else q.reshape(1, numel)
         return StoredTensor(**common, bits=bits, q=q, scale=scale)
     raw = _read_array(data, entry.get("raw"), at)
     if raw.numel() != numel:
         raise DataError(f"{at}: {raw.numel()} stored values for shape {shape}")
+    require_finite(raw, at, "passthrough")
     return StoredTensor(**common, raw=raw.reshape(shape))
 
 
@@ -290,8 +322,9 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
         raise DataError(f"{where}: unknown compressor id {comp_id}")
     if len(blob) != HEADER_BYTES + packed_len:
         raise DataError(f"{where}: file has {len(blob) - HEADER_BYTES} payload bytes, header says {packed_len} (truncated or padded)")
-    if raw_len > MAX_PAYLOAD_BYTES:
-        raise DataError(f"{where}: header claims an implausible {raw_len}-byte payload")
+    if raw_len > payload_limit(packed_len):
+        raise DataError(f"{where}: header claims an implausible {raw_len:,}-byte payload from {packed_len:,} "
+                        f"compressed bytes (at most {payload_limit(packed_len):,}); refused before decompressing")
     packed = blob[HEADER_BYTES:]
     if hashlib.sha256(packed).digest() != digest:
         raise DataError(f"{where}: checksum mismatch, the file is corrupted")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pgolf.errors import DataError
-from pgolf.io import atomic_path, load_tensor_file
+from pgolf.io import load_tensor_file, save_tensor_file
 from pgolf.model.layout import block_module, block_weight, hessian_key
 
 
@@ -45,9 +45,8 @@ def hessian_key_for_weight(weight_name: str) -> str | None:
 
 
 def save_hessians(path: str | Path, hs: HessianSet) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"hessians": hs.hessians, "num_tokens": torch.tensor(hs.num_tokens),
-                    "num_sequences": torch.tensor(hs.num_sequences)}, tmp)
+    save_tensor_file(path, {"hessians": hs.hessians, "num_tokens": torch.tensor(hs.num_tokens),
+                            "num_sequences": torch.tensor(hs.num_sequences)})
 
 
 def load_hessians(path: str | Path) -> HessianSet:

@@ -24,7 +24,7 @@ from pgolf.model.gpt import unbank_state_dict
 from pgolf.model.layout import BLOCK_CLASSES
 from pgolf.precision import synchronize
 from pgolf.progress import StageLog
-from pgolf.quant.artifact import StoredTensor
+from pgolf.quant.artifact import StoredTensor, require_finite
 from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
 from pgolf.quant.hessian_file import HessianSet, load_hessians
 from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, prune_to_target, quantize_state_dict
@@ -68,6 +68,10 @@ def quantize_checkpoint(checkpoint: Path, hessians: Path, cfg: QuantizeConfig, d
     ckpt = load_checkpoint(checkpoint)
     _warn_if_trained_on_another_grid(ckpt.meta, cfg, log)
     hs = load_hessians(hessians)
+    for name, tensor in ckpt.state_dict.items():  # a NaN would score NaN instead of failing
+        require_finite(tensor, f"{checkpoint}: tensor {name}", "weight")
+    for key, h in hs.hessians.items():
+        require_finite(h, f"{hessians}: Hessian {key}", "Hessian")
     state = unbank_state_dict(ckpt.state_dict, ckpt.model_config)
     result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, str(hessians), log)
     synchronize(device)

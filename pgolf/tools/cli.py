@@ -1,13 +1,16 @@
-"""`pgolf` command line: significance, inspect and export."""
+"""`pgolf` command line: significance, params, inspect, results and export."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 
 from pgolf.submission import export as export_command
 from pgolf.tools import inspect as inspect_command
+from pgolf.tools import results as results_command
+from pgolf.tools.profiles import known_profiles
 from pgolf.errors import PgolfError
 
 
@@ -21,11 +24,17 @@ def _cmd_significance(args: argparse.Namespace) -> int:
             m = load_run(ref)
             if key not in m:
                 raise PgolfError(f"{ref}: metric '{key}' missing (has: {', '.join(sorted(m))})")
-            out.append(float(m[key]))
+            value = m[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise PgolfError(f"{ref}: metric '{key}' is {value!r}, not a finite number")
+            out.append(float(value))
         return out
 
     cand, base = values(args.candidate, args.metric), values(args.baseline, args.metric)
-    r = welch_improvement_test(cand, base, margin=args.margin, alpha=args.alpha)
+    try:
+        r = welch_improvement_test(cand, base, margin=args.margin, alpha=args.alpha)
+    except ValueError as exc:
+        raise PgolfError(f"significance: {exc}") from None
     report = {"metric": args.metric, "candidate": cand, "baseline": base,
               "candidate_mean": r.candidate_mean, "candidate_std": r.candidate_std,
               "baseline_mean": r.baseline_mean, "baseline_std": r.baseline_std,
@@ -53,8 +62,10 @@ def _cmd_significance(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from pgolf.tools.profiles import compose, write_params
-    write_params(args.out, compose(args.profile, args.set), args.profile)
+    from pgolf.tools.profiles import compose, validate, write_params
+    params = compose(args.profile, args.set)
+    validate(params)
+    write_params(args.out, params, args.profile)
     print(f"wrote {args.out} (profile {args.profile}{', ' + ' '.join(args.set) if args.set else ''})")
     return 0
 
@@ -71,12 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
     sig.add_argument("--json", action="store_true", help="print the result as JSON")
     sig.set_defaults(func=_cmd_significance)
-    prm = sub.add_parser("params", help="write params.yaml for a profile (cpu, record, gpu1, gpu_smoke)")
-    prm.add_argument("--profile", default="cpu", help="conf/profile/<name>.yaml overlay (default cpu)")
+    profiles = ", ".join(known_profiles())
+    prm = sub.add_parser("params", help=f"write params.yaml for a profile ({profiles})")
+    prm.add_argument("--profile", default="cpu",
+                     help=f"conf/profile/<name>.yaml overlay: {profiles} (default cpu)")
     prm.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides, e.g. train.seed=7")
     prm.add_argument("--out", default="params.yaml", help="file to write (default params.yaml)")
     prm.set_defaults(func=_cmd_params)
     inspect_command.add_subcommand(sub)
+    results_command.add_subcommand(sub)
     export_command.add_subcommand(sub)
     return parser
 
@@ -84,10 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return code
     except PgolfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`pgolf inspect ... | head`): stop quietly. stdout is
+        # pointed at devnull so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ still understood:
 * JSON reports (size, eval metrics, manifests, quantisation report, ...):
   their key sets; corpus JSONL: a first line ``{"text": ...}``;
 * SentencePiece model: a protobuf that SentencePiece itself accepts;
-* training log: its ``train:`` / ``step N/M loss`` lines.
+* training log: its ``train:`` / ``step N/M loss`` lines; a stage log
+  (hessians, quantize, eval_sliding, eval_ttt): its first line, which names the stage;
+* live training curves (dvclive ``plots/metrics/*.tsv``): a ``step<TAB>name`` header;
+* PNG plots: the PNG signature.
 
 Each summariser (``pgolf/tools/inspect_data.py``, ``inspect_model.py``,
 ``inspect_reports.py``) returns a :class:`~pgolf.tools.inspect_summary.Summary`:
@@ -33,7 +36,8 @@ from typing import Callable
 
 from pgolf.errors import DataError, PgolfError
 from pgolf.pipeline.paths import TOKENIZER_MODEL as DEFAULT_TOKENIZER
-from pgolf.tools.inspect_summary import (DEFAULT_SLICE_TOKENS, InspectOptions, Summary, UnrecognisedFile,
+from pgolf.tools.inspect_summary import (DEFAULT_SLICE_TOKENS, STAGE_LOG_FIRST_LINE, InspectOptions, Summary,
+                                         UnrecognisedFile,
                                          natural_key, one_line)
 
 # Bytes read to recognise a file; every magic number fits in them.
@@ -42,6 +46,8 @@ _TORCH_ZIP_SIGNATURE = b"PK\x03\x04"
 # SentencePiece models are a few MB; a bigger file is not offered to the parser.
 _MAX_TOKENIZER_BYTES = 64 << 20
 _TRAIN_LOG_LINE = re.compile(r"^(train: [\d,]+ parameters|step \d+/\d+ loss )", re.MULTILINE)
+_LIVE_TSV_HEADER = re.compile(rb"^step\t[A-Za-z_][\w.]*\r?\n")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # --- recognition -------------------------------------------------------------------
@@ -86,14 +92,21 @@ def sniff(path: Path) -> str | None:
         return "shard"
     if head.startswith(_TORCH_ZIP_SIGNATURE):
         return "torch"
+    if head.startswith(_PNG_SIGNATURE):
+        return "plot_image"
+    if _LIVE_TSV_HEADER.match(head):
+        return "live_curve"
     if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"["):
         return "corpus_jsonl" if _first_line_is_document(path) else "json"
     # A SentencePiece ModelProto starts with field 1 (pieces), tag byte 0x0a.
     if head[:1] == b"\n" and path.stat().st_size <= _MAX_TOKENIZER_BYTES and _is_sentencepiece(path):
         return "tokenizer"
     with open(path, "rb") as f:
-        if _is_train_log(f.read(4096)):
-            return "train_log"
+        text = f.read(4096)
+    if _is_train_log(text):
+        return "train_log"
+    if STAGE_LOG_FIRST_LINE.match(text.decode("utf-8", errors="replace")):
+        return "stage_log"
     return None
 
 
@@ -109,7 +122,10 @@ def _summariser(reader: str) -> Callable[[Path, InspectOptions], Summary]:
                 "quantized_artifact": lambda p, o: inspect_model.summarise_artifact(p)}[reader]
     from pgolf.tools import inspect_reports
     return {"json": lambda p, o: inspect_reports.summarise_json(p),
-            "train_log": lambda p, o: inspect_reports.summarise_train_log(p)}[reader]
+            "train_log": lambda p, o: inspect_reports.summarise_train_log(p),
+            "stage_log": lambda p, o: inspect_reports.summarise_stage_log(p),
+            "live_curve": lambda p, o: inspect_reports.summarise_live_curve(p),
+            "plot_image": lambda p, o: inspect_reports.summarise_png(p)}[reader]
 
 
 def summarise_file(path: Path, options: InspectOptions) -> Summary:

@@ -49,9 +49,29 @@ def summarise_torch_file(path: Path) -> Summary:
     raise UnrecognisedFile(f"{path}: torch file with unknown content ({what}); not a pgolf artifact")
 
 
-def tensor_norm(t: torch.Tensor) -> float:
-    """L2 norm over all elements, accumulated in float64."""
-    return float(t.detach().to(torch.float64).norm()) if t.numel() else 0.0
+def tensor_norm(t: torch.Tensor) -> float | None:
+    """L2 norm over all elements, accumulated in float64; None when it is not finite."""
+    norm = float(t.detach().to(torch.float64).norm()) if t.numel() else 0.0
+    return norm if math.isfinite(norm) else None
+
+
+def non_finite_counts(tensors: dict[str, Any]) -> dict[str, int]:
+    """Name → count of NaN/Inf values, for the float tensors that hold any."""
+    out = {}
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            if bad:
+                out[name] = bad
+    return out
+
+
+def non_finite_line(counts: dict[str, int]) -> list[str]:
+    """The warning line for :func:`non_finite_counts` (nothing when all values are finite)."""
+    if not counts:
+        return []
+    names = ", ".join(f"{k} ({v:,})" for k, v in list(counts.items())[:6]) + (", ..." if len(counts) > 6 else "")
+    return [f"WARNING: NaN/Inf values in {len(counts)} tensor(s): {names}; quantize and eval refuse this file"]
 
 
 def _model_line(cfg: dict) -> str:
@@ -75,8 +95,9 @@ def summarise_checkpoint(path: Path) -> Summary:
               for name, t in sorted(ckpt.state_dict.items(), key=lambda kv: natural_key(kv[0]))]
     meta = ckpt.meta
     total = sum(p["numel"] for p in params)
+    bad = non_finite_counts(ckpt.state_dict)
     facts = {"model_config": cfg, "num_parameters": total, "parameters": params, "meta": meta,
-             "weights": meta.get("weights"), "holdout_loss": meta.get("holdout_loss")}
+             "weights": meta.get("weights"), "holdout_loss": meta.get("holdout_loss"), "non_finite": bad}
     qat = meta.get("qat") if isinstance(meta.get("qat"), dict) else {}
     lines = [_model_line(cfg),
              f"parameters: {total:,} in {len(params)} tensors",
@@ -88,7 +109,8 @@ def summarise_checkpoint(path: Path) -> Summary:
              f"run: {fmt(meta.get('steps'))} steps, {fmt(meta.get('tokens'))} tokens, stopped by "
              f"{fmt(meta.get('stopped_by'))}, seed {meta.get('seed', 'n/a')}, "
              f"{fmt(meta.get('swa_count'))} SWA snapshots, late QAT "
-             + (f"{qat.get('bits')} bits from step {qat.get('from_step')}" if qat.get("enabled") else "off")]
+             + (f"{qat.get('bits')} bits from step {qat.get('from_step')}" if qat.get("enabled") else "off"),
+             *non_finite_line(bad)]
     return Summary("checkpoint", str(path), facts, lines)
 
 
@@ -103,14 +125,17 @@ def _summarise_averages(path: Path, payload: dict) -> Summary:
     if not isinstance(weights, dict):
         raise DataError(f"{path}: {AVERAGES_FORMAT} file without a 'weights' mapping")
     candidates = {name: _state_numel(state) for name, state in weights.items()}
+    bad = non_finite_counts({f"{name}/{key}": t for name, state in weights.items() if isinstance(state, dict)
+                             for key, t in state.items()})
     facts = {"version": payload.get("version"), "chosen": payload.get("chosen"),
              "holdout_loss": payload.get("holdout_loss"), "swa_count": payload.get("swa_count"),
-             "ema_updates": payload.get("ema_updates"), "candidate_numel": candidates}
+             "ema_updates": payload.get("ema_updates"), "candidate_numel": candidates, "non_finite": bad}
     present = ", ".join(f"{k} ({fmt(v)} values)" if v is not None else f"{k} (none)"
                         for k, v in candidates.items())
     lines = [f"chosen: {fmt(facts['chosen'])}", _losses_line(facts["holdout_loss"]),
              f"candidates: {present}",
-             f"SWA snapshots {fmt(facts['swa_count'])}, EMA updates {fmt(facts['ema_updates'])}"]
+             f"SWA snapshots {fmt(facts['swa_count'])}, EMA updates {fmt(facts['ema_updates'])}",
+             *non_finite_line(bad)]
     return Summary("train_averages", str(path), facts, lines)
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.errors import DataError
-from pgolf.tools.inspect_summary import Summary, UnrecognisedFile, fmt, one_line, table
+from pgolf.io import non_finite_value
+from pgolf.tools.inspect_summary import STAGE_LOG_FIRST_LINE, Summary, UnrecognisedFile, fmt, one_line, table
 
 # JSON reports are small; a file past this is not one of them.
 MAX_JSON_BYTES = 64 << 20
@@ -54,6 +55,7 @@ OBJECT_KINDS = (
           "source train_docs val_docs train_bytes val_bytes dropped_docs"),
     _kind("shards_manifest", "splits vocab_size tokenizer_sha256", "source vocab_size tokenizer_sha256"),
     _kind("tokenizer_meta", "vocab_size sha256 sentencepiece_version", "source vocab_size sha256"),
+    _kind("live_metrics", "step train_loss lr_scale", "step train_loss lr_scale grad_norm tokens_per_s train_seconds"),
     _kind("data_metrics", "train_docs val_docs dropped_docs seconds"),
     _kind("data_metrics", "train_tokens val_tokens val_bytes_per_token"),
     _kind("data_metrics", "vocab_size seconds"),
@@ -61,6 +63,7 @@ OBJECT_KINDS = (
 LIST_KINDS = (
     _kind("quant_report", "name class method bits stored_bytes"),
     _kind("ttt_chunks", "chunk running_bpb chunk_bpb"),
+    _kind("layer_error", "tensor weight_mse hessian_error"),
 )
 
 
@@ -97,6 +100,17 @@ def _special_lines(kind: str, data: dict) -> list[str]:
     return []
 
 
+def _non_finite_facts(data: Any) -> dict:
+    bad = non_finite_value(data)
+    return {"non_finite_key": bad[0]} if bad else {}
+
+
+def _non_finite_lines(data: Any) -> list[str]:
+    """Python's json reads NaN/Infinity, which are not JSON: say so first."""
+    bad = non_finite_value(data)
+    return [f"WARNING: {bad[0]} is {bad[1]} (NaN/Inf is not valid JSON; the run that wrote it is broken)"] if bad else []
+
+
 def _classify_object(data: dict) -> JsonKind | None:
     return next((k for k in OBJECT_KINDS if k.required <= data.keys()), None)
 
@@ -116,6 +130,8 @@ def _summarise_list(kind: str, path: Path, rows: list[dict]) -> Summary:
                         [[r["name"], r["class"], r["method"], r["bits"], r.get("clip"), r.get("weight_mse"),
                           r.get("fallback"), r["stored_bytes"], r.get("compressed_bytes")] for r in rows])]
         return Summary(kind, str(path), facts, lines)
+    if kind == "layer_error":
+        return _summarise_layer_error(path, rows)
     best = min(rows, key=lambda r: r["chunk_bpb"])
     facts = {"chunks": len(rows), "first": rows[0], "last": rows[-1], "best_chunk": best, "series": rows}
     lines = [f"{len(rows)} chunks; running bpb {fmt(rows[0]['running_bpb'])} after chunk {rows[0]['chunk']} "
@@ -138,8 +154,8 @@ def summarise_json(path: Path) -> Summary:
             raise UnrecognisedFile(f"{path}: JSON object with unrecognised keys ({', '.join(sorted(data)[:8])}); "
                             "not a pgolf report")
         # Nested, so a report's own keys (a manifest has "path") never shadow the summary's.
-        return Summary(found.kind, str(path), {"data": data},
-                       _special_lines(found.kind, data) + _key_lines(data, found.headline))
+        return Summary(found.kind, str(path), {"data": data, **_non_finite_facts(data)},
+                       _non_finite_lines(data) + _special_lines(found.kind, data) + _key_lines(data, found.headline))
     if isinstance(data, list):
         found = _classify_list(data)
         if found is None:
@@ -174,3 +190,66 @@ def summarise_train_log(path: Path) -> Summary:
                    f"{facts['train_seconds']:.1f} s of training")
     out.append(f"final weights: {fmt(facts['final_weights'])}")
     return Summary("train_log", str(path), facts, out)
+
+
+def _summarise_layer_error(path: Path, rows: list[dict]) -> Summary:
+    """The quantize stage's per-matrix error plot data: the worst matrices first."""
+    scored = [r for r in rows if isinstance(r.get("hessian_error"), (int, float))]
+    worst = sorted(scored, key=lambda r: -r["hessian_error"])[:5]
+    facts = {"matrices": len(rows), "worst": worst, "rows": rows,
+             "hessian_error_total": sum(r["hessian_error"] for r in scored)}
+    lines = [f"{len(rows)} block matrices, total Hessian-weighted error {fmt(facts['hessian_error_total'])}",
+             "largest errors:", *table(["tensor", "hessian error", "weight mse"],
+                                       [[r["tensor"], r["hessian_error"], r.get("weight_mse")] for r in worst])]
+    return Summary("layer_error", str(path), facts, lines)
+
+
+_STAGE_WARNING = re.compile(r"^(warning|error): ", re.IGNORECASE)
+_PROGRESS = re.compile(r"^[^:\n]+: [\d,]+/[\d,]+ \S+ \(\d+%\)")
+
+
+def summarise_stage_log(path: Path) -> Summary:
+    """A StageLog file (hessians, quantize, eval_sliding, eval_ttt): its stage, last line, warnings, errors."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: stage log is not UTF-8 ({one_line(exc)})") from None
+    stage = STAGE_LOG_FIRST_LINE.match(lines[0]).group(1)
+    flagged = [line for line in lines if _STAGE_WARNING.match(line)]
+    progress = sum(1 for line in lines if _PROGRESS.match(line))
+    last = next((line for line in reversed(lines) if line.strip() and not _PROGRESS.match(line)), lines[-1])
+    facts = {"stage": stage, "lines": len(lines), "progress_lines": progress, "first_line": lines[0],
+             "last_line": last, "warnings": [x for x in flagged if x.lower().startswith("warning")],
+             "errors": [x for x in flagged if x.lower().startswith("error")]}
+    out = [f"stage {stage}: {len(lines)} lines ({progress} progress lines)", f"first: {lines[0]}", f"last: {last}"]
+    out += flagged
+    return Summary("stage_log", str(path), facts, out)
+
+
+def summarise_live_curve(path: Path) -> Summary:
+    """One dvclive curve (``step<TAB>value`` rows): its name, steps and value range."""
+    try:
+        header, *body = path.read_text(encoding="utf-8").splitlines()
+        name = header.split("\t")[1]
+        rows = [(int(step), float(value)) for step, value in (line.split("\t") for line in body if line)]
+    except (UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise DataError(f"{path}: not a step<TAB>value curve ({one_line(exc)})") from None
+    facts: dict[str, Any] = {"metric": name, "points": len(rows)}
+    out = [f"{name}: {len(rows)} points"]
+    if rows:
+        values = [v for _, v in rows]
+        facts.update(first_step=rows[0][0], last_step=rows[-1][0], first=values[0], last=values[-1],
+                     min=min(values), max=max(values))
+        out.append(f"step {rows[0][0]} → {rows[-1][0]}: {fmt(values[0])} → {fmt(values[-1])} "
+                   f"(min {fmt(min(values))}, max {fmt(max(values))})")
+    return Summary("live_curve", str(path), facts, out)
+
+
+def summarise_png(path: Path) -> Summary:
+    """A plot the pipeline draws (loss.png, layer_error.png, running_bpb.png): its size in pixels."""
+    head = path.read_bytes()[:24]
+    if len(head) < 24 or head[12:16] != b"IHDR":
+        raise DataError(f"{path}: PNG without an IHDR header (truncated?)")
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return Summary("plot_image", str(path), {"width": width, "height": height, "bytes": path.stat().st_size},
+                   [f"{width}x{height} pixels, {path.stat().st_size:,} bytes"])

@@ -15,6 +15,9 @@ from pgolf.errors import DataError
 
 DEFAULT_SLICE_TOKENS = 64
 
+# The first line of a pgolf.progress.StageLog log names its stage ("quantize (gptq): 12 matrices").
+STAGE_LOG_FIRST_LINE = re.compile(r"^(hessians|quantize|eval_sliding|eval_ttt)( \([^)\n]*\))?: ")
+
 KIND_TITLES = {
     "corpus_jsonl": "corpus documents (JSONL)",
     "tokenizer": "SentencePiece tokenizer model",
@@ -39,6 +42,11 @@ KIND_TITLES = {
     "data_metrics": "data stage metrics",
     "submission": "exported submission summary",
     "train_log": "training log",
+    "stage_log": "stage log",
+    "layer_error": "per-matrix quantisation error (DVC plot data)",
+    "live_metrics": "live training metrics (dvclive, latest step)",
+    "live_curve": "live training curve (dvclive TSV)",
+    "plot_image": "plot image (PNG)",
     "directory": "directory",
 }
 

@@ -97,6 +97,41 @@ def compose(profile: str = "cpu", overrides: list[str] | None = None, conf: Path
     return base
 
 
+def known_profiles(conf: Path = CONF_DIR) -> list[str]:
+    """The names of conf/profile/*.yaml, sorted."""
+    return sorted(p.stem for p in (conf / "profile").glob("*.yaml"))
+
+
+def section_configs() -> dict[str, type]:
+    """`pgolf params` builds every one before writing, so a bad --set never reaches the file.
+
+    Each params section and the config class its stage builds from it (imported on demand:
+    the CLI starts without torch)."""
+    from pgolf.data.corpus import CorpusConfig
+    from pgolf.data.shards import ShardsConfig
+    from pgolf.data.tokenizer import TokenizerConfig
+    from pgolf.eval.sliding import EvalSlidingConfig
+    from pgolf.eval.ttt import EvalTTTConfig
+    from pgolf.model.config import ModelConfig
+    from pgolf.pipeline.launch import LaunchConfig
+    from pgolf.quant.hessians import HessiansConfig
+    from pgolf.quant.policy import QuantizeConfig
+    from pgolf.submission.size import SizeConfig
+    from pgolf.train.config import TrainConfig
+    from pgolf.train.optim import OptimConfig
+    return {"launch": LaunchConfig, "corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
+            "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "hessians": HessiansConfig,
+            "quantize": QuantizeConfig, "size": SizeConfig, "eval_sliding": EvalSlidingConfig,
+            "eval_ttt": EvalTTTConfig}
+
+
+def validate(params: dict) -> None:
+    """Build every section's config (the checks each stage makes at start); ParamError on the first bad key."""
+    from pgolf.config import from_params
+    for section, cls in section_configs().items():
+        from_params(cls, params, section)
+
+
 class _Dumper(yaml.SafeDumper):
     """Block-style sections, one-line lists: the layout of a hand-written params.yaml."""
 

@@ -76,7 +76,10 @@ def welch_improvement_test(candidate: list[float], baseline: list[float],
                            margin: float = 0.005, alpha: float = 0.01) -> SignificanceResult:
     """One-sided Welch test that ``baseline - candidate`` exceeds ``margin`` (lower is better)."""
     if len(candidate) < 2 or len(baseline) < 2:
-        raise ValueError("need at least 2 runs on each side for a t-test")
+        raise ValueError(f"need at least 2 runs on each side for a t-test "
+                         f"(candidate {len(candidate)}, baseline {len(baseline)})")
+    if not all(math.isfinite(v) for v in (*candidate, *baseline)):
+        raise ValueError("every value must be a finite number (NaN/Inf means a broken run)")
     mc, mb = mean(candidate), mean(baseline)
     sc, sb = stdev(candidate), stdev(baseline)
     vc, vb = sc * sc / len(candidate), sb * sb / len(baseline)

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 
 from pgolf.errors import DataError, PgolfError
-from pgolf.io import atomic_path
+from pgolf.io import save_tensor_file
 
 FORMAT = "pgolf-train-resume"
 VERSION = 1
@@ -82,15 +82,13 @@ def restore_rng(rng_cpu: torch.Tensor, rng_cuda: torch.Tensor | None, device: to
 
 
 def save_resume_state(path: Path, state: ResumeState) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state.to_payload(), tmp)
+    save_tensor_file(path, state.to_payload())
 
 
 def mark_finished(path: Path, config_hash_value: str, step: int) -> None:
     """Replace the state with a tensor-free marker: this config's run completed."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "version": VERSION, "finished": True,
-                    "config_hash": config_hash_value, "step": step}, tmp)
+    save_tensor_file(path, {"format": FORMAT, "version": VERSION, "finished": True,
+                            "config_hash": config_hash_value, "step": step})
 
 
 def remove_stale_temporaries(path: Path) -> None:

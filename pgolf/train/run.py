@@ -13,13 +13,12 @@ import contextlib
 import json
 from pathlib import Path
 
-import torch
 
 from pgolf.config import to_dict
 from pgolf.data.loader import open_train_stream
 from pgolf.distributed import DistContext, barrier
 from pgolf.errors import DataError, ParamError
-from pgolf.io import atomic_path, write_json_atomic
+from pgolf.io import save_tensor_file, write_json_atomic
 from pgolf.model.checkpoint import save_checkpoint
 from pgolf.model.gpt import ModelConfig
 from pgolf.quant.grid import GridBits
@@ -81,10 +80,10 @@ def write_outputs(root: Path, outcome: TrainOutcome, model_cfg: ModelConfig, opt
                   cfg: TrainConfig, world_size: int, curves: bool) -> None:
     out = root / TRAIN_DIR
     save_checkpoint(root / CHECKPOINT, model_cfg, outcome.model.state_dict(), outcome.meta)
-    with atomic_path(out / "averages.pt") as tmp:
-        torch.save({"format": AVERAGES_FORMAT, "version": 1, "chosen": outcome.choice.name,
-                    "holdout_loss": outcome.choice.losses, "swa_count": outcome.metrics["swa_count"],
-                    "ema_updates": outcome.metrics["ema_updates"], "weights": outcome.candidates}, tmp)
+    save_tensor_file(out / "averages.pt", {
+        "format": AVERAGES_FORMAT, "version": 1, "chosen": outcome.choice.name,
+        "holdout_loss": outcome.choice.losses, "swa_count": outcome.metrics["swa_count"],
+        "ema_updates": outcome.metrics["ema_updates"], "weights": outcome.candidates})
     write_json_atomic(out / "config.json", {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg),
                                             "train": to_dict(cfg), "world_size": world_size})
     write_json_atomic(out / "metrics.json", outcome.metrics)

@@ -118,7 +118,7 @@ def test_failed_write_leaves_old_file_untouched(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def exploding_save(obj, f):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")  # checkpoints are saved through an open file (fixed bytes, issue 18.10)
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", exploding_save)

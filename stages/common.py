@@ -12,7 +12,8 @@ from pgolf.config import load_params
 from pgolf.errors import ParamError, PgolfError
 
 PARAMS_FILE = "params.yaml"
-# The launch section: nproc_per_node is read by torchrun (the cmd of dvc.yaml), device by the stages.
+# The launch section: nproc_per_node is read by the launcher (stages/launch.py, the cmd of dvc.yaml),
+# device by the stages.
 LAUNCH_KEYS = ("nproc_per_node", "device")
 
 
@@ -39,19 +40,50 @@ def launch_device(p: Mapping) -> str:
         raise ParamError("launch.device", f"must be one of ['auto', 'cpu', 'cuda'], got {value!r}")
     return value
 
-def die_with_launcher() -> None:
-    """Under torchrun, ask Linux to SIGKILL this worker when torchrun dies.
 
-    A SIGKILLed torchrun cannot stop its workers, which then train on as
-    orphans (seen here: one kept writing the resume state beside the re-run).
+def check_nproc_per_node(value: object) -> int:
+    """``launch.nproc_per_node`` as an int >= 1; ParamError otherwise (torchrun would assert)."""
+    if isinstance(value, str) and value.strip().isdigit():  # as the launcher gets it on its command line
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParamError("launch.nproc_per_node", f"must be an integer >= 1 (processes per node), got {value!r}")
+    return value
+
+
+def check_launch(p: Mapping) -> tuple[int, str]:
+    """The whole launch section checked: (nproc_per_node, device); ParamError naming the key.
+
+    Stages read only what they use (``launch_device``); the params stage and the
+    launcher call this. One function, so a LaunchConfig dataclass can replace it whole.
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    device = launch_device(p)
+    launch = p["launch"]
+    if "nproc_per_node" not in launch:
+        raise ParamError("launch.nproc_per_node", "missing key")
+    return check_nproc_per_node(launch["nproc_per_node"]), device
+
+
+def die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Ask Linux to send ``signum`` to this process when its parent dies (PR_SET_PDEATHSIG).
+
+    Without it, a SIGKILLed ``dvc`` or torchrun leaves its children running as
+    orphans (seen here: a worker kept writing the resume state beside the
+    re-run). ``parent``: the pid expected as parent; if it already died before
+    the call (the process was re-parented), exit at once.
+    """
+    if not sys.platform.startswith("linux"):
         return
+    parent = os.getppid() if parent is None else parent
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before the call above
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum)
+    if os.getppid() != parent:  # the parent died before the call above
         os._exit(1)
 
+
+def die_with_launcher() -> None:
+    """Under torchrun, ask Linux to SIGKILL this worker when torchrun dies."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
 
 
 def run_distributed(run: Callable[..., dict]) -> dict:

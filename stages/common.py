@@ -41,16 +41,22 @@ def launch_device(p: Mapping) -> str:
     return value
 
 
-def check_nproc_per_node(value: object) -> int:
-    """``launch.nproc_per_node`` as an int >= 1; ParamError otherwise (torchrun would assert)."""
+def check_nproc_per_node(value: object) -> int | str:
+    """``launch.nproc_per_node``: an int >= 1, or ``gpu`` (torchrun: one process per visible GPU).
+
+    ParamError otherwise (torchrun itself would fail with an AssertionError on 0).
+    """
     if isinstance(value, str) and value.strip().isdigit():  # as the launcher gets it on its command line
         value = int(value)
+    if value == "gpu":
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ParamError("launch.nproc_per_node", f"must be an integer >= 1 (processes per node), got {value!r}")
+        raise ParamError("launch.nproc_per_node",
+                         f"must be an integer >= 1 or 'gpu' (one process per visible GPU), got {value!r}")
     return value
 
 
-def check_launch(p: Mapping) -> tuple[int, str]:
+def check_launch(p: Mapping) -> tuple[int | str, str]:
     """The whole launch section checked: (nproc_per_node, device); ParamError naming the key.
 
     Stages read only what they use (``launch_device``); the params stage and the

@@ -33,7 +33,7 @@ EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b
 TORCHRUN_OWN = "ChildFailedError"  # torchrun's report, not the worker's cause
 
 
-def torchrun_command(nproc: int, module: str) -> list[str]:
+def torchrun_command(nproc: int | str, module: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", module]
 
@@ -55,7 +55,7 @@ def _child_setup(parent: int) -> None:
     die_with_parent(signal.SIGKILL, parent)
 
 
-def launch(nproc: int, module: str, log_path: Path) -> int:
+def launch(nproc: int | str, module: str, log_path: Path) -> int:
     """Run ``module`` under torchrun; stderr to ``log_path``; return the exit status to report."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     me = os.getpid()

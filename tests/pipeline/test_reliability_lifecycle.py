@@ -27,6 +27,7 @@ import stages.train
 from pgolf.errors import ParamError, PgolfError
 from pgolf.io import pending_path
 from pgolf.progress import StageLog
+from pgolf.tools.profiles import CONF_DIR, compose
 from pgolf.train.resume import exclusive_run
 from stages.common import check_launch, check_nproc_per_node
 from stages.launch import failure_line
@@ -95,6 +96,12 @@ def test_params_stage_refuses_an_unknown_section(tmp_path):
     p = {**project_params(), "trian": {"max_steps": 1}}
     with pytest.raises(ParamError, match=r"^params.yaml: trian: unknown section"):
         stages.params.run(p, tmp_path)
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml")))
+def test_every_profile_passes_the_params_stage(tmp_path, profile):
+    """Control for the refusals: no shipped profile trips them (record's inputs are under data/challenge/)."""
+    assert stages.params.run(compose(profile), tmp_path)["sections"] == sorted(project_params())
 
 
 def test_every_stage_depends_on_the_params_stage_and_it_on_the_whole_file():

@@ -120,6 +120,7 @@ def _scratch_project(root: Path) -> Path:
         shutil.copy(REPO / name, root / name)
     for name in ("stages", "pgolf", "requirements", "conf", "data/challenge"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    stages.params.run(project_params(), root)  # the real record: a valid params edit changes nothing
     for spec in dvc_stages().values():
         for kind in ("deps", "outs", "metrics", "plots"):
             for entry in spec.get(kind, []):
@@ -176,15 +177,33 @@ def test_bad_or_misspelled_params_stop_dvc_before_any_output_is_touched(tmp_path
 
 
 @pytest.mark.slow
-def test_metrics_plots_and_curves_are_restorable_by_dvc_checkout(tmp_path):
-    """Outputs DVC removes before a re-run are cached, so a failed re-run costs nothing for good."""
+def test_a_failing_stage_under_dvc_says_one_line_and_dvc_checkout_restores_every_result(tmp_path):
+    """Item 8 under `dvc repro`, and item 1's "restorable": what DVC removes before a run is cached."""
     root = _scratch_project(tmp_path / "proj")
-    restorable = [*TRAIN_RESULTS, "artifacts/eval_sliding/metrics.json", "artifacts/eval_ttt/metrics.json",
-                  "artifacts/size.json", "artifacts/quant/layer_error.json", "data/metrics/shards.json"]
+    restorable = [*TRAIN_RESULTS, "artifacts/eval_sliding/metrics.json", "artifacts/eval_sliding/eval_sliding.log",
+                  "artifacts/eval_ttt/metrics.json", "artifacts/size.json", "artifacts/quant/layer_error.json",
+                  "data/metrics/shards.json"]
     before = {rel: (root / rel).read_bytes() for rel in restorable}
+    good = (root / "params.yaml").read_text()
+    p = yaml.safe_load(good)
+    p["eval_sliding"]["stride"] = 32
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    proc = sh(["dvc", "repro", "eval_sliding"], root, ok=False)  # the placeholder artifact is refused
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Running stage 'eval_sliding'" in said
+    lines = error_lines(said)
+    assert len(lines) == 1 and lines[0].startswith("error: artifacts/quant/model.ptz: "), said
+    assert lines[0].endswith(" (full log: artifacts/logs/eval_sliding.log)"), said
+    assert "ChildFailedError" not in said and "Traceback" not in said
+    assert "ChildFailedError" in (root / "artifacts/logs/eval_sliding.log").read_text()
+    assert not (root / "artifacts/eval_sliding/metrics.json").exists()  # DVC removed it before the run
+    (root / "params.yaml").write_text(good)
     for rel in restorable:
         path = root / rel
-        shutil.rmtree(path.parent) if path.name == "placeholder" else path.unlink()
+        if path.name == "placeholder":
+            shutil.rmtree(path.parent)
+        elif path.exists():
+            path.unlink()
     sh(["dvc", "checkout", "-q"], root)
     assert {rel: (root / rel).read_bytes() for rel in restorable if (root / rel).exists()} == before
 

@@ -55,6 +55,33 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def pending_path(path: str | Path) -> Path:
+    """Where a streamed output (a log, a curve folder) is written until its run succeeds:
+    ``.NAME.partial`` next to ``path``; :func:`publish` moves it into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def publish(path: str | Path) -> None:
+    """Move :func:`pending_path` of ``path`` (a file or a folder) over ``path``.
+
+    Until then ``path`` keeps the last good run's version: a failed or killed
+    run leaves it alone (its own partial output stays beside it, to read).
+    """
+    path, pending = Path(path), pending_path(path)
+    if pending.is_dir() and not pending.is_symlink():
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(pending, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(pending, path)
+    else:
+        os.replace(pending, path)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -9,7 +9,10 @@ The log file gets every line, progress included, so a finished run's log
 shows its rates. Progress goes to the log at each tenth of a task, and to
 stdout the same way when stdout is not a terminal (CI, ``dvc repro`` piped to
 a file); a terminal gets a live tqdm bar instead. The file is written as the
-stage runs, like train.log, so it can be followed and survives a failure.
+stage runs to ``.NAME.partial`` beside it (pgolf.io.pending_path), which can be
+followed, and takes the log's name only when the stage succeeds: a failed or
+killed run leaves the last good run's log as it was, and its own partial log
+(ending in a ``failed:`` line) beside it.
 
 The loops report from host-side counts and never synchronise the device for
 it, so on a GPU a rate is of work queued: ahead at first, then held to the
@@ -22,6 +25,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, TextIO
+
+from pgolf.io import pending_path, publish
 
 
 class Progress(Protocol):
@@ -61,7 +66,7 @@ class StageLog:
     def __enter__(self) -> "StageLog":
         if self.enabled and self._path is not None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self._path, "w", encoding="utf-8")
+            self._file = open(pending_path(self._path), "w", encoding="utf-8")
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -73,6 +78,8 @@ class StageLog:
                 self._file.write(f"failed: {type(exc).__name__}: {exc}\n")
             self._file.close()
             self._file = None
+            if exc is None and self._path is not None:
+                publish(self._path)
 
     def line(self, text: str) -> None:
         """One line to the log file and to stdout (above the bar on a terminal)."""

@@ -14,7 +14,7 @@ import sys
 import typing
 from typing import Callable, Literal, Mapping
 
-from pgolf.config import check, from_params, load_params
+from pgolf.config import from_params, load_params
 from pgolf.errors import ParamError, PgolfError
 from pgolf.pipeline.paths import PARAMS
 
@@ -29,8 +29,7 @@ class LaunchConfig:
     device: Device                         # auto = CUDA when present
 
     def __post_init__(self) -> None:
-        if self.nproc_per_node != "gpu":
-            check(self.nproc_per_node >= 1, "nproc_per_node", "must be >= 1 or \"gpu\"")
+        check_nproc_per_node(self.nproc_per_node)
 
 
 def params() -> dict:
@@ -66,18 +65,49 @@ def launch_device(p: Mapping) -> str:
     return device
 
 
-def die_with_launcher() -> None:
-    """Under torchrun, ask Linux to SIGKILL this worker when torchrun dies.
 
-    A SIGKILLed torchrun cannot stop its workers, which then train on as
-    orphans (seen here: one kept writing the resume state beside the re-run).
+def check_nproc_per_node(value: object) -> int | str:
+    """``launch.nproc_per_node``: an int >= 1, or ``gpu`` (torchrun: one process per visible GPU).
+
+    ParamError otherwise (torchrun itself would fail with an AssertionError on 0).
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    if isinstance(value, str) and value.strip().isdigit():  # as the launcher gets it on its command line
+        value = int(value)
+    if value == "gpu":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParamError("launch.nproc_per_node",
+                         f"must be an integer >= 1 or 'gpu' (one process per visible GPU), got {value!r}")
+    return value
+
+
+def check_launch(p: Mapping) -> tuple[int | str, str]:
+    """The whole launch section checked: (nproc_per_node, device); ParamError naming the key."""
+    cfg = launch_config(p)
+    return cfg.nproc_per_node, cfg.device
+
+
+def die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Ask Linux to send ``signum`` to this process when its parent dies (PR_SET_PDEATHSIG).
+
+    Without it, a SIGKILLed ``dvc`` or torchrun leaves its children running as
+    orphans (seen here: a worker kept writing the resume state beside the
+    re-run). ``parent``: the pid expected as parent; if it already died before
+    the call (the process was re-parented), exit at once.
+    """
+    if not sys.platform.startswith("linux"):
         return
+    parent = os.getppid() if parent is None else parent
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before the call above
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum)
+    if os.getppid() != parent:  # the parent died before the call above
         os._exit(1)
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, ask Linux to SIGKILL this worker when torchrun dies."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
 
 
 def run_distributed(run: Callable[..., dict]) -> dict:

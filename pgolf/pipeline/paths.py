@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+PARAMS_RECORD = Path("artifacts/params/validated.json")  # the params stage's output: every key checked
+EXTERNAL_DIR = Path("data/challenge")  # files from outside the pipeline (docs/data.md); a DVC dependency
+LAUNCH_LOG_DIR = Path("artifacts/logs")  # <stage>.log: stderr of the last launch of a torchrun stage
 
 CORPUS_DIR = Path("data/corpus")  # {train,val}.jsonl
 CORPUS_TRAIN = CORPUS_DIR / "train.jsonl"

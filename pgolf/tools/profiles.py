@@ -102,34 +102,10 @@ def known_profiles(conf: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf / "profile").glob("*.yaml"))
 
 
-def section_configs() -> dict[str, type]:
-    """`pgolf params` builds every one before writing, so a bad --set never reaches the file.
-
-    Each params section and the config class its stage builds from it (imported on demand:
-    the CLI starts without torch)."""
-    from pgolf.data.corpus import CorpusConfig
-    from pgolf.data.shards import ShardsConfig
-    from pgolf.data.tokenizer import TokenizerConfig
-    from pgolf.eval.sliding import EvalSlidingConfig
-    from pgolf.eval.ttt import EvalTTTConfig
-    from pgolf.model.config import ModelConfig
-    from pgolf.pipeline.launch import LaunchConfig
-    from pgolf.quant.hessians import HessiansConfig
-    from pgolf.quant.policy import QuantizeConfig
-    from pgolf.submission.size import SizeConfig
-    from pgolf.train.config import TrainConfig
-    from pgolf.train.optim import OptimConfig
-    return {"launch": LaunchConfig, "corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
-            "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "hessians": HessiansConfig,
-            "quantize": QuantizeConfig, "size": SizeConfig, "eval_sliding": EvalSlidingConfig,
-            "eval_ttt": EvalTTTConfig}
-
-
 def validate(params: dict) -> None:
-    """Build every section's config (the checks each stage makes at start); ParamError on the first bad key."""
-    from pgolf.config import from_params
-    for section, cls in section_configs().items():
-        from_params(cls, params, section)
+    """The params stage's checks (pgolf/pipeline/params_check.py); ParamError on the first bad key."""
+    from pgolf.pipeline.params_check import check_params
+    check_params(params)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -8,12 +8,21 @@ file) the same lines are printed plainly, so logs stay readable.
 Curves are kept as a list of rows (one per logged step) so the resume
 state can carry them: DVC deletes the stage's outputs before re-running
 it, and replaying the rows keeps a resumed run's curves complete.
+
+The log and the curve folder are written under their pending names
+(``.train.log.partial``, ``.live.partial``; pgolf.io.pending_path) and take
+their real names only when the run succeeds (``close(succeeded=True)``), so a
+failed or killed run never overwrites the last good run's. A resumed run
+appends to the partial log of the run it resumes.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import TextIO
+
+from pgolf.io import pending_path, publish
 
 CURVE_STEP = "step"
 
@@ -27,15 +36,21 @@ class TrainReporter:
         self._log_file = None
         self._bar = None
         self._live = None
+        self._outputs = [path for path in (log_path, live_dir) if path is not None] if enabled else []
         if not enabled:
             return
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            # A resumed run continues the log of the run it resumes.
-            self._log_file = open(log_path, "a" if append else "w", encoding="utf-8")
+            # A resumed run continues the log of the run it resumes: its partial log, or
+            # the published one if that run got as far as publishing it.
+            pending = pending_path(log_path)
+            if append and not pending.exists() and log_path.is_file():
+                shutil.copyfile(log_path, pending)
+            self._log_file = open(pending, "a" if append else "w", encoding="utf-8")
         if live_dir is not None:
             from dvclive import Live
-            self._live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+            # dvclive empties its folder on start; the curves are complete from the replayed rows
+            self._live = Live(str(pending_path(live_dir)), dvcyaml=False, save_dvc_exp=False, report=None)
         if self._stream.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=self._stream)
@@ -83,7 +98,8 @@ class TrainReporter:
                 self._live.log_metric(name, float(value))
         self._live.next_step()
 
-    def close(self) -> None:
+    def close(self, succeeded: bool = True) -> None:
+        """Close the files; if ``succeeded``, the log and curves replace the last run's."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -93,3 +109,7 @@ class TrainReporter:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if succeeded:
+            for path in self._outputs:
+                publish(path)
+        self._outputs = []

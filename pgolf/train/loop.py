@@ -237,9 +237,12 @@ def run_training(model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfi
             trainer.restore(state, reporter)
             del state
         _loop(trainer, reporter, files.resume, run_hash)
-        return _finish(trainer, reporter, run_hash, warmup_s)
-    finally:
-        reporter.close()
+        outcome = _finish(trainer, reporter, run_hash, warmup_s)
+    except BaseException:
+        reporter.close(succeeded=False)  # the last good run's log and curves stay
+        raise
+    reporter.close()
+    return outcome
 
 
 def _loop(t: Trainer, reporter: TrainReporter, resume_path: Path | None, run_hash: str) -> None:

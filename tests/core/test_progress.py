@@ -10,13 +10,14 @@ import torch
 
 from tests.helpers.eval_lm import TTT_SGD, WINDOWS, TinyBankLM, make_stream, make_tables
 
-from pgolf.config import from_params
-from pgolf.eval.sliding import score_nonoverlapping, score_sliding_windows
-from pgolf.quant.hessians import autoregressive_batches, collect_hessians
-from pgolf.model.gpt import unbank_state_dict
-from pgolf.progress import StageLog, format_seconds
-from pgolf.quant.policy import QuantizeConfig, quantize_state_dict
-from pgolf.eval.ttt import run_ttt
+from pgolf.config import from_params  # noqa: E402
+from pgolf.eval.sliding import score_nonoverlapping, score_sliding_windows  # noqa: E402
+from pgolf.quant.hessians import autoregressive_batches, collect_hessians  # noqa: E402
+from pgolf.model.gpt import unbank_state_dict  # noqa: E402
+from pgolf.io import pending_path  # noqa: E402
+from pgolf.progress import StageLog, format_seconds  # noqa: E402
+from pgolf.quant.policy import QuantizeConfig, quantize_state_dict  # noqa: E402
+from pgolf.eval.ttt import run_ttt  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -84,7 +85,9 @@ def test_unknown_total_warning_and_failure(tmp_path, capsys):
                 log.advance()
             log.warning("close to the limit")
             raise RuntimeError("disk full")
-    lines = (tmp_path / "s.log").read_text().splitlines()
+    # A failed run's log stays under its pending name; the log's own name keeps the last good run's.
+    assert not (tmp_path / "s.log").exists()
+    lines = pending_path(tmp_path / "s.log").read_text().splitlines()
     assert lines[0] == "probes: ? probes"
     assert [ln.split(",")[0] for ln in lines[1:3]] == ["probes: 3 probes", "probes: 6 probes"]
     assert lines[3:] == ["warning: close to the limit", "failed: RuntimeError: disk full"]

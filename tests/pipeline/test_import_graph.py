@@ -22,8 +22,9 @@ from pgolf.submission.size import counted_code_files
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("pgolf", "stages")
-PIPELINE = ("corpus", "tokenizer", "shards", "train", "hessians", "quantize", "size_check", "eval_sliding",
-            "eval_ttt")
+# params first: it checks every key before any stage's outputs are touched (issue 18 item 1).
+PIPELINE = ("params", "corpus", "tokenizer", "shards", "train", "hessians", "quantize", "size_check",
+            "eval_sliding", "eval_ttt")
 MAX_FILE_LINES = 400
 MAX_RUN_LINES = 40
 MAX_TOP_LEVEL_MODULES = 8
@@ -138,7 +139,7 @@ def test_stages_import_only_pgolf_and_pgolf_never_imports_stages():
             assert not any(e.startswith("stages") for e in edges), (module, sorted(edges))
 
 
-def test_dvc_yaml_lists_the_nine_stages_in_pipeline_order():
+def test_dvc_yaml_lists_the_stages_in_pipeline_order():
     assert tuple(dvc_stages()) == PIPELINE
     assert {p.stem for p in (REPO / "stages").glob("*.py")} - {"__init__"} == set(PIPELINE)
 

@@ -202,9 +202,10 @@ def test_changing_quantisation_params_never_reruns_train(tmp_path):
         section, leaf = key.split(".")
         project[section][leaf] = value
         (scratch / "params.yaml").write_text(yaml.safe_dump(project))
-        assert set(json.loads(_dvc(scratch, "status", "--json"))) == {stage}, key
+        # the params stage depends on the whole file (stages/params.py): it checks every edit first
+        assert set(json.loads(_dvc(scratch, "status", "--json"))) == {"params", stage}, key
         if stage == "train":
             continue
         dry = _dvc(scratch, "repro", "--dry")
         ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
-        assert stage in ran and "train" not in ran and ran <= downstream, (key, ran)
+        assert stage in ran and "train" not in ran and ran <= downstream | {"params"}, (key, ran)

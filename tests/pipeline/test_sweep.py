@@ -25,7 +25,7 @@ from tests.helpers.sweep import REPO, RERUN, run, tiny_conf
 def test_queued_quantize_sweep_reruns_only_post_training_stages(tmp_path):
     root = tmp_path / "proj"
     root.mkdir()
-    for name in ("pgolf", "stages", "requirements"):
+    for name in ("pgolf", "stages", "requirements", "data/challenge"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     tiny_conf(root)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 TREE = {
     "stages/__init__.py": "",
     "stages/common.py": "from pgolf.config import load\n",
-    "stages/eval_sliding.py": "import pgolf.bpb as b\nfrom pgolf.artifact import load\nfrom stages.common import x\n",
+    "stages/eval_sliding.py": "import pgolf.bpb as b\nfrom pgolf.artifact import load\nfrom pgolf.pipeline.launch import x\n",
     "stages/eval_ttt.py": "import os, torch\nfrom pgolf import ttt, CONSTANT\n\ndef f():\n    import pgolf.lazy\n",
     "stages/train.py": "import pgolf.train\n",
     "pgolf/__init__.py": "CONSTANT = 1\n",

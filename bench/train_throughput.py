@@ -114,6 +114,25 @@ def profile_step(trainer: Trainer, step: int, out: Path) -> None:
     sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90) + "\n")
+    if torch.cuda.is_available():
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+        names = [e.key for e in events if e.key.startswith("triton_")][:12]
+        (out.with_suffix(".kernels.py")).write_text(inductor_kernel_sources(names))
+
+
+def inductor_kernel_sources(names: list[str]) -> str:
+    """The generated source of each named Triton kernel, from inductor's on-disk cache (for reading
+    what a slow fused kernel computes and with which launch grid)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    found = {}
+    for path in Path(cache_dir()).rglob("*.py"):
+        text = path.read_text(errors="replace")
+        for name in names:
+            if name not in found and f"def {name}(" in text:
+                start = text.rfind("@triton", 0, text.index(f"def {name}("))
+                end = text.find("\n\n\n", start)
+                found[name] = text[max(start - 2000, 0):end if end > 0 else None]
+    return "\n\n".join(f"# ===== {n}\n{found.get(n, '(source not found)')}" for n in names)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,12 +157,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shards", help="directory of real train_*.bin shards (default: synthetic tokens)")
     ap.add_argument("--profile-out", help="also profile one extra step (torch.profiler) and write its "
                     "kernel table (sorted by device time) to this text file")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config options before compiling, values parsed as YAML "
+                         "(e.g. coordinate_descent_tuning=true max_autotune_gemm=true)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak for MFU (TFLOP/s)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    import torch._inductor.config as inductor_config
+    for item in args.inductor:
+        key, value = item.split("=", 1)
+        setattr(inductor_config, key, yaml.safe_load(value))
     from stages.common import launch_facts  # torchrun's facts, if launched by it
     rank, world, local_rank = launch_facts()
     ctx = init_distributed(rank, world, local_rank, args.device)
@@ -207,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(ctx.device) if on_gpu else "cpu",
         "torch": torch.__version__, "world_size": world, "shape": args.shape, "params_file": args.params,
         "data": args.shards or "synthetic", "attention_backend": model_cfg.attention_backend,
-        "residual_dtype": model_cfg.residual_dtype, "model_overrides": args.model_set,
+        "residual_dtype": model_cfg.residual_dtype, "model_overrides": args.model_set, "inductor_options": args.inductor,
         "compiled": trainer.compiled, "qat_switch_in_graph": args.qat,
         "num_parameters": trainer.model.num_parameters(), "matmul_parameters": matmul_params(trainer.model),
         "num_layers": model_cfg.num_layers, "model_dim": model_cfg.model_dim, "seq_len": seq_len,

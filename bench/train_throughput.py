@@ -137,7 +137,9 @@ def inductor_kernel_sources(names: list[str]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON result path")
+    ap.add_argument("--out", help="JSON result path (required unless --table)")
+    ap.add_argument("--table", nargs="+", metavar="LABEL=RESULT.json",
+                    help="print the lever table of earlier results side by side and exit")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="record")
     ap.add_argument("--params", help="take model/optim sections from this params.yaml instead")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -154,6 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override the model's attention_backend")
     ap.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override model fields, values parsed as YAML (e.g. residual_dtype=float32)")
+    ap.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override train fields, values parsed as YAML (e.g. mix_order_reduction=false)")
     ap.add_argument("--shards", help="directory of real train_*.bin shards (default: synthetic tokens)")
     ap.add_argument("--profile-out", help="also profile one extra step (torch.profiler) and write its "
                     "kernel table (sorted by device time) to this text file")
@@ -164,12 +168,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def lever_table(entries: list[str]) -> str:
+    """Markdown table of earlier results (``LABEL=path.json``), the first row being the baseline."""
+    rows = ["| variant | ms/step | tokens/s | MFU | peak memory | vs first |", "|---|---|---|---|---|---|"]
+    base = None
+    for entry in entries:
+        label, _, path = entry.partition("=")
+        r = json.loads(Path(path).read_text())
+        base = base or r["ms_per_step_median"]
+        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
+        rows.append(f"| {label} | {r['ms_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                    f"{r['peak_memory_bytes'] / 2**30:.1f} GiB | {base / r['ms_per_step_median']:.3f}x |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.table:
+        print(lever_table(args.table))
+        return {}
+    if not args.out:
+        raise SystemExit("error: --out is required (unless --table)")
     import torch._inductor.config as inductor_config
     for item in args.inductor:
         key, value = item.split("=", 1)
-        setattr(inductor_config, key, yaml.safe_load(value))
+        *sections, name = key.split(".")
+        target = inductor_config
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, yaml.safe_load(value))
     from stages.common import launch_facts  # torchrun's facts, if launched by it
     rank, world, local_rank = launch_facts()
     ctx = init_distributed(rank, world, local_rank, args.device)
@@ -197,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
         "micro_batch_tokens": micro_seqs * seq_len, "max_steps": steps + 1, "max_train_seconds": 0.0,
         "warmdown": "steps", "warmdown_steps": 0, "warmdown_frac": 0.0, "compile": args.compile,
         "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0, "qat_bits": 6,
-        "holdout_tokens": seq_len + 1, "final_weights": "live", "checkpoint_every": 0, "log_every": 1}}, "train")
+        "holdout_tokens": seq_len + 1, "final_weights": "live", "checkpoint_every": 0, "log_every": 1,
+        "mix_order_reduction": True,
+        **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.train_set)}}}, "train")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
@@ -233,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(ctx.device) if on_gpu else "cpu",
         "torch": torch.__version__, "world_size": world, "shape": args.shape, "params_file": args.params,
         "data": args.shards or "synthetic", "attention_backend": model_cfg.attention_backend,
-        "residual_dtype": model_cfg.residual_dtype, "model_overrides": args.model_set, "inductor_options": args.inductor,
+        "residual_dtype": model_cfg.residual_dtype, "model_overrides": args.model_set, "inductor_options": args.inductor, "train_overrides": args.train_set,
         "compiled": trainer.compiled, "qat_switch_in_graph": args.qat,
         "num_parameters": trainer.model.num_parameters(), "matmul_parameters": matmul_params(trainer.model),
         "num_layers": model_cfg.num_layers, "model_dim": model_cfg.model_dim, "seq_len": seq_len,

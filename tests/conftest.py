@@ -74,7 +74,7 @@ TINY_TRAIN_PARAMS = {
               "swa_on_cpu": False},
     "train": {"seed": 1337, "seq_len": 32, "tokens_per_step": 512, "micro_batch_tokens": 256,
               "max_steps": 40, "max_train_seconds": 0.0, "warmdown": "steps", "warmdown_steps": 20,
-              "warmdown_frac": 0.0, "compile": False, "compile_warmup_steps": 0,
+              "warmdown_frac": 0.0, "compile": False, "compile_warmup_steps": 0, "mix_order_reduction": True,
               "qat_lr_scale_threshold": 0.25, "qat_bits": 6, "holdout_tokens": 2049,
               "final_weights": "best_holdout", "checkpoint_every": 0, "log_every": 10},
 }

@@ -114,11 +114,32 @@ def profile_step(trainer: Trainer, step: int, out: Path) -> None:
     sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90) + "\n")
+    if torch.cuda.is_available():
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+        names = [e.key for e in events if e.key.startswith("triton_")][:12]
+        (out.with_suffix(".kernels.py")).write_text(inductor_kernel_sources(names))
+
+
+def inductor_kernel_sources(names: list[str]) -> str:
+    """The generated source of each named Triton kernel, from inductor's on-disk cache (for reading
+    what a slow fused kernel computes and with which launch grid)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    found = {}
+    for path in Path(cache_dir()).rglob("*.py"):
+        text = path.read_text(errors="replace")
+        for name in names:
+            if name not in found and f"def {name}(" in text:
+                start = text.rfind("@triton", 0, text.index(f"def {name}("))
+                end = text.find("\n\n\n", start)
+                found[name] = text[max(start - 2000, 0):end if end > 0 else None]
+    return "\n\n".join(f"# ===== {n}\n{found.get(n, '(source not found)')}" for n in names)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON result path")
+    ap.add_argument("--out", help="JSON result path (required unless --table)")
+    ap.add_argument("--table", nargs="+", metavar="LABEL=RESULT.json",
+                    help="print the lever table of earlier results side by side and exit")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="record")
     ap.add_argument("--params", help="take model/optim sections from this params.yaml instead")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -135,15 +156,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override the model's attention_backend")
     ap.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override model fields, values parsed as YAML (e.g. residual_dtype=float32)")
+    ap.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override train fields, values parsed as YAML (e.g. mix_order_reduction=false)")
     ap.add_argument("--shards", help="directory of real train_*.bin shards (default: synthetic tokens)")
     ap.add_argument("--profile-out", help="also profile one extra step (torch.profiler) and write its "
                     "kernel table (sorted by device time) to this text file")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config options before compiling, values parsed as YAML "
+                         "(e.g. coordinate_descent_tuning=true max_autotune_gemm=true)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak for MFU (TFLOP/s)")
     return ap.parse_args(argv)
 
 
+def lever_table(entries: list[str]) -> str:
+    """Markdown table of earlier results (``LABEL=path.json``), the first row being the baseline."""
+    rows = ["| variant | ms/step | tokens/s | MFU | peak memory | vs first |", "|---|---|---|---|---|---|"]
+    base = None
+    for entry in entries:
+        label, _, path = entry.partition("=")
+        r = json.loads(Path(path).read_text())
+        base = base or r["ms_per_step_median"]
+        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
+        rows.append(f"| {label} | {r['ms_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                    f"{r['peak_memory_bytes'] / 2**30:.1f} GiB | {base / r['ms_per_step_median']:.3f}x |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.table:
+        print(lever_table(args.table))
+        return {}
+    if not args.out:
+        raise SystemExit("error: --out is required (unless --table)")
+    import torch._inductor.config as inductor_config
+    for item in args.inductor:
+        key, value = item.split("=", 1)
+        *sections, name = key.split(".")
+        target = inductor_config
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, yaml.safe_load(value))
     from pgolf.pipeline.launch import launch_facts  # torchrun's facts, if launched by it
     rank, world, local_rank = launch_facts()
     ctx = init_distributed(rank, world, local_rank, args.device)
@@ -173,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
         "micro_batch_tokens": micro_seqs * seq_len, "max_steps": steps + 1, "max_train_seconds": 0.0,
         "warmdown": "steps", "warmdown_steps": 0, "warmdown_frac": 0.0, "compile": args.compile,
         "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0,
-        "holdout_tokens": seq_len + 1, "final_weights": "live", "resume_every": 0, "log_every": 1}}, "train")
+        "holdout_tokens": seq_len + 1, "final_weights": "live", "resume_every": 0, "log_every": 1,
+        "mix_order_reduction": True,
+        **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.train_set)}}}, "train")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
@@ -209,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(ctx.device) if on_gpu else "cpu",
         "torch": torch.__version__, "world_size": world, "shape": args.shape, "params_file": args.params,
         "data": args.shards or "synthetic", "attention_backend": model_cfg.attention_backend,
-        "residual_dtype": model_cfg.residual_dtype, "model_overrides": args.model_set,
+        "residual_dtype": model_cfg.residual_dtype, "model_overrides": args.model_set, "inductor_options": args.inductor, "train_overrides": args.train_set,
         "compiled": trainer.compiled, "qat_switch_in_graph": args.qat,
         "num_parameters": trainer.model.num_parameters(), "matmul_parameters": matmul_params(trainer.model),
         "num_layers": model_cfg.num_layers, "model_dim": model_cfg.model_dim, "seq_len": seq_len,

@@ -32,11 +32,30 @@ def compile_enabled(requested: bool, device: torch.device) -> bool:
     return requested and device.type == "cuda"
 
 
-def maybe_compile(fn: Callable, enabled: bool) -> Callable:
-    """``torch.compile(fn, dynamic=False, fullgraph=True)`` when enabled (docs/RECIPE.md §3.6)."""
+def maybe_compile(fn: Callable, enabled: bool, options: dict[str, object] | None = None) -> Callable:
+    """``torch.compile(fn, dynamic=False, fullgraph=True)`` when enabled (docs/RECIPE.md §3.6).
+
+    ``options`` are inductor config overrides for this graph only (e.g.
+    ``{"triton.mix_order_reduction": False}``); None or empty keeps inductor's defaults.
+    """
     if not enabled:
         return fn
+    if options:
+        return torch.compile(fn, dynamic=False, fullgraph=True, options=dict(options))
     return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def training_compile_options(mix_order_reduction: bool) -> dict[str, object]:
+    """Inductor overrides for the training step (``train.mix_order_reduction``).
+
+    Inductor's mixed-order reduction fuses an RMSNorm backward (a reduction
+    over each row) with the per-channel parameter gradients (sums over all
+    rows) into one kernel. At the record shape one such kernel per step keeps
+    eight 512-wide fp32 accumulators per program and runs 20x slower than
+    its unfused neighbours (profile in docs/LOG.md), so the record profiles
+    switch it off; ``True`` keeps inductor's default.
+    """
+    return {} if mix_order_reduction else {"triton.mix_order_reduction": False}
 
 
 def synchronize(device: torch.device) -> None:

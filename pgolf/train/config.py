@@ -23,6 +23,7 @@ class TrainConfig:
     warmdown_frac: float          # time form: linear decay over the last warmdown_frac of max_train_seconds
     compile: bool                 # torch.compile the model on CUDA (CPU always runs eager)
     compile_warmup_steps: int     # untimed steps to compile before training; state is restored after
+    mix_order_reduction: bool     # inductor's mixed-order reduction fusion in the compiled step (off: faster)
     qat_lr_scale_threshold: float  # late QAT (on quantize's grid bits) switches on once lr_scale < this; 0 = off
     holdout_tokens: int           # tail of the train stream kept out of training to choose the weights
     final_weights: Literal["best_holdout", "live", "ema", "swa"]

@@ -42,7 +42,7 @@ from pgolf.model.gpt import GPT, ModelConfig, param_roles
 from pgolf.quant.grid import GridBits
 from pgolf.train.optim import OptimConfig, PgolfOptimizer
 from pgolf.precision import (autocast, compile_enabled, configure_backends, maybe_compile, peak_memory,
-                             synchronize)
+                             synchronize, training_compile_options)
 from pgolf.train.schedule import warmdown_scale_by_steps, warmdown_scale_by_time
 from pgolf.train.config import TrainConfig
 from pgolf.train.log import TrainReporter
@@ -99,7 +99,8 @@ class Trainer:
         self.loader = TrainLoader(stream, cfg.holdout_tokens, cfg.seq_len, cfg.micro_batch_tokens,
                                   ctx.rank, ctx.world_size)
         self.compiled = compile_enabled(cfg.compile, ctx.device)
-        self.forward = maybe_compile(self.model, self.compiled)
+        self.forward = maybe_compile(self.model, self.compiled,
+                                     training_compile_options(cfg.mix_order_reduction))
         self.ema = EMA(self.model, optim_cfg.ema_decay)
         self.swa = SWA(self.model, optim_cfg.swa_lr_scale_threshold, optim_cfg.swa_every,
                        on_cpu=optim_cfg.swa_on_cpu)

@@ -22,7 +22,7 @@ from pgolf.io import write_json_atomic
 from pgolf.precision import compile_enabled, configure_backends
 from pgolf.progress import StageLog
 from pgolf.data.shards import load_split
-from pgolf.submission.size import warn_if_over
+from pgolf.submission.size import file_sha256, warn_if_over
 from stages.common import launch_device, run_distributed, stage_main
 
 ARTIFACT = Path("artifacts/quant/model.ptz")
@@ -69,6 +69,7 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         }
         if ctx.is_main:
             metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
+            metrics["artifact_sha256"] = file_sha256(root / ARTIFACT)  # export pairs scores with this file
             write_json_atomic(root / OUT / "metrics.json", metrics)
         log.line(summary(metrics))
     barrier()

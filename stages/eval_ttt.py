@@ -19,11 +19,11 @@ from pgolf.io import write_json_atomic
 from pgolf.tools.plots import plot_lines
 from pgolf.precision import compile_enabled
 from pgolf.progress import StageLog
-from pgolf.submission.size import warn_if_over
+from pgolf.submission.size import file_sha256, warn_if_over
 from pgolf.eval.ttt import TTTConfig, run_ttt
 from stages.common import launch_device, run_distributed, stage_main
 from stages.eval_sliding import OUT as SLIDING_OUT
-from stages.eval_sliding import SIZE_JSON, load_eval_inputs
+from stages.eval_sliding import ARTIFACT, SIZE_JSON, load_eval_inputs
 
 OUT = Path("artifacts/eval_ttt")
 
@@ -59,6 +59,7 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         }
         if ctx.is_main:
             metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
+            metrics["artifact_sha256"] = file_sha256(root / ARTIFACT)  # export pairs scores with this file
             write_json_atomic(root / OUT / "chunks.json", result.chunks)
             plot_running_bpb(root / OUT / "running_bpb.png", result.chunks, baseline)
             write_json_atomic(root / OUT / "metrics.json", metrics)

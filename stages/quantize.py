@@ -7,8 +7,8 @@ Policy and solver: pgolf/quant/policy.py, pgolf/quant/gptq.py; file format:
 pgolf/quant/artifact.py. With ``quantize.fit_to_limit`` block matrices over the
 target are demoted a bit at a time (pgolf/quant/bit_allocation.py), then with
 ``quantize.prune`` the ±1 pruning takes what is left; both aim at
-``16,000,000 − code bytes − prune_margin_bytes`` (code bytes as counted by
-pgolf/submission/size.py). The size_check stage is the gate either way.
+``16,000,000 − code bytes − prune_margin_bytes`` (code bytes: the bundle's
+size, from the bundle stage's counted_bytes.json). The size_check stage is the gate either way.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pgolf.tools.plots import plot_bars
 from pgolf.precision import synchronize
 from pgolf.progress import StageLog
 from pgolf.quant.policy import EncodeCache, QuantizeConfig, prune_to_target, quantize_state_dict
-from pgolf.submission.size import LIMIT_BYTES, code_bytes, counted_code_files
+from pgolf.submission.size import LIMIT_BYTES, bundle_counted_bytes
 from stages.common import launch_device, params, stage_main
 
 CHECKPOINT = Path("artifacts/train/model.pt")
@@ -79,7 +79,7 @@ def _quantize(cfg: QuantizeConfig, device: torch.device, root: Path, log: StageL
     tensors, report, fit_metrics, prune_metrics = result.tensors, result.report, {}, {}
     blobs = EncodeCache(model_config, meta, cfg)
     if cfg.fit_to_limit or cfg.prune:
-        code = code_bytes(root, counted_code_files(root))
+        code = bundle_counted_bytes(root)
         target = LIMIT_BYTES - code - cfg.prune_margin_bytes
         log.line(f"byte target {target:,} (code {code:,}, margin {cfg.prune_margin_bytes:,})")
 

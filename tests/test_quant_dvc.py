@@ -23,7 +23,7 @@ from pgolf.model.checkpoint import save_checkpoint
 from pgolf.quant.hessians import HessianConfig, load_hessians
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.data.shards import write_shard
-from pgolf.submission.size import SizeConfig, counted_code_files
+from pgolf.submission.size import BUNDLE, BUNDLE_BYTES, SizeConfig, counted_code_files
 from test_hessians import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,15 @@ def root(tmp_path) -> Path:
         write_shard(shards / f"train_{i:06d}.bin", g.integers(0, 64, 100).astype(np.uint16))
     (shards / "val_000000.bin").write_bytes(b"reading this file would fail the test")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_placeholder_bundle(tmp_path)
     return tmp_path
+
+
+def write_placeholder_bundle(root: Path, size: int = 54_321) -> None:
+    """The bundle stage's outputs that size_check and quantize read: a file of ``size`` bytes and its count."""
+    (root / BUNDLE).parent.mkdir(parents=True, exist_ok=True)
+    (root / BUNDLE).write_bytes(b"#" * size)
+    (root / BUNDLE_BYTES).write_text(json.dumps({"counted_bytes": size}))
 
 
 def test_stages_end_to_end(root, capsys):
@@ -93,7 +101,8 @@ def test_stages_end_to_end(root, capsys):
     assert read_artifact(artifact).meta["quantize"]["damp"] == 0.01
 
     s = stages.size_check.run(params(), root)
-    assert s["fits"] and s["model_bytes"] == len(first) and s["code_files"] == counted_code_files(root)
+    assert s["fits"] and s["model_bytes"] == len(first) and s["code_files"] == [BUNDLE]
+    assert s["code_bytes"] == 54_321 and s["total_bytes"] == 54_321 + len(first)
 
 
 def test_autoregressive_calibration_stage(root):
@@ -184,10 +193,12 @@ def test_stage_code_deps_are_its_import_closure(stage):
     if not all((REPO / e).is_file() for e in ("stages/eval_sliding.py", "stages/eval_ttt.py")):
         pytest.skip("the eval stages are not in the tree yet")
     expected = set(counted_code_files(REPO, [f"stages/{stage}.py"]))
-    if stage in ("quantize", "size_check"):  # the counted code decides the pruning target / the gate
-        expected |= set(counted_code_files(REPO))
     deps = {d for d in dvc_stages()[stage]["deps"] if d.endswith(".py")}
     assert deps == expected
+    # The counted code is the bundle: quantize's byte target reads its size, size_check counts it.
+    bundle_dep = {"quantize": BUNDLE_BYTES, "size_check": BUNDLE}.get(stage)
+    if bundle_dep is not None:
+        assert bundle_dep in dvc_stages()[stage]["deps"]
 
 
 def _materialise(scratch: Path, stages_yaml: dict) -> None:

@@ -36,7 +36,7 @@ from pgolf.data.loader import TokenStream
 from pgolf.progress import Progress
 
 _MODULE = re.compile(r"^blocks\.(\d+)\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))$")
-_TRAIN_SHARD = re.compile(r"^train_\d+\.bin$")
+_TRAIN_SHARD = re.compile(r"^(fineweb_)?train_\d+\.bin$")  # pgolf's name, or the challenge's
 
 
 @dataclass(frozen=True)

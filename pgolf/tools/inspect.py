@@ -10,7 +10,8 @@ still understood:
 * JSON reports (size, eval metrics, manifests, quantisation report, ...):
   their key sets; corpus JSONL: a first line ``{"text": ...}``;
 * SentencePiece model: a protobuf that SentencePiece itself accepts;
-* training log: its ``train:`` / ``step N/M loss`` lines.
+* training log: its ``train:`` / ``step N/M loss`` lines;
+* submission bundle (``train_gpt.py``): its first line ``# pgolf submission bundle``.
 
 Each summariser (``pgolf/tools/inspect_data.py``, ``inspect_model.py``,
 ``inspect_reports.py``) returns a :class:`Summary`: JSON-able facts plus the
@@ -67,6 +68,7 @@ KIND_TITLES = {
     "data_metrics": "data stage metrics",
     "submission": "exported submission summary",
     "train_log": "training log",
+    "bundle": "submission bundle (self-extracting train_gpt.py)",
     "directory": "directory",
 }
 
@@ -171,11 +173,14 @@ def sniff(path: Path) -> str | None:
     """The reader a file's content calls for (``shard``, ``torch``, ``json``, ...), or None."""
     from pgolf.quant.artifact import MAGIC as ARTIFACT_MAGIC
     from pgolf.data.shards import MAGIC as SHARD_MAGIC
+    from pgolf.submission.bundle import FIRST_LINE as BUNDLE_FIRST_LINE
 
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
     if head.startswith(ARTIFACT_MAGIC):
         return "quantized_artifact"
+    if head.startswith(BUNDLE_FIRST_LINE.encode("ascii")):
+        return "bundle"
     if len(head) >= 4 and int.from_bytes(head[:4], "little", signed=True) == SHARD_MAGIC:
         return "shard"
     if head.startswith(_TORCH_ZIP_SIGNATURE):
@@ -203,7 +208,8 @@ def _summariser(reader: str) -> Callable[[Path, InspectOptions], Summary]:
                 "quantized_artifact": lambda p, o: inspect_model.summarise_artifact(p)}[reader]
     from pgolf.tools import inspect_reports
     return {"json": lambda p, o: inspect_reports.summarise_json(p),
-            "train_log": lambda p, o: inspect_reports.summarise_train_log(p)}[reader]
+            "train_log": lambda p, o: inspect_reports.summarise_train_log(p),
+            "bundle": lambda p, o: inspect_reports.summarise_bundle(p)}[reader]
 
 
 def summarise_file(path: Path, options: InspectOptions) -> Summary:

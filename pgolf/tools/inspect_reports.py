@@ -174,3 +174,18 @@ def summarise_train_log(path: Path) -> Summary:
                    f"{facts['train_seconds']:.1f} s of training")
     out.append(f"final weights: {fmt(facts['final_weights'])}")
     return Summary("train_log", str(path), facts, out)
+
+
+def summarise_bundle(path: Path) -> Summary:
+    """Counted bytes (the file's size, as the challenge counts it), the archive's size and its modules."""
+    from pgolf.submission.bundle import read_bundle
+    index = read_bundle(path)
+    files = index["files"]
+    facts = {"counted_bytes": index["counted_bytes"], "raw_bytes": index["raw_bytes"], "driver": index["driver"],
+             "sha256": index["sha256"], "num_modules": len(files), "modules": [f for f, _ in files],
+             "params_sections": sorted(index["params"] or {})}
+    out = [f"counted bytes {index['counted_bytes']:,} (archive {index['raw_bytes']:,} bytes uncompressed: "
+           f"{len(files)} modules + params), driver {index['driver']}",
+           f"sha256 {index['sha256']}",
+           *table(["module", "bytes packed"], [[f, f"{n:,}"] for f, n in files])]
+    return Summary("bundle", str(path), facts, out)

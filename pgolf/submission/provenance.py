@@ -51,7 +51,7 @@ def check_size_report(root: Path, size: Mapping[str, Any], artifact: Path, artif
     bundle_bytes = (root / BUNDLE).stat().st_size
     if bundle_bytes != size["code_bytes"]:
         raise DataError(f"{where}: code_bytes {size['code_bytes']:,} but {BUNDLE} is {bundle_bytes:,} bytes; "
-                        "stale, re-run the size_check stage")
+                        "size.json is stale, re-run the size_check stage")
 
 
 def check_bundle(root: Path, bundle_metrics: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:

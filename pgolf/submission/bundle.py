@@ -14,7 +14,7 @@ The files are the import closure of the driver module
 resolved params.yaml. With ``bundle.strip_docstrings`` each module is packed as
 ``ast.unparse`` of its syntax tree without docstrings, which drops comments
 and docstrings and changes nothing that runs (the record-profile bundle goes
-from ~99 KB to ~59 KB); the names, layout of the code and everything else are
+from ~99 KB to ~60 KB); the names, layout of the code and everything else are
 kept, and compression does the rest. ``--unpack`` shows what was packed.
 
 At run time the stub decompresses the archive into a private temporary
@@ -47,18 +47,13 @@ DRIVER_MODULE = "pgolf.submission.driver"
 DRIVER_FILE = "pgolf/submission/driver.py"
 # The stub's first line: how `pgolf inspect` recognises a bundle.
 FIRST_LINE = "# pgolf submission bundle"
-_LINE_CHARS = 100  # base85 wrapped so the file stays viewable
+_LINE_CHARS = 4096  # base85 in long lines: a newline costs a counted byte
 
 STUB = '''{first_line} v{version}: the whole pgolf run (train, calibrate, quantise, evaluate) in one file.
-"""Run in a records folder with the challenge's data layout:
-
-    torchrun --standalone --nproc_per_node=8 train_gpt.py [--set section.key=value ...]
-
-ARCHIVE is base85(xz(archive)); the archive is one JSON line (driver module, resolved params,
-file list) then the source files of the pgolf package, byte for byte. They are unpacked into a
-private temporary folder, imported from there (never from an installed pgolf) and the driver runs.
-Readable sources: python train_gpt.py --unpack DIR.
-"""
+"""torchrun --standalone --nproc_per_node=8 train_gpt.py [--set section.key=value ...] in a records folder
+with the challenge's data layout. ARCHIVE = base85(xz(one JSON line: driver, params, file list; then the
+pgolf sources)), unpacked to a private temp folder and imported from there, never from an installed pgolf.
+Sources: python train_gpt.py --unpack DIR. Made by pgolf/submission/bundle.py."""
 import atexit, base64, json, lzma, os, shutil, sys, tempfile
 
 

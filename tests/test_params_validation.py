@@ -30,6 +30,8 @@ from pgolf.model.config import ModelConfig
 from pgolf.train.optim import OptimConfig
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.data.shards import ShardsConfig
+from pgolf.submission.budget import BudgetConfig
+from pgolf.submission.driver import BundleConfig
 from pgolf.submission.size import SizeConfig
 from pgolf.data.tokenizer import TokenizerConfig
 from pgolf.train.config import TrainConfig
@@ -40,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
             "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig,
             "eval_sliding": SlidingConfig, "eval_ttt": TTTConfig, "hessians": HessianConfig,
-            "quantize": QuantizeConfig, "size": SizeConfig}
+            "quantize": QuantizeConfig, "size": SizeConfig, "bundle": BundleConfig, "budget": BudgetConfig}
 
 
 def project_params() -> dict:

@@ -152,18 +152,28 @@ def pack_archive(root: Path, files: list[str], params: Mapping[str, Any], strip:
     return lzma.compress(raw, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME), len(raw)
 
 
+def plain(value: Any) -> Any:
+    """Nested mappings and lists as plain dicts and lists (every leaf read), for JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(value[k]) for k in value}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def build_bundle(root: str | Path, params: Mapping[str, Any], strip: bool = True) -> Bundle:
     """The bundle of the driver's import closure under ``root`` with ``params`` embedded."""
+    params = plain(params)  # every key is embedded, so every key is read (first, before any file)
     root = Path(root)
     if not (root / DRIVER_FILE).is_file():
         raise DataError(f"{root / DRIVER_FILE}: driver module not found; cannot build the bundle")
     files = [f for f in counted_code_files(root, [DRIVER_FILE]) if f.startswith("pgolf/")]
-    archive, raw_bytes = pack_archive(root, files, dict(params), strip)
+    archive, raw_bytes = pack_archive(root, files, params, strip)
     b85 = base64.b85encode(archive).decode("ascii")
     wrapped = "\n".join(b85[i:i + _LINE_CHARS] for i in range(0, len(b85), _LINE_CHARS))
     text = STUB.format(first_line=FIRST_LINE, version=VERSION, archive=wrapped)
     return Bundle(text=text, files=files, source_bytes=sum((root / f).stat().st_size for f in files),
-                  raw_bytes=raw_bytes, archive_bytes=len(archive), params=dict(params))
+                  raw_bytes=raw_bytes, archive_bytes=len(archive), params=params)
 
 
 def read_bundle(path: str | Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import os
 import sys
 import time
@@ -151,6 +152,7 @@ def run(p: dict, code_path: Path, rank: int = 0, world_size: int = 1, local_rank
         with StageLog(LOGS / "quantize.log") as log:
             q = steps.quantize_checkpoint(ckpt, hs, cfg.quantize, ctx.device, target, log)
             write_bytes_atomic(folder / ARTIFACT, q.blob)
+            results["artifact_sha256"] = hashlib.sha256(q.blob).hexdigest()
             results["quantize"] = q.metrics
             total = len(q.blob) + code_bytes
             results["size"] = {"model_bytes": len(q.blob), "code_bytes": code_bytes, "total_bytes": total,

@@ -69,6 +69,9 @@ KIND_TITLES = {
     "submission": "exported submission summary",
     "train_log": "training log",
     "bundle": "submission bundle (self-extracting train_gpt.py)",
+    "bundle_metrics": "bundle stage metrics",
+    "budget_report": "time budgets (training, eval)",
+    "driver_results": "results of a bundle run (train_gpt.py)",
     "directory": "directory",
 }
 

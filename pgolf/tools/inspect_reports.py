@@ -35,6 +35,10 @@ def _kind(kind: str, required: str, headline: str = "") -> JsonKind:
 OBJECT_KINDS = (
     _kind("submission", "val_bpb bytes_total pgolf_version",
           "val_bpb val_loss headline_eval bytes_total bytes_code bytes_model fits steps date git_commit"),
+    _kind("bundle_metrics", "counted_bytes raw_bytes modules driver",
+          "counted_bytes source_bytes raw_bytes archive_bytes num_modules driver sha256"),
+    _kind("budget_report", "training eval fits", "fits training eval artifact_sha256"),
+    _kind("driver_results", "code_bytes eval_sliding eval_ttt budget", "size eval_sliding eval_ttt budget"),
     _kind("size_report", "code_bytes model_bytes total_bytes limit fits",
           "fits total_bytes code_bytes model_bytes limit headroom"),
     _kind("eval_ttt_metrics", "val_bpb val_loss gain_vs_sliding",

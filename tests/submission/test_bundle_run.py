@@ -25,6 +25,7 @@ from pgolf.tools.profiles import compose
 DATA_DIR = "data/datasets/fineweb10B_sp1024"
 TOKENIZER = "data/tokenizers/fineweb_1024_bpe.model"
 TINY_REST = {
+    "train": {"max_steps": 24, "warmdown_steps": 12, "log_every": 8},
     "hessians": {"seq_len": 32, "train_batches": 2, "train_batch_seqs": 4},
     "quantize": {"passthrough_numel": 256, "compressor": "lzma", "lzma_preset": 6, "prune": True,
                  "prune_margin_bytes": 0, "clip_candidates": [0.999, 1.0], "block_size": 16},
@@ -128,7 +129,7 @@ def test_bundle_reproduces_the_pipeline_exactly(pipeline, tmp_path):
     assert (folder / "final_model.ptz").read_bytes() == (root / "artifacts/quant/model.ptz").read_bytes()
     assert results["size"]["total_bytes"] == size["total_bytes"]
     assert f"Total submission size: {size['total_bytes']} bytes" in proc.stdout
-    assert re.search(r"^step 10/40 loss ", proc.stdout, re.MULTILINE)  # per-step train lines
+    assert re.search(r"^step 8/24 loss ", proc.stdout, re.MULTILINE)  # per-step train lines
     assert "budget training:" in proc.stdout and "budget eval:" in proc.stdout
     # Nothing left behind but the run's own outputs.
     assert sorted(p.name for p in folder.iterdir()) == ["data", "final_model.ptz", "logs", "results.json",

@@ -40,6 +40,11 @@ class BudgetConfig:
     enforce: bool  # over a budget → the budget stage fails (else it records fits: false)
 
 
+def projected_8gpu_seconds(scoring_seconds: float, compile_seconds: float, world_size: int) -> float:
+    """An eval's time on the challenge's 8 GPUs: scoring scales with the GPU count, compilation does not."""
+    return compile_seconds + scoring_seconds * world_size / RECORD_GPUS
+
+
 def _seconds(data: Mapping[str, Any], key: str, where: str) -> float:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
@@ -67,7 +72,7 @@ def eval_budget(sliding: Mapping[str, Any], ttt: Mapping[str, Any] | None,
     if ttt is not None:
         scoring += _seconds(ttt, "seconds", where[1])
         compile_s += _seconds(ttt, "compile_seconds", where[1])
-    projected = compile_s + scoring * world / RECORD_GPUS
+    projected = projected_8gpu_seconds(scoring, compile_s, world)
     return {"scoring_seconds": scoring, "compile_seconds": compile_s, "seconds": scoring + compile_s,
             "world_size": world, "projected_8gpu_seconds": projected, "limit": EVAL_BUDGET_SECONDS,
             "over_by": projected - EVAL_BUDGET_SECONDS, "fits": projected <= EVAL_BUDGET_SECONDS,

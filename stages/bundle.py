@@ -16,12 +16,14 @@ from pgolf.submission.size import BUNDLE, BUNDLE_BYTES
 from stages.common import params, stage_main
 
 METRICS = Path("artifacts/bundle/metrics.json")
+# The bundle packs the code that is running this stage (under DVC: the repository it runs in).
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(p: dict, root: Path = Path(".")) -> dict:
-    """Build and write the bundle under ``root``; return its metrics."""
+    """Build the bundle of this code and ``p``, write it under ``root``; return its metrics."""
     cfg = RunConfig.from_params(p)  # the driver would refuse these params at run time: refuse them now
-    bundle = build_bundle(root, p, cfg.bundle.strip_docstrings)
+    bundle = build_bundle(CODE_ROOT, p, cfg.bundle.strip_docstrings)
     write_text_atomic(root / BUNDLE, bundle.text)
     write_json_atomic(root / BUNDLE_BYTES, {"counted_bytes": bundle.counted_bytes})
     metrics = bundle.metrics()

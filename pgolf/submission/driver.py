@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from pgolf.config import from_params
@@ -124,6 +125,8 @@ def challenge_line(name: str, metrics: dict, loss: str = "val_loss", bpb: str = 
 def run(p: dict, code_path: Path, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict:
     """The whole job (see the module docstring); returns results.json's content."""
     cfg = RunConfig.from_params(p)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ParamError("launch.device", "cuda, but CUDA is not available here (--set launch.device=cpu?)")
     folder = Path(".")
     data_dir, tokenizer = folder / cfg.bundle.data_dir, folder / cfg.bundle.tokenizer_path
     # Inputs are checked before any work: a missing shard or tokenizer fails in seconds, not after training.

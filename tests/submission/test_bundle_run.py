@@ -27,8 +27,10 @@ TOKENIZER = "data/tokenizers/fineweb_1024_bpe.model"
 TINY_REST = {
     "train": {"max_steps": 24, "warmdown_steps": 12, "log_every": 8},
     "hessians": {"seq_len": 32, "train_batches": 2, "train_batch_seqs": 4},
-    "quantize": {"passthrough_numel": 256, "compressor": "lzma", "lzma_preset": 6, "prune": True,
-                 "prune_margin_bytes": 0, "clip_candidates": [0.999, 1.0], "block_size": 16},
+    # The record's encoding path: zstd, fit_to_limit and pruning towards 16,000,000 - bundle - margin.
+    "quantize": {"passthrough_numel": 256, "compressor": "zstd", "zstd_level": 10, "prune": True,
+                 "fit_to_limit": True, "prune_margin_bytes": 20_000, "clip_candidates": [0.999, 1.0],
+                 "block_size": 16},
     "eval_sliding": {"seq_len": 32, "stride": 16, "batch_windows": 8},
     "eval_ttt": {"chunk_tokens": 4096, "epochs": 1, "batch_seqs": 8},
     "bundle": {"data_dir": DATA_DIR, "tokenizer_path": TOKENIZER},
@@ -128,6 +130,9 @@ def test_bundle_reproduces_the_pipeline_exactly(pipeline, tmp_path):
     assert results["eval_ttt"]["val_bpb"] == ttt["val_bpb"]
     assert (folder / "final_model.ptz").read_bytes() == (root / "artifacts/quant/model.ptz").read_bytes()
     assert results["size"]["total_bytes"] == size["total_bytes"]
+    quant = json.loads((root / "artifacts/quant/metrics.json").read_text())
+    assert results["quantize"]["target_bytes"] == quant["prune_target_bytes"] == quant["fit_target_bytes"] == (
+        16_000_000 - size["code_bytes"] - 20_000)
     assert f"Total submission size: {size['total_bytes']} bytes" in proc.stdout
     assert re.search(r"^step 8/24 loss ", proc.stdout, re.MULTILINE)  # per-step train lines
     assert "budget training:" in proc.stdout and "budget eval:" in proc.stdout

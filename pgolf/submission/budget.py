@@ -27,10 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pgolf.errors import DataError
+from pgolf.submission.limits import EVAL_BUDGET_SECONDS, RECORD_GPUS, TRAIN_BUDGET_SECONDS
 
-TRAIN_BUDGET_SECONDS = 600.0
-EVAL_BUDGET_SECONDS = 600.0
-RECORD_GPUS = 8
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ The files are the import closure of the driver module
 resolved params.yaml. With ``bundle.strip_docstrings`` each module is packed as
 ``ast.unparse`` of its syntax tree without docstrings, which drops comments
 and docstrings and changes nothing that runs (the record-profile bundle goes
-from ~99 KB to ~60 KB); the names, layout of the code and everything else are
+from ~97 KB to ~59 KB); the names, layout of the code and everything else are
 kept, and compression does the rest. ``--unpack`` shows what was packed.
 
 At run time the stub decompresses the archive into a private temporary

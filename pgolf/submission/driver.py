@@ -53,7 +53,7 @@ from pgolf.quant.hessians import HessianConfig
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.submission import steps
 from pgolf.submission.budget import BudgetConfig, budget_lines, budget_report, over_budget_message
-from pgolf.submission.size import LIMIT_BYTES
+from pgolf.submission.limits import LIMIT_BYTES
 from pgolf.train.config import TrainConfig
 from pgolf.train.loop import RunFiles, run_training
 from pgolf.train.optim import OptimConfig

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 from pgolf.errors import DataError
+from pgolf.submission.limits import LIMIT_BYTES
 
-LIMIT_BYTES = 16_000_000
 BUNDLE = "artifacts/bundle/train_gpt.py"
 # The bundle's size alone: quantize's byte target reads it (see stages/bundle.py).
 BUNDLE_BYTES = "artifacts/bundle/counted_bytes.json"

@@ -136,6 +136,11 @@ def test_bundle_reproduces_the_pipeline_exactly(pipeline, tmp_path):
     assert f"Total submission size: {size['total_bytes']} bytes" in proc.stdout
     assert re.search(r"^step 8/24 loss ", proc.stdout, re.MULTILINE)  # per-step train lines
     assert "budget training:" in proc.stdout and "budget eval:" in proc.stdout
+    # The weight choice is timed (it reads training data after the clock), in the stage and in the run.
+    train = json.loads((root / "artifacts/train/metrics.json").read_text())
+    assert train["choice_seconds"] > 0 and results["train"]["choice_seconds"] > 0
+    assert results["budget"]["training"]["choice_seconds"] == results["train"]["choice_seconds"]
+    assert sliding["artifact_sha256"] == ttt["artifact_sha256"] == results["artifact_sha256"]
     # Nothing left behind but the run's own outputs.
     assert sorted(p.name for p in folder.iterdir()) == ["data", "final_model.ptz", "logs", "results.json",
                                                         "train_gpt.py"]

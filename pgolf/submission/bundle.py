@@ -34,6 +34,7 @@ import base64
 import hashlib
 import json
 import lzma
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -215,3 +216,40 @@ def unpacked_sources(path: str | Path) -> dict[str, str]:
         out[name] = body[offset:offset + size].decode("utf-8")
         offset += size
     return out
+
+
+def requirements(bundle_path: Path) -> str:
+    """requirements.txt: the third-party packages the bundled modules import, by distribution name.
+
+    A package imported only inside functions (e.g. dvclive, tqdm: paths a bundle run may not
+    take) is marked so; the version is the one this run used.
+    """
+    from importlib import metadata
+
+    top: set[str] = set()
+    lazy: set[str] = set()
+
+    def names(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Import):
+            return {a.name.split(".")[0] for a in node.names}
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            return {node.module.split(".")[0]}
+        return set()
+
+    for source in unpacked_sources(bundle_path).values():
+        tree = ast.parse(source)
+        module_level = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            (top if id(node) in module_level else lazy).update(names(node))
+    local = set(sys.stdlib_module_names) | {"pgolf", "__future__"}
+    dists = metadata.packages_distributions()
+    lines = []
+    for name in sorted((top | lazy) - local):
+        dist = (dists.get(name) or [name])[0]
+        try:
+            version = f"run with {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            version = "not installed here"
+        note = "" if name in top else ", imported only inside functions"
+        lines.append(f"{dist}  # {version}{note}")
+    return "\n".join(lines) + "\n"

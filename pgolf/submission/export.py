@@ -199,33 +199,6 @@ def params_vs_record(params: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def requirements(bundle_path: Path) -> str:
-    """requirements.txt: the third-party top-level imports of the bundled modules, by distribution name."""
-    import ast
-    import sys
-    from importlib import metadata
-    from pgolf.submission.bundle import unpacked_sources
-
-    names: set[str] = set()
-    for source in unpacked_sources(bundle_path).values():
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                names.add(node.module.split(".")[0])
-    names -= set(sys.stdlib_module_names) | {"pgolf", "__future__"}
-    dists = metadata.packages_distributions()
-    lines = []
-    for name in sorted(names):
-        dist = (dists.get(name) or [name])[0]
-        try:
-            version = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            version = None
-        lines.append(f"{dist}" + (f"  # run with {version}" if version else ""))
-    return "\n".join(lines) + "\n"
-
-
 def bits_histogram(tensors) -> dict[str, int]:
     """{"int6": n, "int5": m, ...}: how many stored tensors use each integer width."""
     counts: dict[str, int] = {}
@@ -360,6 +333,7 @@ def export_submission(root: Path, out: Path, allow_over_limit: bool = False,
         shutil.copyfile(root / PARAMS, tmp / "params.yaml")
         if (root / DVC_LOCK).is_file():
             shutil.copyfile(root / DVC_LOCK, tmp / "dvc.lock")
+        from pgolf.submission.bundle import requirements
         shutil.copyfile(root / BUNDLE, tmp / "train_gpt.py")
         (tmp / "requirements.txt").write_text(requirements(root / BUNDLE), encoding="utf-8")
         for log in logs:

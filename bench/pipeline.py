@@ -5,7 +5,7 @@ Runs, in one process on the profile's ``launch.device`` (auto: CUDA when present
 profile=<name>` would (conf/ + overrides), over data already prepared under
 ``--root`` (run the data stages on a CPU first and carry `data/`):
 
-    train (bounded by --train-seconds) → hessians → quantize → size_check
+    train (bounded by --train-seconds) → hessians → bundle → quantize → size_check
     → float-checkpoint sliding eval (for the quantisation gap) → eval_sliding → eval_ttt
 
 and prints one table (also written as JSON): train tokens/s and MFU, steps,
@@ -86,7 +86,7 @@ def main() -> None:
         overrides.append(f"eval_sliding.compile={args.eval_compile}")
     p = compose(args.profile, overrides)
 
-    from stages import eval_sliding, eval_ttt, hessians, quantize, size_check, train
+    from stages import bundle, eval_sliding, eval_ttt, hessians, quantize, size_check, train
     root = args.root
     row: dict = {"profile": args.profile, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "train_seconds_cap": args.train_seconds}
@@ -106,11 +106,12 @@ def main() -> None:
     fpt, util = mfu(p, float(tm.get("tokens_per_s") or 0.0), args.peak_tflops)
     row.update(flops_per_token=fpt, mfu=util)
     hm = timed("hessians", hessians.run, p, root)
+    bm = timed("bundle", bundle.run, p, root)  # the counted code: quantize's byte target, size_check's count
     qm = timed("quantize", quantize.run, p, root)
     sm = timed("size_check", size_check.run, p, root)
     row.update(hessian_seconds=hm.get("seconds"), gptq_seconds=qm.get("seconds_quantize"), quantize_seconds=qm.get("seconds"),
                total_bytes=sm["total_bytes"], model_bytes=sm["model_bytes"], code_bytes=sm["code_bytes"],
-               headroom=sm["headroom"], fits=sm["fits"])
+               headroom=sm["headroom"], fits=sm["fits"], bundle_raw_bytes=bm["raw_bytes"])
     fm = timed("float_eval", float_sliding_bpb, root, p)
     em = timed("eval_sliding", eval_sliding.run, p, root)
     tt = timed("eval_ttt", eval_ttt.run, p, root)

@@ -150,3 +150,13 @@ def load_tensor_file(path: str | Path, what: str, hint: str = "") -> Any:
         else:
             detail = str(exc).splitlines()[0] if str(exc) else "no detail"
         raise DataError(f"{path}: not a readable {what} ({type(exc).__name__}: {detail}){suffix}") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -20,6 +20,9 @@ from pgolf.pipeline.launch import launch_config, run_distributed, stage_main
 from pgolf.pipeline.paths import EVAL_SLIDING_DIR as OUT
 from pgolf.pipeline.paths import SIZE_JSON
 from pgolf.progress import StageLog
+from pgolf.io import file_sha256
+from pgolf.pipeline.paths import ARTIFACT
+from pgolf.submission.budget import eval_timer
 from pgolf.submission.size import warn_if_over
 
 
@@ -34,8 +37,10 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         metrics = {**evaluate_sliding(inputs.model, inputs.tokens, inputs.byte_source, cfg, rank=ctx.rank,
                                       world_size=ctx.world_size, progress=log),
                    "world_size": ctx.world_size, "device": ctx.device.type}
+        metrics.update(eval_timer(metrics["seconds"] + metrics["nonoverlap_seconds"], metrics["compile_seconds"], ctx.world_size))
         if ctx.is_main:
             metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
+            metrics["artifact_sha256"] = file_sha256(root / ARTIFACT)  # export pairs scores with this file
             write_json_atomic(root / OUT / "metrics.json", metrics)
         log.line(summary(metrics))
     barrier()

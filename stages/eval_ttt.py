@@ -21,6 +21,9 @@ from pgolf.pipeline.paths import EVAL_TTT_DIR as OUT
 from pgolf.pipeline.paths import SIZE_JSON
 from pgolf.precision import compile_enabled
 from pgolf.progress import StageLog
+from pgolf.io import file_sha256
+from pgolf.pipeline.paths import ARTIFACT
+from pgolf.submission.budget import eval_timer
 from pgolf.submission.size import warn_if_over
 from pgolf.tools.plots import plot_running_bpb
 
@@ -43,8 +46,10 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
                    "world_size": ctx.world_size, "device": ctx.device.type, "ttt_trained": result.train_steps > 0}
         if (why := untrained_reason(result, cfg, inputs.tokens.numel() - 1)) is not None:
             log.warning(why)
+        metrics.update(eval_timer(metrics["seconds"], metrics["compile_seconds"], ctx.world_size))
         if ctx.is_main:
             metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
+            metrics["artifact_sha256"] = file_sha256(root / ARTIFACT)  # export pairs scores with this file
             write_json_atomic(root / OUT / "chunks.json", result.chunks)
             plot_running_bpb(root / OUT / "running_bpb.png", result.chunks, baseline)
             write_json_atomic(root / OUT / "metrics.json", metrics)

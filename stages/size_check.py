@@ -1,4 +1,4 @@
-"""Stage size_check: counted code bytes + artifacts/quant/model.ptz ≤ 16,000,000 → artifacts/size.json.
+"""Stage size_check: artifacts/bundle/train_gpt.py + artifacts/quant/model.ptz ≤ 16,000,000 → artifacts/size.json.
 
 What is counted is defined in pgolf/submission/size.py. Over the limit, the stage
 exits non-zero when ``size.enforce`` is true; otherwise ``fits: false`` is

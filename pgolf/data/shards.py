@@ -19,7 +19,6 @@ export names it ``fineweb_val_bytes_NNNNNN.bin``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 
 from pgolf.config import check
 from pgolf.errors import DataError
-from pgolf.io import atomic_path
+from pgolf.io import atomic_path, file_sha256
 
 MAGIC = 20240520
 VERSION = 1
@@ -145,14 +144,6 @@ def load_split(directory: str | Path, split: str, vocab_size: int | None = None)
     """The whole split as one in-memory uint16 array (meant for val)."""
     parts = [np.asarray(read_shard(p, vocab_size)) for p in list_shards(directory, split)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,15 @@ def section_configs() -> dict[str, type]:
     from pgolf.pipeline.launch import LaunchConfig
     from pgolf.quant.hessians import HessiansConfig
     from pgolf.quant.policy import QuantizeConfig
+    from pgolf.submission.budget import BudgetConfig
+    from pgolf.submission.driver import BundleConfig
     from pgolf.submission.size import SizeConfig
     from pgolf.train.config import TrainConfig
     from pgolf.train.optim import OptimConfig
     return {"launch": LaunchConfig, "corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
             "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "hessians": HessiansConfig,
             "quantize": QuantizeConfig, "size": SizeConfig, "eval_sliding": EvalSlidingConfig,
-            "eval_ttt": EvalTTTConfig}
+            "eval_ttt": EvalTTTConfig, "bundle": BundleConfig, "budget": BudgetConfig}
 
 
 def check_external_input(key: str, value: str) -> None:

@@ -33,13 +33,13 @@ from pgolf.data.loader import TokenStream
 from pgolf.data.shards import list_shards
 from pgolf.distributed import DistContext, all_reduce_sum_, shard_range
 from pgolf.errors import DataError
-from pgolf.model.checkpoint import build_model, load_checkpoint
+from pgolf.model.checkpoint import Checkpoint, build_model, load_checkpoint
 from pgolf.model.layout import BLOCK_MATRICES, BlockMatrix, block_module, first_reader, hessian_key, shares_input
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
 from pgolf.quant.hessian_file import HessianSet, hessian_key_for_module
 
-_TRAIN_SHARD = re.compile(r"^train_\d+\.bin$")
+_TRAIN_SHARD = re.compile(r"^(fineweb_)?train_\d+\.bin$")  # pgolf's name, or the challenge's
 
 
 @dataclass(frozen=True)
@@ -256,10 +256,17 @@ def calibrate(cfg: HessiansConfig, checkpoint: Path, shard_dir: Path, ctx: DistC
     challenge's training budget.
     """
     started = time.perf_counter()
-    ckpt = load_checkpoint(checkpoint)
+    return calibrate_model(cfg, load_checkpoint(checkpoint), list_shards(shard_dir, "train"), ctx, log, started)
+
+
+def calibrate_model(cfg: HessiansConfig, ckpt: Checkpoint, train_paths: Sequence[Path], ctx: DistContext,
+                    log: Progress | None = None, started: float | None = None) -> HessianOutcome:
+    """:func:`calibrate` on a loaded checkpoint and a list of train shards (the submission driver's
+    in-memory path); ``started``: when the clock of the ``seconds`` metric started."""
+    started = time.perf_counter() if started is None else started
     model = build_model(ckpt, ctx.device).eval()
     if cfg.source == "train":
-        batches = list(train_calibration_batches(list_shards(shard_dir, "train"), ckpt.model_config.vocab_size,
+        batches = list(train_calibration_batches(list(train_paths), ckpt.model_config.vocab_size,
                                                  cfg, ctx.rank, ctx.world_size))
     else:
         with autocast(ctx.device):

@@ -6,7 +6,8 @@ In order: unbank the checkpoint (pgolf/model/layout.py); quantise every tensor
 a time (pgolf/quant/bit_allocation.py); with ``quantize.prune``, the ±1
 pruning takes what is left (pgolf/quant/policy.py); encode (pgolf/quant/artifact.py).
 Both aim at the byte target ``16,000,000 − code bytes − prune_margin_bytes``,
-code bytes as pgolf/submission/size.py counts them under ``code_root``; the
+code bytes = the ``train_gpt.py`` bundle's counted bytes under ``code_root``
+(pgolf/submission/bundle.py); the
 size_check stage is the gate either way.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 
 from pgolf.config import to_dict
-from pgolf.model.checkpoint import load_checkpoint
+from pgolf.model.checkpoint import Checkpoint, load_checkpoint
 from pgolf.model.gpt import unbank_state_dict
 from pgolf.model.layout import BLOCK_CLASSES
 from pgolf.precision import synchronize
@@ -28,7 +29,7 @@ from pgolf.quant.artifact import StoredTensor, require_finite
 from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
 from pgolf.quant.hessian_file import HessianSet, load_hessians
 from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, prune_to_target, quantize_state_dict
-from pgolf.submission.size import LIMIT_BYTES, code_bytes, counted_code_files
+from pgolf.submission.size import LIMIT_BYTES, bundle_counted_bytes
 
 # Search settings of the byte budget stay out of the artifact's meta: the bits of
 # each tensor record their outcome, and a fit that demotes nothing then gives
@@ -63,17 +64,40 @@ def layer_error_rows(report: list[dict]) -> list[dict]:
 
 def quantize_checkpoint(checkpoint: Path, hessians: Path, cfg: QuantizeConfig, device: torch.device,
                         code_root: Path, log: StageLog) -> QuantizeOutcome:
-    """Quantise ``checkpoint`` with the Hessians in ``hessians`` (module docstring)."""
-    started = time.perf_counter()
+    """Quantise ``checkpoint`` with the Hessians in ``hessians`` (module docstring); the byte target
+    counts the bundle under ``code_root`` (only read when fit_to_limit or prune is on)."""
     ckpt = load_checkpoint(checkpoint)
-    _warn_if_trained_on_another_grid(ckpt.meta, cfg, log)
     hs = load_hessians(hessians)
-    for name, tensor in ckpt.state_dict.items():  # a NaN would score NaN instead of failing
-        require_finite(tensor, f"{checkpoint}: tensor {name}", "weight")
+    require_finite_inputs(ckpt, hs, str(checkpoint), str(hessians))  # before anything else is read
+    target = None
+    if cfg.fit_to_limit or cfg.prune:
+        target = byte_target(bundle_counted_bytes(code_root), cfg)  # the challenge counts the whole bundle
+    return quantize_loaded(ckpt, hs, cfg, device, target, str(checkpoint), str(hessians), log)
+
+
+def require_finite_inputs(ckpt: Checkpoint, hs: HessianSet, checkpoint_source: str, hessian_source: str) -> None:
+    """A NaN or Inf weight would score NaN instead of failing: refuse it, naming the tensor."""
+    for name, tensor in ckpt.state_dict.items():
+        require_finite(tensor, f"{checkpoint_source}: tensor {name}", "weight")
     for key, h in hs.hessians.items():
-        require_finite(h, f"{hessians}: Hessian {key}", "Hessian")
+        require_finite(h, f"{hessian_source}: Hessian {key}", "Hessian")
+
+
+def byte_target(code_bytes: int, cfg: QuantizeConfig) -> int:
+    """What the artifact may take: the limit less the counted code and the safety margin."""
+    return LIMIT_BYTES - code_bytes - cfg.prune_margin_bytes
+
+
+def quantize_loaded(ckpt: Checkpoint, hs: HessianSet, cfg: QuantizeConfig, device: torch.device,
+                    target: int | None, checkpoint_source: str, hessian_source: str,
+                    log: StageLog) -> QuantizeOutcome:
+    """:func:`quantize_checkpoint` on a loaded checkpoint and Hessians (the submission driver passes
+    them in memory); ``target`` None when neither fit_to_limit nor prune is on."""
+    started = time.perf_counter()
+    _warn_if_trained_on_another_grid(ckpt.meta, cfg, log)
+    require_finite_inputs(ckpt, hs, checkpoint_source, hessian_source)
     state = unbank_state_dict(ckpt.state_dict, ckpt.model_config)
-    result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, str(hessians), log)
+    result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, hessian_source, log)
     synchronize(device)
     quantized = time.perf_counter()
 
@@ -81,8 +105,8 @@ def quantize_checkpoint(checkpoint: Path, hessians: Path, cfg: QuantizeConfig, d
     blobs = EncodeCache(ckpt.model_config.to_dict(), meta, cfg)
     tensors, report, budget_metrics = result.tensors, result.report, {}
     if cfg.fit_to_limit or cfg.prune:
-        tensors, report, budget_metrics = _meet_byte_target(result, state, hs, cfg, device, code_root, blobs,
-                                                            str(hessians), log)
+        tensors, report, budget_metrics = _meet_byte_target(result, state, hs, cfg, device, target, blobs,
+                                                            hessian_source, log)
     blob = blobs.encode(tensors)
     # Each tensor's exact share of the file: its own compressed frame (format v2).
     frame_bytes = {t.name: len(f) for t, f in zip(tensors, blobs.frames(tensors))}
@@ -118,11 +142,10 @@ def _warn_if_trained_on_another_grid(meta: Mapping, cfg: QuantizeConfig, log: St
 
 def _meet_byte_target(result: QuantizeResult, state: Mapping[str, torch.Tensor], hs: HessianSet,
                       cfg: QuantizeConfig,
-                      device: torch.device, code_root: Path, blobs: EncodeCache, hessian_source: str,
+                      device: torch.device, target: int, blobs: EncodeCache, hessian_source: str,
                       log: StageLog) -> tuple[list[StoredTensor], list[dict], dict]:
     """fit_to_limit, then prune, as ``cfg`` says: (tensors, report, their ``fit_*``/``prune_*`` metrics)."""
-    code = code_bytes(code_root, counted_code_files(code_root))
-    target = LIMIT_BYTES - code - cfg.prune_margin_bytes
+    code = LIMIT_BYTES - cfg.prune_margin_bytes - target
     log.line(f"byte target {target:,} (code {code:,}, margin {cfg.prune_margin_bytes:,})")
 
     def probe(what: str) -> Callable[[list[StoredTensor]], int]:

@@ -1,21 +1,24 @@
-"""`pgolf export --out DIR`: a challenge-style submission folder from the pipeline's outputs.
+"""`pgolf export --out DIR`: a challenge records folder from the pipeline's outputs.
 
 The folder holds::
 
-    README.md         results table (bpb, loss, bytes vs 16,000,000, training, quantisation)
-    submission.json   the same numbers for machines, plus seeds, date, versions, git commit
-    model.ptz         the quantised artifact that was scored
-    code/...          the counted code files listed in size.json (their bytes are bytes_code)
-    logs/...          every *.log under artifacts/, by its path there
+    train_gpt.py      the bundle (pgolf/submission/bundle.py): all the counted code and the params;
+                      run there with the challenge's data layout, it redoes the whole run
+    README.md         recipe, params that differ from the record profile, results per seed, bytes
+    submission.json   the challenge's fields (author, github_id, name, blurb, date, val_loss,
+                      val_bpb, bytes_total, bytes_code) and every other figure for machines
+    requirements.txt  the third-party packages train_gpt.py imports
+    model.ptz         the quantised artifact that was scored (its sha256 is in submission.json)
+    logs/...          every *.log under artifacts/ (train, hessians, quantize, evals), by its path there
     params.yaml       the parameters, and dvc.lock when present (the exact recorded run)
 
 The headline score is the legal TTT eval when it ran, else the sliding-window
-eval (docs/RECIPE.md §5: the last eval that runs). Export refuses, writing nothing,
-when a required input is missing, when size.json no longer describes the
-files (a stale size check), or when it says ``fits: false`` unless
-``allow_over_limit``. The folder is built in a temporary directory and
-renamed into place; an existing ``--out`` is replaced only if it is empty or
-an earlier export.
+eval (docs/RECIPE.md §5: the last eval that runs). Export refuses, writing
+nothing, when a required input is missing, when any result it reads was
+computed from another artifact or bundle than today's (pgolf/submission/provenance.py),
+or when size.json says ``fits: false`` unless ``allow_over_limit``. The folder
+is built in a temporary directory and renamed into place; an existing ``--out``
+is replaced only if it is empty or an earlier export.
 """
 from __future__ import annotations
 
@@ -27,9 +30,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pgolf.pipeline.paths import BUNDLE
 from pgolf.errors import DataError, PgolfError
 
 ARTIFACT = Path("artifacts/quant/model.ptz")
+BUNDLE_METRICS = Path("artifacts/bundle/metrics.json")
+BUDGET = Path("artifacts/budget.json")
 SIZE_JSON = Path("artifacts/size.json")
 SLIDING_METRICS = Path("artifacts/eval_sliding/metrics.json")
 TTT_METRICS = Path("artifacts/eval_ttt/metrics.json")
@@ -38,7 +44,7 @@ QUANT_METRICS = Path("artifacts/quant/metrics.json")
 PARAMS = Path("params.yaml")
 DVC_LOCK = Path("dvc.lock")
 LOGS_UNDER = Path("artifacts")
-REQUIRED = (ARTIFACT, SIZE_JSON, SLIDING_METRICS, TRAIN_METRICS, PARAMS)
+REQUIRED = (ARTIFACT, BUNDLE, BUNDLE_METRICS, SIZE_JSON, SLIDING_METRICS, TRAIN_METRICS, PARAMS)
 
 
 def _read_json(path: Path) -> dict:
@@ -74,26 +80,6 @@ def git_commit(root: Path) -> tuple[str | None, bool | None]:
     return commit, (bool(status) if status is not None else None)
 
 
-def check_size_report(root: Path, size: dict) -> None:
-    """The sizes in size.json must still be those of the files (else re-run size_check)."""
-    where = root / SIZE_JSON
-    for key in ("code_bytes", "model_bytes", "total_bytes", "limit"):
-        _number(size, key, where, int)
-    if not isinstance(size.get("fits"), bool) or not isinstance(size.get("code_files"), list):
-        raise DataError(f"{where}: keys 'fits' (true/false) and 'code_files' (a list) are required")
-    model = (root / ARTIFACT).stat().st_size
-    if model != size["model_bytes"]:
-        raise DataError(f"{where}: model_bytes {size['model_bytes']:,} but {ARTIFACT} is {model:,} bytes; "
-                        "size.json is stale, re-run the size_check stage")
-    missing = [f for f in size["code_files"] if not (root / f).is_file()]
-    if missing:
-        raise DataError(f"{where}: counted code file {missing[0]} does not exist; re-run the size_check stage")
-    code = sum((root / f).stat().st_size for f in size["code_files"])
-    if code != size["code_bytes"]:
-        raise DataError(f"{where}: code_bytes {size['code_bytes']:,} but the listed code files now hold "
-                        f"{code:,} bytes; size.json is stale, re-run the size_check stage")
-
-
 def _params_summary(root: Path, model_config: dict, quant_meta: dict, num_parameters: int) -> dict:
     from pgolf.config import load_params
     params = load_params(root / PARAMS)
@@ -115,16 +101,23 @@ def _params_summary(root: Path, model_config: dict, quant_meta: dict, num_parame
 
 
 def collect_submission(root: Path, allow_over_limit: bool = False, prequant_metrics: Path | None = None,
-                       now: datetime.datetime | None = None) -> dict:
+                       now: datetime.datetime | None = None, author: str | None = None,
+                       github_id: str | None = None) -> dict:
     """submission.json's content, after every check export makes (see the module docstring)."""
     from pgolf import __version__
     from pgolf.quant.artifact import read_artifact
 
+    from pgolf.config import load_params
+    from pgolf.submission.provenance import check_bundle, check_computed_from, check_size_report
+    from pgolf.submission.size import file_sha256
+
     missing = [p for p in REQUIRED if not (root / p).is_file()]
     if missing:
         raise DataError(f"{root / missing[0]}: required input missing (run the pipeline: dvc repro)")
+    artifact_sha = file_sha256(root / ARTIFACT)
     size = _read_json(root / SIZE_JSON)
-    check_size_report(root, size)
+    check_size_report(root, size, root / ARTIFACT, artifact_sha)
+    bundle = check_bundle(root, _read_json(root / BUNDLE_METRICS), load_params(root / PARAMS))
     if not size["fits"] and not allow_over_limit:
         raise PgolfError(f"{root / SIZE_JSON}: submission is {size['total_bytes']:,} bytes, over the "
                          f"{size['limit']:,}-byte limit by {size['total_bytes'] - size['limit']:,}; not exporting "
@@ -135,6 +128,11 @@ def collect_submission(root: Path, allow_over_limit: bool = False, prequant_metr
 
     sliding = _read_json(root / SLIDING_METRICS)
     ttt = _read_json(root / TTT_METRICS) if (root / TTT_METRICS).is_file() else None
+    budget = _read_json(root / BUDGET) if (root / BUDGET).is_file() else None
+    for path, data, stage in ((SLIDING_METRICS, sliding, "eval_sliding"), (TTT_METRICS, ttt, "eval_ttt"),
+                              (BUDGET, budget, "budget")):
+        if data is not None:  # a present result must be today's, never skipped for being stale
+            check_computed_from(root / path, data, "artifact_sha256", artifact_sha, root / ARTIFACT, stage)
     train = _read_json(root / TRAIN_METRICS)
     quant = _read_json(root / QUANT_METRICS) if (root / QUANT_METRICS).is_file() else None
     sliding_bpb = _number(sliding, "val_bpb", root / SLIDING_METRICS)
@@ -145,30 +143,60 @@ def collect_submission(root: Path, allow_over_limit: bool = False, prequant_metr
     if prequant_metrics is not None:
         gap = sliding_bpb - _number(_read_json(prequant_metrics), "val_bpb", prequant_metrics)
     commit, dirty = git_commit(root)
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    summary = _params_summary(root, artifact.model_config, quant_meta, num_parameters)
+    headline_bpb = ttt_bpb if ttt is not None else sliding_bpb
+    headline_loss = ttt_loss if ttt is not None else sliding_loss
     return {
-        "val_bpb": ttt_bpb if ttt is not None else sliding_bpb,
-        "val_loss": ttt_loss if ttt is not None else sliding_loss,
+        # The challenge's fields first (author and github_id from --author / --github-id).
+        "author": author, "github_id": github_id,
+        "name": f"pgolf {summary['model']['num_layers']}L{summary['model']['model_dim']}d "
+                f"{summary['quantize']['method']} + {'legal TTT' if ttt is not None else 'sliding eval'}",
+        "blurb": (f"pgolf pipeline: {num_parameters:,} parameters, {_number(train, 'steps', root / TRAIN_METRICS, int):,} "
+                  f"steps, GPTQ {', '.join(bits_histogram(artifact.tensors))}, "
+                  f"{'legal score-first TTT' if ttt is not None else 'sliding-window eval'}; "
+                  f"all code in a {size['code_bytes']:,}-byte self-extracting train_gpt.py"),
+        "date": (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "val_loss": headline_loss, "val_bpb": headline_bpb,
+        "bytes_total": size["total_bytes"], "bytes_code": size["code_bytes"],
         "headline_eval": "ttt" if ttt is not None else "sliding",
         "val_bpb_sliding": sliding_bpb, "val_loss_sliding": sliding_loss,
         "val_bpb_ttt": ttt_bpb, "val_loss_ttt": ttt_loss,
         "val_bpb_nonoverlap": _optional(sliding, "nonoverlap_val_bpb"),
         "quantization_gap_bpb": gap,
         "quantization_weight_mse_mean": _optional(quant, "weight_mse_mean"),
-        "bytes_total": size["total_bytes"], "bytes_code": size["code_bytes"],
         "bytes_model": size["model_bytes"], "bytes_limit": size["limit"], "fits": size["fits"],
+        "artifact_sha256": artifact_sha, "bundle_sha256": bundle["sha256"],
+        "bundle_modules": len(bundle["files"]), "bundle_raw_bytes": bundle["raw_bytes"],
+        "budget": budget,
         "steps": _number(train, "steps", root / TRAIN_METRICS, int),
         "train_seconds": _number(train, "train_seconds", root / TRAIN_METRICS),
         "ms_per_step": _optional(train, "ms_per_step"), "train_tokens": _optional(train, "tokens"),
         "final_weights": _optional(train, "final_weights"),
         "train_world_size": _optional(train, "world_size"),
         "eval_world_size": _optional(sliding, "world_size"),
-        **_params_summary(root, artifact.model_config, quant_meta, num_parameters),
+        **summary,
+        "params_vs_record": params_vs_record(load_params(root / PARAMS)),
         # What the artifact stores, which differs from the configured bits after fit_to_limit.
         "quantized_bits": bits_histogram(artifact.tensors),
-        "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "pgolf_version": __version__, "git_commit": commit, "git_dirty": dirty,
     }
+
+
+def params_vs_record(params: dict) -> list[dict[str, Any]]:
+    """Every leaf param whose value differs from the record profile's: [{key, value, record}]."""
+    from pgolf.tools.profiles import compose
+    record = compose("record")
+    rows = []
+    for section in sorted(set(params) | set(record)):
+        ours, theirs = params.get(section), record.get(section)
+        if not isinstance(ours, dict) or not isinstance(theirs, dict):
+            if ours != theirs:
+                rows.append({"key": section, "value": ours, "record": theirs})
+            continue
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                rows.append({"key": f"{section}.{key}", "value": ours.get(key), "record": theirs.get(key)})
+    return rows
 
 
 def bits_histogram(tensors) -> dict[str, int]:
@@ -227,18 +255,49 @@ def render_readme(s: dict) -> str:
     commit = s["git_commit"] or "unknown (not a git checkout)"
     if s["git_dirty"]:
         commit += " (with uncommitted changes)"
+    seed = s["seeds"]["train"]
+    diffs = s.get("params_vs_record") or []
     lines = [f"# pgolf submission: val_bpb {_f(s['val_bpb'])}", "",
              f"Exported {s['date']} by pgolf {s['pgolf_version']} from commit {commit}.", "",
              "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+             "## Recipe", "",
+             "Trained, calibrated, quantised and evaluated by the pgolf pipeline (corpus → tokenizer → shards → "
+             "train → hessians → quantize → size_check → eval_sliding → eval_ttt): the record stack of "
+             "docs/RECIPE.md (U-Net GPT with XSA, value embeddings, SmearGate, BigramHash, VRL; Muon + Adam; "
+             "EMA/SWA; late QAT), full-Hessian GPTQ with selective pruning / bit demotion to the byte limit, "
+             "and legal score-first TTT.", "",
+             "## Results per seed", "",
+             "| train seed | val_bpb sliding | val_bpb TTT | bytes total | artifact sha256 |", "|---|---|---|---|---|",
+             f"| {seed} | {_f(s['val_bpb_sliding'])} | {_f(s['val_bpb_ttt'])} | {s['bytes_total']:,} | "
+             f"`{s['artifact_sha256'][:16]}` |", "",
+             "## Counted bytes", "",
+             f"`train_gpt.py` is {s['bytes_code']:,} bytes (the challenge's count: its UTF-8 length): a decoder stub "
+             f"and {s['bundle_modules']} pgolf modules plus the resolved params, {s['bundle_raw_bytes']:,} bytes "
+             f"uncompressed, xz + base85. The model is {s['bytes_model']:,} bytes; total {s['bytes_total']:,}.", "",
+             *budget_readme_lines(s.get("budget")),
+             "## Params that differ from the record profile", "",
+             *(["| key | this run | record |", "|---|---|---|",
+                *[f"| `{d['key']}` | `{d['value']}` | `{d['record']}` |" for d in diffs]]
+               if diffs else ["None: this run is the record profile."]), "",
              "## Files", "",
-             "- `model.ptz`: the quantised artifact every score above was computed on",
-             "- `code/`: the counted code files (`bytes_code` is their total size)",
-             "- `logs/`: the pipeline's logs, by their path under `artifacts/`",
+             "- `train_gpt.py`: the whole run; `torchrun --standalone --nproc_per_node=8 train_gpt.py` in a "
+             "records folder with the challenge's data layout (`python train_gpt.py --unpack DIR` shows the sources)",
+             "- `requirements.txt`: the third-party packages it imports",
+             "- `model.ptz`: the quantised artifact every score above was computed on (sha256 in submission.json)",
+             "- `logs/`: the pipeline's logs (train, hessians, quantize, evals), by their path under `artifacts/`",
              "- `params.yaml` (and `dvc.lock` when present): the exact parameters of the run",
              "- `submission.json`: these numbers for machines", "",
              "## Reproduce", "",
-             "Check out the commit above, put `params.yaml` in the repository root and run `dvc repro`.", ""]
+             "Run `train_gpt.py` as above, or check out the commit above, put `params.yaml` in the repository "
+             "root and run `dvc repro`.", ""]
     return "\n".join(lines)
+
+
+def budget_readme_lines(budget: dict | None) -> list[str]:
+    if budget is None:
+        return ["The time budgets were not measured (run the budget stage).", ""]
+    from pgolf.submission.budget import budget_lines
+    return ["## Time budgets", "", *[f"- {line}" for line in budget_lines(budget)], ""]
 
 
 def _check_out_dir(out: Path, root: Path) -> None:
@@ -259,12 +318,13 @@ def _check_out_dir(out: Path, root: Path) -> None:
 
 
 def export_submission(root: Path, out: Path, allow_over_limit: bool = False,
-                      prequant_metrics: Path | None = None) -> dict:
+                      prequant_metrics: Path | None = None, author: str | None = None,
+                      github_id: str | None = None) -> dict:
     """Write the submission folder ``out`` from the outputs under ``root``; return submission.json."""
     from pgolf.io import atomic_dir
 
     _check_out_dir(out, root)
-    submission = collect_submission(root, allow_over_limit, prequant_metrics)
+    submission = collect_submission(root, allow_over_limit, prequant_metrics, author=author, github_id=github_id)
     out_r = out.resolve()
     logs = sorted(p for p in (root / LOGS_UNDER).rglob("*.log")
                   if p.is_file() and out_r not in p.resolve().parents)
@@ -273,9 +333,9 @@ def export_submission(root: Path, out: Path, allow_over_limit: bool = False,
         shutil.copyfile(root / PARAMS, tmp / "params.yaml")
         if (root / DVC_LOCK).is_file():
             shutil.copyfile(root / DVC_LOCK, tmp / "dvc.lock")
-        for rel in _read_json(root / SIZE_JSON)["code_files"]:
-            (tmp / "code" / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / rel, tmp / "code" / rel)
+        from pgolf.submission.bundle import requirements
+        shutil.copyfile(root / BUNDLE, tmp / "train_gpt.py")
+        (tmp / "requirements.txt").write_text(requirements(root / BUNDLE), encoding="utf-8")
         for log in logs:
             dest = tmp / "logs" / log.relative_to(root / LOGS_UNDER)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +349,8 @@ def export_submission(root: Path, out: Path, allow_over_limit: bool = False,
 
 def run_export(args: argparse.Namespace) -> int:
     s = export_submission(Path(args.root), Path(args.out), args.allow_over_limit,
-                          Path(args.prequant_metrics) if args.prequant_metrics else None)
+                          Path(args.prequant_metrics) if args.prequant_metrics else None,
+                          author=args.author, github_id=args.github_id)
     status = "fits" if s["fits"] else "OVER THE LIMIT"
     print(f"export: {args.out}: val_bpb {s['val_bpb']:.8f} ({s['headline_eval']}), {s['bytes_total']:,} bytes "
           f"({status}), {len(s['files'])} files")
@@ -305,4 +366,6 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--prequant-metrics", default=None,
                         help="metrics JSON with the val_bpb of the unquantised model under the same "
                              "sliding eval; gives the quantisation gap")
+    parser.add_argument("--author", default=None, help="submission.json author (default null)")
+    parser.add_argument("--github-id", default=None, help="submission.json github_id (default null)")
     parser.set_defaults(func=run_export)

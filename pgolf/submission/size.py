@@ -4,21 +4,20 @@ What counts (docs/RECIPE.md §4.7; decimal bytes, never MiB):
 
 * **Model bytes**: the size of ``artifacts/quant/model.ptz``, the whole file
   (header, checksum and compressed payload).
-* **Code bytes**: the raw on-disk bytes (no minification, no re-encoding) of
-  every file needed to rebuild the model from the artifact and evaluate it:
-  the evaluation entry points ``stages/eval_sliding.py`` and
-  ``stages/eval_ttt.py``, plus every module of the project's own packages
-  (``pgolf``, ``stages``) that they import, transitively, found by parsing
-  their ``import`` statements (including imports inside functions), plus the
-  ``__init__.py`` of each package on the way (importing a module runs it).
-  Third-party libraries (torch, numpy, sentencepiece, zstandard) are not
-  counted, as the challenge does not count its own ``torch`` either; neither
-  are params.yaml, the tokenizer or data, which the challenge treats as
-  evaluation inputs rather than submission code.
+* **Code bytes**: the size of the bundle ``artifacts/bundle/train_gpt.py``
+  (pgolf/submission/bundle.py), the one script a submission ships: it carries
+  every pgolf module the run needs (train, Hessians, quantize, evals) and the
+  resolved params, compressed. The challenge counts "all the code" and wants
+  it in ``train_gpt.py``; third-party libraries (torch, numpy, sentencepiece,
+  zstandard) are not counted, the tokenizer and data are evaluation inputs.
 
-The list is computed, not hand-maintained, so a new import in an eval module
-is counted on the next run. Total = code bytes + model bytes; it fits when
-total ≤ 16,000,000 (exactly 16,000,000 fits).
+Which modules the bundle packs is computed, not hand-maintained:
+:func:`counted_code_files` follows the ``import`` statements of an entry point
+(including imports inside functions) through the project's own packages,
+adding each package's ``__init__.py`` on the way (importing a module runs it).
+
+Total = code bytes + model bytes; it fits when total ≤ 16,000,000 (exactly
+16,000,000 fits). size.json also records the sha256 of the artifact it measured.
 """
 from __future__ import annotations
 
@@ -30,8 +29,10 @@ from pathlib import Path
 from typing import Sequence
 
 from pgolf.errors import DataError
+from pgolf.io import file_sha256
+from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+from pgolf.submission.limits import LIMIT_BYTES
 
-LIMIT_BYTES = 16_000_000
 EVAL_ENTRY_POINTS = ("stages/eval_sliding.py", "stages/eval_ttt.py")
 LOCAL_PACKAGES = ("pgolf", "stages")
 
@@ -52,6 +53,7 @@ class SizeReport:
     headroom: int
     fits: bool
     code_files: list[str]
+    artifact_sha256: str
 
 
 def _module_file(root: Path, dotted: str) -> Path | None:
@@ -122,18 +124,34 @@ def code_bytes(root: str | Path, files: Sequence[str]) -> int:
     return sum((root / f).stat().st_size for f in files)
 
 
+def bundle_counted_bytes(root: str | Path = ".") -> int:
+    """The bundle's counted bytes, from the bundle stage's ``counted_bytes.json``."""
+    path = Path(root) / BUNDLE_BYTES
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))["counted_bytes"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read counted_bytes ({type(exc).__name__}); run the bundle stage") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DataError(f"{path}: counted_bytes must be a positive integer, got {value!r}")
+    return value
+
+
 def size_report(model_path: str | Path, root: str | Path = ".", limit: int = LIMIT_BYTES,
                 files: Sequence[str] | None = None) -> SizeReport:
-    """Measure ``model_path`` plus the counted code against ``limit`` bytes."""
+    """Measure ``model_path`` plus the counted code (default: the bundle) against ``limit`` bytes."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise DataError(f"{model_path}: quantised artifact not found (run the quantize stage)")
-    files = list(counted_code_files(root) if files is None else files)
+    files = [BUNDLE.as_posix()] if files is None else list(files)
+    for f in files:
+        if not (Path(root) / f).is_file():
+            raise DataError(f"{Path(root) / f}: counted code file not found (run the bundle stage)")
     code = code_bytes(root, files)
     model = model_path.stat().st_size
     total = code + model
     return SizeReport(code_bytes=code, model_bytes=model, total_bytes=total, limit=limit,
-                      headroom=limit - total, fits=total <= limit, code_files=files)
+                      headroom=limit - total, fits=total <= limit, code_files=files,
+                      artifact_sha256=file_sha256(model_path))
 
 
 def report_dict(report: SizeReport) -> dict:

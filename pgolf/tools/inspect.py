@@ -14,6 +14,7 @@ still understood:
   (hessians, quantize, eval_sliding, eval_ttt): its first line, which names the stage;
 * live training curves (dvclive ``plots/metrics/*.tsv``): a ``step<TAB>name`` header;
 * PNG plots: the PNG signature.
+* submission bundle (``train_gpt.py``): its first line ``# pgolf submission bundle``.
 
 Each summariser (``pgolf/tools/inspect_data.py``, ``inspect_model.py``,
 ``inspect_reports.py``) returns a :class:`~pgolf.tools.inspect_summary.Summary`:
@@ -83,11 +84,14 @@ def sniff(path: Path) -> str | None:
     """The reader a file's content calls for (``shard``, ``torch``, ``json``, ...), or None."""
     from pgolf.quant.artifact import MAGIC as ARTIFACT_MAGIC
     from pgolf.data.shards import MAGIC as SHARD_MAGIC
+    from pgolf.submission.bundle import FIRST_LINE as BUNDLE_FIRST_LINE
 
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
     if head.startswith(ARTIFACT_MAGIC):
         return "quantized_artifact"
+    if head.startswith(BUNDLE_FIRST_LINE.encode("ascii")):
+        return "bundle"
     if len(head) >= 4 and int.from_bytes(head[:4], "little", signed=True) == SHARD_MAGIC:
         return "shard"
     if head.startswith(_TORCH_ZIP_SIGNATURE):
@@ -125,7 +129,8 @@ def _summariser(reader: str) -> Callable[[Path, InspectOptions], Summary]:
             "train_log": lambda p, o: inspect_reports.summarise_train_log(p),
             "stage_log": lambda p, o: inspect_reports.summarise_stage_log(p),
             "live_curve": lambda p, o: inspect_reports.summarise_live_curve(p),
-            "plot_image": lambda p, o: inspect_reports.summarise_png(p)}[reader]
+            "plot_image": lambda p, o: inspect_reports.summarise_png(p),
+            "bundle": lambda p, o: inspect_reports.summarise_bundle(p)}[reader]
 
 
 def summarise_file(path: Path, options: InspectOptions) -> Summary:

@@ -36,6 +36,10 @@ def _kind(kind: str, required: str, headline: str = "") -> JsonKind:
 OBJECT_KINDS = (
     _kind("submission", "val_bpb bytes_total pgolf_version",
           "val_bpb val_loss headline_eval bytes_total bytes_code bytes_model fits steps date git_commit"),
+    _kind("bundle_metrics", "counted_bytes raw_bytes modules driver",
+          "counted_bytes source_bytes raw_bytes archive_bytes num_modules driver sha256"),
+    _kind("budget_report", "training eval fits", "fits training eval artifact_sha256"),
+    _kind("driver_results", "code_bytes eval_sliding eval_ttt budget", "size eval_sliding eval_ttt budget"),
     _kind("size_report", "code_bytes model_bytes total_bytes limit fits",
           "fits total_bytes code_bytes model_bytes limit headroom"),
     _kind("eval_ttt_metrics", "val_bpb val_loss gain_vs_sliding",
@@ -253,3 +257,18 @@ def summarise_png(path: Path) -> Summary:
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     return Summary("plot_image", str(path), {"width": width, "height": height, "bytes": path.stat().st_size},
                    [f"{width}x{height} pixels, {path.stat().st_size:,} bytes"])
+
+
+def summarise_bundle(path: Path) -> Summary:
+    """Counted bytes (the file's size, as the challenge counts it), the archive's size and its modules."""
+    from pgolf.submission.bundle import read_bundle
+    index = read_bundle(path)
+    files = index["files"]
+    facts = {"counted_bytes": index["counted_bytes"], "raw_bytes": index["raw_bytes"], "driver": index["driver"],
+             "sha256": index["sha256"], "num_modules": len(files), "modules": [f for f, _ in files],
+             "params_sections": sorted(index["params"] or {})}
+    out = [f"counted bytes {index['counted_bytes']:,} (archive {index['raw_bytes']:,} bytes uncompressed: "
+           f"{len(files)} modules + params), driver {index['driver']}",
+           f"sha256 {index['sha256']}",
+           *table(["module", "bytes packed"], [[f, f"{n:,}"] for f, n in files])]
+    return Summary("bundle", str(path), facts, out)

@@ -47,6 +47,10 @@ KIND_TITLES = {
     "live_metrics": "live training metrics (dvclive, latest step)",
     "live_curve": "live training curve (dvclive TSV)",
     "plot_image": "plot image (PNG)",
+    "bundle": "submission bundle (self-extracting train_gpt.py)",
+    "bundle_metrics": "bundle stage metrics",
+    "budget_report": "ten-minute budget report",
+    "driver_results": "results of a bundle run (train_gpt.py)",
     "directory": "directory",
 }
 

@@ -30,6 +30,8 @@ from pgolf.model.config import ModelConfig
 from pgolf.train.optim import OptimConfig
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.data.shards import ShardsConfig
+from pgolf.submission.budget import BudgetConfig
+from pgolf.submission.driver import BundleConfig
 from pgolf.submission.size import SizeConfig
 from pgolf.data.tokenizer import TokenizerConfig
 from pgolf.train.config import TrainConfig
@@ -41,7 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {"launch": LaunchConfig, "corpus": CorpusConfig, "tokenizer": TokenizerConfig, "shards": ShardsConfig,
             "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig,
             "eval_sliding": EvalSlidingConfig, "eval_ttt": EvalTTTConfig, "hessians": HessiansConfig,
-            "quantize": QuantizeConfig, "size": SizeConfig}
+            "quantize": QuantizeConfig, "size": SizeConfig, "bundle": BundleConfig,
+            "budget": BudgetConfig}
 
 
 def project_params() -> dict:

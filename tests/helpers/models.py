@@ -74,7 +74,18 @@ def write_quant_root(root: Path) -> Path:
         write_shard(shards / f"train_{i:06d}.bin", g.integers(0, 64, 100).astype(np.uint16))
     (shards / "val_000000.bin").write_bytes(b"reading this file would fail the test")
     (root / "params.yaml").write_text(yaml.safe_dump(QUANT_PARAMS))
+    write_placeholder_bundle(root)
     return root
+
+
+def write_placeholder_bundle(root: Path, size: int = 54_321) -> None:
+    """The bundle stage's outputs that size_check and quantize read: a file of ``size`` bytes and its count."""
+    import json
+
+    from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+    (root / BUNDLE).parent.mkdir(parents=True, exist_ok=True)
+    (root / BUNDLE).write_bytes(b"#" * size)
+    (root / BUNDLE_BYTES).write_text(json.dumps({"counted_bytes": size}))
 
 
 def rtn_config():

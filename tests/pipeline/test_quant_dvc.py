@@ -22,7 +22,9 @@ from pgolf.quant.hessian_file import load_hessians
 from pgolf.quant.hessians import HessiansConfig
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.submission.size import SizeConfig, counted_code_files
-from tests.helpers.models import QUANT_PARAMS, quant_params, tiny_model, write_quant_root
+from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+from tests.helpers.models import (QUANT_PARAMS, quant_params, tiny_model, write_placeholder_bundle,
+                                  write_quant_root)
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -61,7 +63,8 @@ def test_stages_end_to_end(root, capsys):
     assert read_artifact(artifact).meta["quantize"]["damp"] == 0.01
 
     s = stages.size_check.run(params(), root)
-    assert s["fits"] and s["model_bytes"] == len(first) and s["code_files"] == counted_code_files(root)
+    assert s["fits"] and s["model_bytes"] == len(first) and s["code_files"] == [BUNDLE.as_posix()]
+    assert s["code_bytes"] == 54_321 and s["total_bytes"] == 54_321 + len(first)
 
 
 @pytest.mark.slow
@@ -152,10 +155,12 @@ def test_stage_params_are_exactly_its_config_fields(stage):
 @pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
 def test_stage_code_deps_are_its_import_closure(stage):
     expected = set(counted_code_files(REPO, [f"stages/{stage}.py"]))
-    if stage in ("quantize", "size_check"):  # the counted code decides the pruning target / the gate
-        expected |= set(counted_code_files(REPO))
-    deps = {d for d in dvc_stages()[stage]["deps"] if d.endswith(".py")}
+    deps = {d for d in dvc_stages()[stage]["deps"] if d.endswith(".py") and d.startswith(("pgolf/", "stages/"))}
     assert deps == expected
+    # The counted code is the bundle: quantize's byte target reads its size, size_check counts it.
+    bundle_dep = {"quantize": BUNDLE_BYTES.as_posix(), "size_check": BUNDLE.as_posix()}.get(stage)
+    if bundle_dep is not None:
+        assert bundle_dep in dvc_stages()[stage]["deps"]
 
 
 def _materialise(scratch: Path, stages_yaml: dict) -> None:

@@ -1,61 +1,32 @@
 """`pgolf export`: folder contents and submission.json values from tiny fake-but-valid outputs; refusals."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pgolf.quant.artifact import read_artifact
 
 from pgolf.tools.cli import main
 from pgolf.submission.export import git_commit
 from pgolf.io import write_json_atomic
+from pgolf.submission.bundle import build_bundle
+from pgolf.io import file_sha256
 from pgolf.submission.size import report_dict, size_report
+from pgolf.pipeline.paths import BUNDLE
+from tests.helpers.export_root import (PARAMS_YAML, REPO, SLIDING, TRAIN, TTT, make_export_root, write_bundle,
+                                       write_eval, write_size)
 from tests.helpers.models import write_tiny_artifact
 
-REPO = Path(__file__).resolve().parents[2]
-CODE_FILES = ["stages/eval_sliding.py", "pgolf/model/gpt.py"]
-PARAMS_YAML = """\
-corpus: {seed: 11}
-tokenizer: {vocab_size: 64}
-hessians: {source: train, seed: 13}
-train: {seed: 1337, max_steps: 40}
-"""
-SLIDING = {"val_loss": 2.5, "val_bpb": 1.25, "scored_tokens": 4096, "bytes": 12000, "seconds": 1.5,
-           "windows": 64, "nonoverlap_val_loss": 2.6, "nonoverlap_val_bpb": 1.3, "world_size": 2}
-TTT = {"val_loss": 2.4, "val_bpb": 1.2, "scored_tokens": 4096, "bytes": 12000, "chunks": 4, "train_steps": 9,
-       "sliding_val_bpb": 1.25, "gain_vs_sliding": 0.05, "seconds": 9.0}
-TRAIN = {"steps": 40, "tokens": 20480, "train_seconds": 12.5, "ms_per_step": 312.5, "final_weights": "ema",
-         "holdout_loss_live": 4.2, "world_size": 1}
-
-
-def write_size(root: Path, limit: int = 16_000_000) -> dict:
-    size = report_dict(size_report(root / "artifacts/quant/model.ptz", root, limit=limit, files=CODE_FILES))
-    write_json_atomic(root / "artifacts/size.json", size)
-    return size
 
 
 @pytest.fixture
 def root(tmp_path) -> Path:
-    """A pipeline root with every output export reads (a real tiny .ptz, the rest small JSON/text)."""
-    root = tmp_path / "run"
-    (root / "artifacts/quant").mkdir(parents=True)
-    write_tiny_artifact(root / "artifacts/quant/model.ptz")
-    for rel in CODE_FILES:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(f"# {rel}\nprint('counted')\n")
-    write_size(root)
-    write_json_atomic(root / "artifacts/eval_sliding/metrics.json", SLIDING)
-    write_json_atomic(root / "artifacts/eval_ttt/metrics.json", TTT)
-    write_json_atomic(root / "artifacts/train/metrics.json", TRAIN)
-    write_json_atomic(root / "artifacts/quant/metrics.json", {"model_bytes": 1, "weight_mse_mean": 2.5e-6})
-    (root / "artifacts/train/train.log").write_text("step 40/40 loss 4.0\n")
-    (root / "artifacts/eval_ttt/ttt.log").write_text("chunk 3\n")
-    (root / "params.yaml").write_text(PARAMS_YAML)
-    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    return root
+    return make_export_root(tmp_path)
 
 
 def export(capsys, root: Path, out: Path, *extra: str) -> tuple[int, str, str]:
@@ -70,8 +41,8 @@ def test_export_writes_the_submission_folder(root, tmp_path, capsys):
     assert code == 0, err
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == sorted(["README.md", "submission.json", "model.ptz", "params.yaml", "dvc.lock",
-                            "logs/train/train.log", "logs/eval_ttt/ttt.log",
-                            *[f"code/{f}" for f in CODE_FILES]])
+                            "logs/train/train.log", "logs/eval_ttt/ttt.log", "train_gpt.py", "requirements.txt"])
+    assert (out / "train_gpt.py").read_bytes() == (root / BUNDLE).read_bytes()
     assert (out / "model.ptz").read_bytes() == (root / "artifacts/quant/model.ptz").read_bytes()
     assert (out / "params.yaml").read_text() == PARAMS_YAML
     assert (out / "logs/train/train.log").read_text() == "step 40/40 loss 4.0\n"
@@ -81,7 +52,7 @@ def test_export_writes_the_submission_folder(root, tmp_path, capsys):
     assert (s["val_bpb"], s["val_loss"], s["headline_eval"]) == (1.2, 2.4, "ttt")
     assert (s["val_bpb_sliding"], s["val_bpb_ttt"], s["val_bpb_nonoverlap"]) == (1.25, 1.2, 1.3)
     assert s["bytes_model"] == (root / "artifacts/quant/model.ptz").stat().st_size == size["model_bytes"]
-    assert s["bytes_code"] == sum((root / f).stat().st_size for f in CODE_FILES) == size["code_bytes"]
+    assert s["bytes_code"] == (out / "train_gpt.py").stat().st_size == size["code_bytes"]
     assert s["bytes_total"] == s["bytes_code"] + s["bytes_model"] and s["fits"] is True
     assert (s["steps"], s["train_seconds"], s["final_weights"]) == (40, 12.5, "ema")
     assert s["seeds"] == {"train": 1337, "corpus": 11, "hessians": 13}
@@ -132,7 +103,8 @@ def test_over_limit_is_refused_unless_allowed(root, tmp_path, capsys):
     assert f"**OVER THE LIMIT by {over:,}**" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("missing", ["artifacts/quant/model.ptz", "artifacts/size.json",
+@pytest.mark.parametrize("missing", ["artifacts/quant/model.ptz", "artifacts/size.json", BUNDLE,
+                                     "artifacts/bundle/metrics.json",
                                      "artifacts/eval_sliding/metrics.json", "artifacts/train/metrics.json",
                                      "params.yaml"])
 def test_missing_required_input_is_refused(root, tmp_path, capsys, missing):
@@ -143,17 +115,20 @@ def test_missing_required_input_is_refused(root, tmp_path, capsys, missing):
 
 
 def test_stale_size_report_and_bad_metrics_are_refused(root, tmp_path, capsys):
-    (root / "pgolf/model/gpt.py").write_text("# changed since size_check\n")
+    write_bundle(root, PARAMS_YAML + "size: {enforce: true}\n")
     code, _, err = export(capsys, root, tmp_path / "out")
     assert code == 1 and "size.json is stale, re-run the size_check stage" in err
+    write_bundle(root)
     write_size(root)
-    write_json_atomic(root / "artifacts/eval_sliding/metrics.json", {**SLIDING, "val_bpb": "1.2"})
+    write_eval(root, "eval_sliding", {**SLIDING, "val_bpb": "1.2"})
     code, _, err = export(capsys, root, tmp_path / "out")
     assert code == 1 and err.endswith("eval_sliding/metrics.json: key 'val_bpb' missing or not a number\n")
-    write_json_atomic(root / "artifacts/eval_sliding/metrics.json", SLIDING)
     blob = bytearray((root / "artifacts/quant/model.ptz").read_bytes())
     blob[-10] ^= 0xFF  # same size, so only the artifact's own checksum can catch it
     (root / "artifacts/quant/model.ptz").write_bytes(bytes(blob))
+    write_size(root)  # a tampered file whose results all name it: only its checksum is left to catch it
+    write_eval(root, "eval_sliding", SLIDING)
+    write_eval(root, "eval_ttt", TTT)
     code, _, err = export(capsys, root, tmp_path / "out")
     assert code == 1 and "checksum mismatch" in err and not (tmp_path / "out").exists()
 
@@ -179,7 +154,7 @@ def test_out_folder_rules(root, tmp_path, capsys):
     out = tmp_path / "out"
     assert export(capsys, root, out)[0] == 0
     (out / "stray.txt").write_text("left from before")
-    write_json_atomic(root / "artifacts/eval_ttt/metrics.json", {**TTT, "val_bpb": 1.1})
+    write_eval(root, "eval_ttt", {**TTT, "val_bpb": 1.1})
     assert export(capsys, root, out)[0] == 0  # an earlier export is replaced whole
     assert not (out / "stray.txt").exists()
     assert json.loads((out / "submission.json").read_text())["val_bpb"] == 1.1

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pgolf.errors import DataError, PgolfError
-from pgolf.submission.size import (EVAL_ENTRY_POINTS, LIMIT_BYTES, _imported_modules, code_bytes, counted_code_files,
-                        size_report, warn_if_over)
+from pgolf.submission.size import EVAL_ENTRY_POINTS, LIMIT_BYTES, _imported_modules, code_bytes, counted_code_files, file_sha256, size_report, warn_if_over
+from pgolf.pipeline.paths import BUNDLE
 import stages.size_check
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 TREE = {
     "stages/__init__.py": "",
     "stages/common.py": "from pgolf.config import load\n",
-    "stages/eval_sliding.py": "import pgolf.bpb as b\nfrom pgolf.artifact import load\nfrom pgolf.pipeline.launch import x\n",
+    "stages/eval_sliding.py": "import pgolf.bpb as b\nfrom pgolf.artifact import load\nfrom stages.common import x\n",
     "stages/eval_ttt.py": "import os, torch\nfrom pgolf import ttt, CONSTANT\n\ndef f():\n    import pgolf.lazy\n",
     "stages/train.py": "import pgolf.train\n",
     "pgolf/__init__.py": "CONSTANT = 1\n",
@@ -87,6 +87,8 @@ def test_gate_at_the_decimal_limit(tmp_path, total, fits):
 
 def _stage_root(tmp_path: Path, model_bytes: int) -> Path:
     root = make_tree(tmp_path)
+    (root / BUNDLE).parent.mkdir(parents=True)
+    (root / BUNDLE).write_bytes(b"# bundle\n" * 1000)  # 9,000 bytes of counted code
     model = root / "artifacts/quant/model.ptz"
     model.parent.mkdir(parents=True)
     with open(model, "wb") as f:
@@ -95,7 +97,7 @@ def _stage_root(tmp_path: Path, model_bytes: int) -> Path:
 
 
 def _code(root: Path) -> int:
-    return code_bytes(root, counted_code_files(root))
+    return (root / BUNDLE).stat().st_size
 
 
 @pytest.mark.parametrize("enforce", [True, False])
@@ -112,7 +114,8 @@ def test_stage_over_the_limit(tmp_path, enforce):
         stages.size_check.run(p, root)
     written = json.loads((root / "artifacts/size.json").read_text())
     assert written["fits"] is False and written["total_bytes"] == 16_000_001
-    assert written["code_files"] == EXPECTED
+    assert written["code_files"] == [BUNDLE.as_posix()] and written["code_bytes"] == 9000
+    assert written["artifact_sha256"] == file_sha256(root / "artifacts/quant/model.ptz")
 
 
 @pytest.mark.slow

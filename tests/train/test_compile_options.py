@@ -52,6 +52,7 @@ def test_train_config_requires_the_key():
         from_params(TrainConfig, {"train": {**TRAIN, "mix_order_reduction": "no"}}, "train")
 
 
+@pytest.mark.slow
 def test_lever_table_reads_results_side_by_side(tmp_path):
     def result(name, ms):
         path = tmp_path / f"{name}.json"
@@ -67,7 +68,6 @@ def test_lever_table_reads_results_side_by_side(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_switching_the_lever_keeps_the_numerics():
     """One compiled training micro-step with and without mixed-order reduction: same loss and
     gradients within bf16 autocast tolerance (the lever only changes kernel fusion)."""

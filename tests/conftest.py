@@ -71,12 +71,13 @@ TINY_TRAIN_PARAMS = {
               "muon_momentum_warmup_steps": 10, "muon_wd": 0.0, "ns_steps": 5, "embed_lr": 0.1,
               "scalar_lr": 0.05, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "adam_wd": 0.0,
               "grad_clip_norm": 1.0, "ema_decay": 0.9, "swa_lr_scale_threshold": 0.5, "swa_every": 2,
-              "swa_on_cpu": False},
+              "swa_on_cpu": False, "muon_orthogonalizer": "ns5", "muon_row_norm": False, "embed_wd": -1.0},
     "train": {"seed": 1337, "seq_len": 32, "tokens_per_step": 512, "micro_batch_tokens": 256,
               "max_steps": 40, "max_train_seconds": 0.0, "warmdown": "steps", "warmdown_steps": 20,
               "warmdown_frac": 0.0, "compile": False, "compile_warmup_steps": 0,
               "qat_lr_scale_threshold": 0.25, "holdout_tokens": 2049,
-              "final_weights": "best_holdout", "resume_every": 0, "log_every": 10},
+              "final_weights": "best_holdout", "resume_every": 0, "log_every": 10,
+              "min_lr_scale": 0.0, "recur_start_frac": 0.0},
     # The export grid's bits: late QAT trains on them (pgolf.quant.grid.GridBits).
     "quantize": {"attn_bits": 6, "mlp_bits": 6},
 }

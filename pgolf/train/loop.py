@@ -109,8 +109,8 @@ class Trainer:
     def lr_scale(self) -> float:
         cfg, p = self.cfg, self.progress
         if cfg.warmdown == "steps":
-            return warmdown_scale_by_steps(p.step, cfg.max_steps, cfg.warmdown_steps)
-        return warmdown_scale_by_time(p.elapsed_s, cfg.max_train_seconds, cfg.warmdown_frac)
+            return warmdown_scale_by_steps(p.step, cfg.max_steps, cfg.warmdown_steps, cfg.min_lr_scale)
+        return warmdown_scale_by_time(p.elapsed_s, cfg.max_train_seconds, cfg.warmdown_frac, cfg.min_lr_scale)
 
     def train_step(self, lr_scale: float, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Micro-steps + optimizer step; returns (this rank's mean loss on device, optimizer stats)."""

@@ -82,3 +82,15 @@ def momentum_warmup(step: int, start: float, end: float, warmup_steps: int) -> f
     if warmup_steps == 0:
         return end
     return start + (end - start) * min(max(step, 0) / warmup_steps, 1.0)
+
+
+def recurrence_on(step: int, max_steps: int, elapsed_s: float, cap_s: float, start_frac: float) -> bool:
+    """Whether depth recurrence runs in optimizer step ``step`` (0-based).
+
+    The run's progress is ``elapsed_s / cap_s`` under a wall-clock cap (the
+    frontier's switch at 35 % of the clock, FRONTIER.md §2.3), else
+    ``step / max_steps``; recurrence is on once progress ≥ ``start_frac``
+    (so from step ``ceil(start_frac · max_steps)`` in the step form).
+    """
+    progress = elapsed_s / cap_s if cap_s > 0 else step / max_steps
+    return progress >= start_frac

@@ -79,9 +79,10 @@ def tiny_model() -> dict:
 
 
 def matmul_params(model: GPT) -> int:
-    """Weights that multiply every token once (see the module docstring)."""
+    """Weights that multiply every token (see the module docstring); a reused layer counts once per visit."""
     params = dict(model.named_parameters())
-    n = sum(params[name].numel() for name in BANK_NAMES)
+    visits = sum(len(part) for part in model.visits())  # num_layers unless depth recurrence is on
+    n = sum(params[name].numel() for name in BANK_NAMES) * visits // model.cfg.num_layers
     n += sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     if model.cfg.tie_embeddings:
         n += model.tok_emb.weight.numel()  # the output projection
@@ -92,7 +93,7 @@ def flops_per_token(model: GPT, seq_len: int) -> tuple[float, float]:
     """(causal convention, PaLM convention) training FLOPs per token."""
     cfg = model.cfg
     dense = 6.0 * matmul_params(model)
-    attn_causal = 6.0 * cfg.num_layers * seq_len * cfg.model_dim
+    attn_causal = 6.0 * sum(len(part) for part in model.visits()) * seq_len * cfg.model_dim
     return dense + attn_causal, dense + 2 * attn_causal
 
 

@@ -292,3 +292,13 @@ def test_f1855_model_has_35_945_671_parameters_tensor_by_tensor():
     assert shapes["input_smear.gate"] == (1, 12) and shapes["input_smear.smear_lambda"] == ()
     assert len(shapes) == 5 + 5 * 11 + 6
     assert model.num_parameters() == 35_945_671
+
+
+def test_the_f1855_profile_builds_the_35_945_671_parameter_model():
+    from pgolf.config import from_params
+    from pgolf.tools.profiles import compose
+    for profile in ("f1855", "f1855_gpu1"):
+        cfg = from_params(ModelConfig, compose(profile), "model")
+        assert cfg == frontier_config(**F1855, attention_backend="cudnn", residual_dtype="autocast")
+        with torch.device("meta"):
+            assert GPT(cfg).num_parameters() == 35_945_671

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         "micro_batch_tokens": micro_seqs * seq_len, "max_steps": steps + 1, "max_train_seconds": 0.0,
         "warmdown": "steps", "warmdown_steps": 0, "warmdown_frac": 0.0, "compile": args.compile,
         "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0,
-        "holdout_tokens": seq_len + 1, "final_weights": "live", "resume_every": 0, "log_every": 1}}, "train")
+        "holdout_tokens": seq_len + 1, "final_weights": "live", "resume_every": 0, "log_every": 1,
+        "min_lr_scale": 0.0, "recur_start_frac": 0.0}}, "train")  # recurrence (if any) on throughout
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:

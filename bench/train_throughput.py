@@ -78,9 +78,10 @@ def tiny_model() -> dict:
 
 
 def matmul_params(model: GPT) -> int:
-    """Weights that multiply every token once (see the module docstring)."""
+    """Weights that multiply every token (see the module docstring); a reused layer counts once per visit."""
     params = dict(model.named_parameters())
-    n = sum(params[name].numel() for name in BANK_NAMES)
+    visits = sum(len(part) for part in model.visits())  # num_layers unless depth recurrence is on
+    n = sum(params[name].numel() for name in BANK_NAMES) * visits // model.cfg.num_layers
     n += sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     if model.cfg.tie_embeddings:
         n += model.tok_emb.weight.numel()  # the output projection
@@ -91,7 +92,7 @@ def flops_per_token(model: GPT, seq_len: int) -> tuple[float, float]:
     """(causal convention, PaLM convention) training FLOPs per token."""
     cfg = model.cfg
     dense = 6.0 * matmul_params(model)
-    attn_causal = 6.0 * cfg.num_layers * seq_len * cfg.model_dim
+    attn_causal = 6.0 * sum(len(part) for part in model.visits()) * seq_len * cfg.model_dim
     return dense + attn_causal, dense + 2 * attn_causal
 
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         "warmdown": "steps", "warmdown_steps": 0, "warmdown_frac": 0.0, "compile": args.compile,
         "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0,
         "holdout_tokens": seq_len + 1, "final_weights": "live", "resume_every": 0, "log_every": 1,
-        "mix_order_reduction": True,
+        "mix_order_reduction": True, "min_lr_scale": 0.0, "recur_start_frac": 0.0,  # recurrence (if any) on throughout
         **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.train_set)}}}, "train")
 
     with tempfile.TemporaryDirectory() as tmp:

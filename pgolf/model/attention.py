@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pgolf.model.doc_attention import DocMask, masked_attention
+from pgolf.model.frontier_gates import sparse_attn_gate
 from pgolf.model.rope import apply_partial_rope
 
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
@@ -105,6 +107,7 @@ class KVCache:
     values: list = field(default_factory=list)
     prev_ids: torch.Tensor | None = None
     prev_embed: torch.Tensor | None = None
+    prev_raw_embed: torch.Tensor | None = None  # the input SmearGate's look-back (before the RMSNorm)
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_layers
@@ -127,7 +130,7 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, *, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  qk_norm: bool, qk_gain_init: float, use_xsa: bool, use_vrl_gate: bool,
-                 backend: str):
+                 backend: str, gate_window: int = 0, gate_scale: float = 0.5):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = num_heads
@@ -144,21 +147,29 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.empty(num_heads))
         # VRL gate σ(α) on layer 0's value; layer 0 has none (it would get no gradient).
         self.vrl_alpha = nn.Parameter(torch.empty(())) if use_vrl_gate else None
+        # SparseAttnGate (pgolf.model.frontier_gates), zero-initialised.
+        self.gate_scale = gate_scale
+        self.attn_gate_w = nn.Parameter(torch.empty(num_heads, gate_window)) if gate_window else None
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.q_gain.fill_(self.qk_gain_init)
+            if self.attn_gate_w is not None:
+                self.attn_gate_w.zero_()
             if self.vrl_alpha is not None:
                 self.vrl_alpha.zero_()
 
     def forward(self, x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
                 w_o: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 value_add: torch.Tensor | None = None, first_value: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: KVCache | None = None, cache_slot: int | None = None,
+                doc_mask: DocMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] (already normalised) → (output [B, T, D], value before VRL [B, T, KV·hd]).
 
         ``value_add`` is the value embedding for this layer; ``first_value`` is
         layer 0's returned value, mixed in when this layer has a VRL gate.
+        ``cache_slot`` is this call's KV-cache entry (the visit index; the
+        layer index by default); ``doc_mask`` makes attention document-local.
         """
         b, t, _ = x.shape
         q = self.c_q(x, w_q).view(b, t, self.num_heads, self.head_dim)
@@ -188,7 +199,7 @@ class CausalSelfAttention(nn.Module):
         is_causal, mask = True, None
         if cache is not None:
             prefix = cache.length
-            k, v = cache.append(self.layer_idx, k, v)
+            k, v = cache.append(self.layer_idx if cache_slot is None else cache_slot, k, v)
             if prefix > 0:
                 is_causal = False
                 if t > 1:
@@ -197,8 +208,15 @@ class CausalSelfAttention(nn.Module):
                     mask = key_pos[None, :] <= query_pos[:, None]
         # The training kernel is chosen for full sequences; cuDNN rejects decoding shapes.
         backend = self.backend if cache is None else "decode"
-        y = sdpa_gqa(q, k, v, backend, is_causal=is_causal, attn_mask=mask)
+        if doc_mask is not None:
+            if cache is not None:
+                raise ValueError("document-local attention is not supported with a KV cache")
+            y = masked_attention(q, k, v, doc_mask)
+        else:
+            y = sdpa_gqa(q, k, v, backend, is_causal=is_causal, attn_mask=mask)
         if self.use_xsa:
             y = exclude_self_value(y, own_v)
+        if self.attn_gate_w is not None:
+            y = sparse_attn_gate(y, x, self.attn_gate_w, self.gate_scale)
         y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.proj(y, w_o), own_value

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pgolf.model.attention import ATTENTION_BACKENDS
+from pgolf.model.doc_attention import DOC_ATTENTION_IMPLS
 from pgolf.config import check, from_params, to_dict
 
 
@@ -45,6 +46,20 @@ class ModelConfig:
     # GPU) whenever autocast is on, as in the records (bf16 embedding tables made
     # their whole stream bf16); fp32 runs (CPU) are unaffected either way.
     residual_dtype: Literal["float32", "autocast"]
+    # Frontier elements (FRONTIER.md §2; pgolf.model.topology, pgolf.model.frontier_gates,
+    # pgolf.model.doc_attention). The defaults are today's model.
+    skip_gates: bool = False   # sigmoid gates on the U-Net skips (needs unet_skips)
+    recur_start: int = 0       # depth recurrence: physical layers recur_start..recur_end (inclusive) ...
+    recur_end: int = 0
+    recur_loops: int = 0       # ... run 1 + recur_loops times; 0 = off
+    parallel_start_layer: int = 0  # two-lane decoder from this physical layer on; 0 = off
+    attn_gate_window: int = 0  # SparseAttnGate: per-head σ(scale·W·n[:window]) on attention outputs; 0 = off
+    attn_gate_scale: float = 0.5
+    input_smear_window: int = 0  # input-dependent SmearGate on the raw embedding; 0 = off
+    input_smear_bos_mask: bool = True  # no smear into a BOS token (the F1855 fix)
+    doc_attention: bool = False  # attention never crosses a BOS (document-local attention)
+    doc_attention_impl: str = "auto"  # auto (flex on CUDA, dense elsewhere) | dense | flex
+    bos_id: int = 1            # the tokenizer's BOS id (pgolf.data.tokenizer.BOS_ID)
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 2, "vocab_size", "must be >= 2")
@@ -79,6 +94,18 @@ class ModelConfig:
               f"must be one of {list(ATTENTION_BACKENDS)}")
         check(self.residual_dtype in ("float32", "autocast"), "residual_dtype",
               "must be 'float32' or 'autocast'")
+        check(not self.skip_gates or (self.unet_skips and self.num_skip_weights > 0), "skip_gates",
+              "needs unet_skips and at least 2 layers")
+        check(self.recur_loops >= 0, "recur_loops", "must be >= 0 (0 = off)")
+        if self.recur_loops:
+            check(0 <= self.recur_start <= self.recur_end < self.num_layers, "recur_start",
+                  f"need 0 <= recur_start <= recur_end < num_layers ({self.num_layers})")
+        check(0 <= self.parallel_start_layer < self.num_layers, "parallel_start_layer",
+              f"must be in [0, num_layers={self.num_layers}) (0 = off)")
+        for key in ("attn_gate_window", "input_smear_window"):
+            check(0 <= getattr(self, key) <= self.model_dim, key, f"must be in [0, model_dim={self.model_dim}]")
+        check(self.attn_gate_scale > 0, "attn_gate_scale", "must be > 0")
+        check(0 <= self.bos_id < self.vocab_size, "bos_id", f"must be a token id < vocab_size ({self.vocab_size})")
 
     @property
     def head_dim(self) -> int:
@@ -97,16 +124,28 @@ class ModelConfig:
         return self.num_layers // 2 if self.unet_skips else 0
 
     @property
+    def num_visits(self) -> int:
+        """Virtual layers with depth recurrence on (num_layers without it)."""
+        return self.num_layers + self.recur_loops * (self.recur_end - self.recur_start + 1)
+
+    @property
     def num_skip_weights(self) -> int:
-        return min(self.num_encoder_layers, self.num_layers - self.num_encoder_layers)
+        """Skips of the longest visit list (recurrence on): min(encoder, decoder) visits."""
+        n_enc = self.num_visits // 2 if self.unet_skips else 0
+        return min(n_enc, self.num_visits - n_enc)
 
     def to_dict(self) -> dict:
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "model_config") -> "ModelConfig":
-        """Rebuild from :meth:`to_dict` output; errors name ``source.<key>``."""
-        return from_params(cls, {source: data}, source)
+        """Rebuild from :meth:`to_dict` output; errors name ``source.<key>``.
+
+        Keys of the frontier elements (the fields with defaults) may be absent:
+        a checkpoint written before they existed has them off.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        return from_params(cls, {source: {**defaults, **data}}, source)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

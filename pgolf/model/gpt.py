@@ -40,6 +40,13 @@ traffic of every elementwise kernel and of the saved activations. With
 ``float32`` the stream stays fp32 and only the matmuls and attention run in
 bf16. Neither setting changes anything without autocast (CPU runs).
 
+Frontier elements (FRONTIER.md §2, each a ModelConfig field, off by default):
+depth recurrence, gated skips and the two-lane decoder
+(:mod:`pgolf.model.topology`), SparseAttnGate and the input SmearGate
+(:mod:`pgolf.model.frontier_gates`), document-local attention
+(:mod:`pgolf.model.doc_attention`). KV-cache entries are per visit, so a
+reused layer keeps one entry per visit.
+
 Late QAT (docs/RECIPE.md §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
 the export grid (each bank at its class's bits) (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode
 forwards, switched by a tensor buffer so a compiled graph honours the switch.
@@ -53,10 +60,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.model.attention import BankLinear, CausalSelfAttention, KVCache
+from pgolf.model.doc_attention import DocMask, document_mask
+from pgolf.model.frontier_gates import InputSmearGate
+from pgolf.model.topology import (PARALLEL_POST_INIT, PARALLEL_RESID_INIT, merge_skip, parallel_lanes_update,
+                                  split_encoder_decoder, visit_order)
 from pgolf.model.embeddings import BigramHash, SmearGate, ValueEmbedding, rms_norm
 from pgolf.model.config import ModelConfig
-from pgolf.model.layout import (BANK_CLASS, BANK_NAMES, EMBEDDING_PARAMS, ROLE_BANK, ROLE_EMBEDDING, ROLE_SCALAR,
-                                ROLES, bank_layout)
+from pgolf.model.layout import BANK_CLASS, BANK_NAMES
+from pgolf.model.state import param_groups_by_role, param_roles, rebank_state_dict, unbank_state_dict
 from pgolf.quant.grid import fake_quantize_ste, qmax_for_bits
 from pgolf.model.rope import rope_tables
 
@@ -91,7 +102,7 @@ class Block(nn.Module):
             layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, qk_norm=cfg.qk_norm, qk_gain_init=cfg.qk_gain_init,
             use_xsa=layer_idx in cfg.xsa_layers, use_vrl_gate=cfg.vrl and layer_idx > 0,
-            backend=cfg.attention_backend)
+            backend=cfg.attention_backend, gate_window=cfg.attn_gate_window, gate_scale=cfg.attn_gate_scale)
         self.mlp = MLP(cfg.mlp_leaky_slope)
         self.attn_scale = nn.Parameter(torch.empty(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.empty(cfg.model_dim))
@@ -106,21 +117,29 @@ class Block(nn.Module):
                 self.resid_mix[1].zero_()
         self.attn.reset_parameters()
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, weights: tuple[torch.Tensor, ...],
-                rope: tuple[torch.Tensor, torch.Tensor] | None, value_add: torch.Tensor | None,
-                first_value: torch.Tensor | None, cache: KVCache | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, x0 [B, T, D]; weights = (W_q, W_k, W_v, W_o, W_up, W_down) → (x, own value)."""
-        w_q, w_k, w_v, w_o, w_up, w_down = weights
+    def attend(self, x: torch.Tensor, x0: torch.Tensor, weights: tuple[torch.Tensor, ...], rope, value_add,
+               first_value, cache: KVCache | None, slot: int | None, doc_mask: DocMask | None):
+        """(resid-mixed x, attn_scale ⊙ attention of it, own value)."""
+        w_q, w_k, w_v, w_o = weights[:4]
         if self.resid_mix is not None:
             mix = self.resid_mix.to(x.dtype)
             x = mix[0] * x + mix[1] * x0
         attn_out, value = self.attn(rms_norm(x) * self.input_scale, w_q, w_k, w_v, w_o, rope,
-                                    value_add, first_value, cache)
+                                    value_add, first_value, cache, slot, doc_mask)
         # Scales take the stream's dtype, else an fp32 scale would promote a bf16 stream.
-        x = x + self.attn_scale.to(x.dtype) * attn_out
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale, w_up, w_down)
-        return x, value
+        return x, self.attn_scale.to(x.dtype) * attn_out, value
+
+    def feed_forward(self, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale, w_up, w_down)
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                rope: tuple[torch.Tensor, torch.Tensor] | None, value_add: torch.Tensor | None,
+                first_value: torch.Tensor | None, cache: KVCache | None, slot: int | None = None,
+                doc_mask: DocMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, x0 [B, T, D]; weights = (W_q, W_k, W_v, W_o, W_up, W_down) → (x, own value)."""
+        x, attn_out, value = self.attend(x, x0, weights, rope, value_add, first_value, cache, slot, doc_mask)
+        x = x + attn_out
+        return x + self.feed_forward(x, weights[4], weights[5]), value
 
 
 class GPT(nn.Module):
@@ -131,6 +150,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(V, D)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D) if cfg.bigram_buckets else None
         self.smear = SmearGate(D) if cfg.smear_gate else None
+        self.input_smear = (InputSmearGate(cfg.input_smear_window, cfg.bos_id, cfg.input_smear_bos_mask)
+                            if cfg.input_smear_window else None)
         self.value_embed = (ValueEmbedding(V, cfg.ve_dim, cfg.kv_dim, len(cfg.ve_layers))
                             if cfg.ve_layers else None)
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
@@ -140,6 +161,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
         self.skip_weights = (nn.Parameter(torch.empty(cfg.num_skip_weights, D))
                              if cfg.num_skip_weights else None)
+        self.skip_gates = nn.Parameter(torch.empty(cfg.num_skip_weights, D)) if cfg.skip_gates else None
+        parallel = cfg.parallel_start_layer > 0
+        self.parallel_post_lambdas = nn.Parameter(torch.empty(L, 2, 2)) if parallel else None
+        self.parallel_resid_lambdas = nn.Parameter(torch.empty(L, 2)) if parallel else None
+        # Depth recurrence on (every phase after the switch: eval, Hessians, TTT); the
+        # trainer turns it off until its switch point. A Python flag: compile guards on it.
+        self.looping = cfg.recur_loops > 0
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(D, V, bias=False)
         # Late-QAT switch: a tensor so torch.compile reads it at run time instead
         # of baking it in; bits are a Python int (changing them may recompile).
@@ -181,6 +209,13 @@ class GPT(nn.Module):
             self.value_embed.layer_scales.fill_(1.0)
         if self.skip_weights is not None:
             self.skip_weights.fill_(1.0)
+        if self.skip_gates is not None:
+            self.skip_gates.zero_()
+        if self.parallel_post_lambdas is not None:
+            self.parallel_post_lambdas.fill_(PARALLEL_POST_INIT)
+            self.parallel_resid_lambdas.fill_(PARALLEL_RESID_INIT)
+        if self.input_smear is not None:
+            self.input_smear.reset_parameters()
         if self.lm_head is not None:
             self.lm_head.weight.zero_()
         for block in self.blocks:
@@ -229,6 +264,16 @@ class GPT(nn.Module):
         return tuple(banks[name] for name in BANK_NAMES)
 
     # -------------------------------------------------------------- forward
+    def set_recurrence(self, on: bool) -> None:
+        """Switch depth recurrence (a no-op without ``recur_loops``)."""
+        self.looping = bool(on) and self.cfg.recur_loops > 0
+
+    def visits(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(encoder, decoder) physical layers in visit order (pgolf.model.topology)."""
+        cfg = self.cfg
+        order = visit_order(cfg.num_layers, cfg.recur_start, cfg.recur_end, cfg.recur_loops, self.looping)
+        return split_encoder_decoder(order, cfg.unet_skips)
+
     def _hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """ids [B, T] → final normalised hidden states [B, T, D]."""
         cfg, L = self.cfg, self.cfg.num_layers
@@ -237,6 +282,11 @@ class GPT(nn.Module):
         h = self.tok_emb(ids)
         if self.bigram is not None:
             h = h + self.bigram(ids, prev_ids)
+        if self.input_smear is not None:
+            raw = h
+            h = self.input_smear(h, ids, cache.prev_raw_embed if cache is not None else None)
+            if cache is not None:
+                cache.prev_raw_embed = raw[:, -1]
         h = rms_norm(h)
         if cache is not None:
             cache.prev_ids, cache.prev_embed = ids[:, -1], h[:, -1]
@@ -247,23 +297,42 @@ class GPT(nn.Module):
             h = h.to(torch.get_autocast_dtype(device_type))
         x = x0 = h
         rope = self._rope(cache.length if cache is not None else 0, ids.shape[1])
+        doc_mask = document_mask(ids, cfg.bos_id, cfg.doc_attention_impl) if cfg.doc_attention else None
         value_base = self.value_embed(ids) if self.value_embed is not None else None
         qo, kv, up, down = self._banks()
+        encoder, decoder = self.visits()
         skips: list[torch.Tensor] = []
         first_value = None
-        for i, block in enumerate(self.blocks):
-            decoder_idx = i - cfg.num_encoder_layers
-            if self.skip_weights is not None and decoder_idx >= 0 and skips:
-                x = x + self.skip_weights[decoder_idx].to(x.dtype) * skips.pop()
+        lanes: list[torch.Tensor] | None = None
+        for slot, (i, is_decoder) in enumerate([(i, False) for i in encoder] + [(i, True) for i in decoder]):
+            block = self.blocks[i]
+            if is_decoder and lanes is None and 0 < cfg.parallel_start_layer <= i:
+                lanes = [x, x]
+            if is_decoder and self.skip_weights is not None and skips:
+                j = slot - len(encoder)
+                gate = self.skip_gates[j] if self.skip_gates is not None else None
+                if lanes is None:
+                    x = merge_skip(x, skips.pop(), self.skip_weights[j], gate)
+                else:
+                    lanes[0] = merge_skip(lanes[0], skips.pop(), self.skip_weights[j], gate)
             value_add = None
             if value_base is not None and i in cfg.ve_layers:
                 value_add = value_base * self.value_embed.layer_scales[cfg.ve_layers.index(i)]
             weights = (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i])
-            x, value = block(x, x0, weights, rope, value_add, first_value, cache)
-            if i == 0:
+            if lanes is None:
+                x, value = block(x, x0, weights, rope, value_add, first_value, cache, slot, doc_mask)
+            else:
+                _, attn_out, value = block.attend(lanes[0], x0, weights, rope, value_add, first_value, cache,
+                                                  slot, doc_mask)
+                mlp_out = block.feed_forward(lanes[1], up[i], down[i])
+                lanes = list(parallel_lanes_update(lanes[0], lanes[1], attn_out, mlp_out,
+                                                   self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i]))
+            if slot == 0:
                 first_value = value
-            if decoder_idx < 0 and self.skip_weights is not None:
+            if not is_decoder and self.skip_weights is not None:
                 skips.append(x)
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
         if cache is not None:
             cache.length += ids.shape[1]
         return rms_norm(x)
@@ -291,7 +360,8 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------- sampling
     def new_kv_cache(self, max_len: int) -> KVCache:
-        return KVCache(num_layers=self.cfg.num_layers, max_len=max_len)
+        encoder, decoder = self.visits()
+        return KVCache(num_layers=len(encoder) + len(decoder), max_len=max_len)
 
     def forward_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [N, C, V] of ``ids`` [N, C] continuing the cached prefix; updates ``cache``."""
@@ -320,63 +390,3 @@ class GPT(nn.Module):
     # ----------------------------------------------------------- bookkeeping
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def param_roles(model: GPT) -> dict[str, str]:
-    """Optimizer role of every parameter name (docs/RECIPE.md §3.1).
-
-    ``bank``: the four 3-D banks (Muon). ``embed``: token-indexed tables
-    (tok_emb, bigram and value-embedding tables, and an untied lm_head).
-    ``scalar``: everything else, including the bigram and VE projections.
-    """
-    roles = {}
-    for name, _ in model.named_parameters():
-        if name in BANK_NAMES:
-            roles[name] = ROLE_BANK
-        elif name in EMBEDDING_PARAMS:
-            roles[name] = ROLE_EMBEDDING
-        else:
-            roles[name] = ROLE_SCALAR
-    return roles
-
-
-def param_groups_by_role(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """(name, parameter) pairs per role; the groups partition ``model.parameters()``."""
-    roles = param_roles(model)
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {role: [] for role in ROLES}
-    for name, param in model.named_parameters():
-        groups[roles[name]].append((name, param))
-    seen = {id(p) for pairs in groups.values() for _, p in pairs}
-    total = sum(len(pairs) for pairs in groups.values())
-    assert total == len(seen) == len(list(model.parameters())), "parameter roles must partition the model"
-    return groups
-
-
-def unbank_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Split the banks into per-layer 2-D tensors with conventional names.
-
-    Each slice is cloned, so saving the result does not drag the whole bank's
-    storage along. Tensors other than the banks keep their names.
-    """
-    missing = [name for name in BANK_NAMES if name not in sd]
-    if missing:
-        raise KeyError(f"state dict has no {missing[0]}")
-    out = {name: t for name, t in sd.items() if name not in BANK_NAMES}
-    for name, (bank, index) in bank_layout(cfg.num_layers).items():
-        out[name] = sd[bank][index].clone()
-    return out
-
-
-def rebank_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`unbank_state_dict` (exact)."""
-    layout = bank_layout(cfg.num_layers)
-    missing = [name for name in layout if name not in sd]
-    if missing:
-        raise KeyError(f"state dict has no {missing[0]}")
-    slices: dict[str, dict[int, torch.Tensor]] = {name: {} for name in BANK_NAMES}
-    for name, (bank, index) in layout.items():
-        slices[bank][index] = sd[name]
-    out = {name: t for name, t in sd.items() if name not in layout}
-    for bank, by_index in slices.items():
-        out[bank] = torch.stack([by_index[i] for i in range(len(by_index))])
-    return out

@@ -34,7 +34,8 @@ from pgolf.data.shards import list_shards
 from pgolf.distributed import DistContext, all_reduce_sum_, shard_range
 from pgolf.errors import DataError
 from pgolf.model.checkpoint import Checkpoint, build_model, load_checkpoint
-from pgolf.model.layout import BLOCK_MATRICES, BlockMatrix, block_module, first_reader, hessian_key, shares_input
+from pgolf.model.layout import (BLOCK_MATRICES, BlockMatrix, block_index, block_module, first_reader, hessian_key,
+                                shares_input)
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
 from pgolf.quant.hessian_file import HessianSet, hessian_key_for_module
@@ -225,10 +226,21 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: 
             h = torch.zeros(width, width, dtype=torch.float64, device=device)
         hessians[key] = all_reduce_sum_(h).float().cpu()
     all_reduce_sum_(counts)
-    rows = set(collector.rows.values())
+    # Under depth recurrence a reused layer's hooks fire once per visit and its
+    # Hessian sums all visits (FRONTIER.md §4.2); per visit every hook saw the same rows.
+    visits = _visits_per_layer(model)
+    rows = {collector.rows[key] / visits.get(block_index(key), 1) for key in collector.rows}
     if len(rows) > 1:
-        raise RuntimeError(f"hook modules saw different token counts {sorted(rows)}")
+        raise RuntimeError(f"hook modules saw different token counts per visit {sorted(rows)}")
     return HessianSet(hessians=hessians, num_tokens=int(counts[0]), num_sequences=int(counts[1]))
+
+
+def _visits_per_layer(model: nn.Module) -> dict[int, int]:
+    """Physical layer → visits per forward (1 each unless the model reuses layers)."""
+    if not hasattr(model, "visits"):
+        return {}
+    order = [i for part in model.visits() for i in part]
+    return {i: order.count(i) for i in set(order)}
 
 
 def _input_width(model: nn.Module, key: str) -> int:

@@ -157,7 +157,7 @@ def _meet_byte_target(result: QuantizeResult, state: Mapping[str, torch.Tensor],
             return size
         return encoded_size
 
-    tensors, report, metrics = result.tensors, result.report, {}
+    tensors, report, metrics = result.tensors, result.report, {"target_bytes": target}
     if cfg.fit_to_limit:
         fit = fit_to_limit(result, state, hs.hessians, hs.num_tokens, cfg, device, target, probe("fit"),
                            hessian_source, log.line, log, frame_sizes=lambda ts: [len(f) for f in blobs.frames(ts)])

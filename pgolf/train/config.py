@@ -29,6 +29,10 @@ class TrainConfig:
     final_weights: Literal["best_holdout", "live", "ema", "swa"]
     resume_every: int             # steps between writes of the resume state; 0 = none
     log_every: int                # steps between log lines / curve points
+    min_lr_scale: float = 0.0     # LR floor of the warmdown (frontier MIN_LR 0.1); 0 = decay to 0
+    # Depth recurrence (model.recur_*) switches on at this fraction of the run
+    # (wall clock when max_train_seconds > 0, else of max_steps); 0 = from the start.
+    recur_start_frac: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 1, "seq_len", "must be >= 1")
@@ -55,6 +59,8 @@ class TrainConfig:
               f"must be best_holdout or one of {list(CANDIDATES)}")
         check(self.resume_every >= 0, "resume_every", "must be >= 0 (0 = no resume state)")
         check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(0.0 <= self.min_lr_scale <= 1.0, "min_lr_scale", "must be in [0, 1] (0 = decay to 0)")
+        check(0.0 <= self.recur_start_frac <= 1.0, "recur_start_frac", "must be in [0, 1]")
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-steps per optimizer step so that one GPU reproduces the step of N."""

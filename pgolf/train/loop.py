@@ -43,7 +43,7 @@ from pgolf.quant.grid import GridBits
 from pgolf.train.optim import OptimConfig, PgolfOptimizer
 from pgolf.precision import (autocast, compile_enabled, configure_backends, maybe_compile, peak_memory,
                              synchronize, training_compile_options)
-from pgolf.train.schedule import warmdown_scale_by_steps, warmdown_scale_by_time
+from pgolf.train.schedule import recurrence_on, warmdown_scale_by_steps, warmdown_scale_by_time
 from pgolf.train.config import TrainConfig
 from pgolf.train.log import TrainReporter
 from pgolf.train.select import Choice, choose_weights, holdout_loss
@@ -77,6 +77,7 @@ class _Progress:
     step: int = 0                 # optimizer steps completed
     elapsed_s: float = 0.0        # training-step time only
     qat_from_step: int | None = None
+    recur_from_step: int | None = None  # first step with depth recurrence (model.recur_loops)
     resumed_from_step: int | None = None
     last_resume_step: int | None = None
     last_loss: float = math.nan
@@ -94,6 +95,9 @@ class Trainer:
         if cfg.qat_lr_scale_threshold > 0:
             # Put the (off) switch into the graph before compiling; see GPT.set_qat.
             self.model.set_qat(False, grid.by_class())
+        # Depth recurrence waits for its switch point (pgolf.train.schedule.recurrence_on).
+        self.recur_switch = model_cfg.recur_loops > 0 and cfg.recur_start_frac > 0
+        self.model.set_recurrence(not self.recur_switch)
         self.optimizer = PgolfOptimizer(self.model.named_parameters(), param_roles(self.model), optim_cfg, ctx)
         self.accum = cfg.grad_accum(ctx.world_size)
         self.loader = TrainLoader(stream, cfg.holdout_tokens, cfg.seq_len, cfg.micro_batch_tokens,
@@ -110,8 +114,8 @@ class Trainer:
     def lr_scale(self) -> float:
         cfg, p = self.cfg, self.progress
         if cfg.warmdown == "steps":
-            return warmdown_scale_by_steps(p.step, cfg.max_steps, cfg.warmdown_steps)
-        return warmdown_scale_by_time(p.elapsed_s, cfg.max_train_seconds, cfg.warmdown_frac)
+            return warmdown_scale_by_steps(p.step, cfg.max_steps, cfg.warmdown_steps, cfg.min_lr_scale)
+        return warmdown_scale_by_time(p.elapsed_s, cfg.max_train_seconds, cfg.warmdown_frac, cfg.min_lr_scale)
 
     def train_step(self, lr_scale: float, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Micro-steps + optimizer step; returns (this rank's mean loss on device, optimizer stats)."""
@@ -128,6 +132,17 @@ class Trainer:
         self.optimizer.zero_grad()
         return loss_sum / self.accum, stats
 
+    def maybe_enable_recurrence(self) -> bool:
+        """Switch depth recurrence on at its point of the run; True on the switching step."""
+        cfg, p = self.cfg, self.progress
+        if not self.recur_switch or self.model.looping:
+            return False
+        if not recurrence_on(p.step, cfg.max_steps, p.elapsed_s, cfg.max_train_seconds, cfg.recur_start_frac):
+            return False
+        self.model.set_recurrence(True)
+        p.recur_from_step = p.step
+        return True
+
     def compile_warmup(self) -> float:
         """Run the warm-up steps, restore the starting state; returns seconds spent."""
         steps = self.cfg.compile_warmup_steps
@@ -139,6 +154,11 @@ class Trainer:
         loader_state = self.loader.state_dict()
         for i in range(steps):
             self.train_step(1.0, i)
+        if self.recur_switch:  # compile the looped graph too, then back to unlooped
+            self.model.set_recurrence(True)
+            for i in range(steps):
+                self.train_step(1.0, i)
+            self.model.set_recurrence(False)
         with torch.no_grad():
             self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(optimizer_state)
@@ -253,6 +273,8 @@ def _loop(t: Trainer, reporter: TrainReporter, resume_path: Path | None, run_has
         started = time.perf_counter()
         lr_scale = t.lr_scale()
         t.maybe_enable_qat(lr_scale)
+        if t.maybe_enable_recurrence():
+            reporter.line(f"depth recurrence on from step {p.step} ({t.model.cfg.num_visits} virtual layers)")
         loss, stats = t.train_step(lr_scale, p.step)
         t.ema.update(t.model)
         p.step += 1
@@ -288,6 +310,7 @@ def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float)
     # The weight choice reads training data after the clock: the challenge counts it in the 600 s.
     choice_started = time.perf_counter()
     x, y = holdout_sequences(t.loader.stream, cfg.holdout_tokens, cfg.seq_len)
+    model.set_recurrence(True)  # every later phase runs the looped model (FRONTIER.md §2.3)
     live = {k: v.detach().clone() for k, v in model.state_dict().items()}
     candidates: dict[str, dict[str, torch.Tensor] | None] = {
         "live": live,
@@ -319,6 +342,7 @@ def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float)
         "holdout_loss_live": losses["live"], "holdout_loss_ema": losses["ema"],
         "holdout_loss_swa": losses["swa"], "final_weights": choice.name, "swa_count": t.swa.count,
         "ema_updates": t.ema.num_updates, "qat_enabled": qat["enabled"], "qat_from_step": p.qat_from_step,
+        "recur_from_step": p.recur_from_step,
         "stopped_by": stopped_by, "resumed_from_step": p.resumed_from_step,
         "world_size": ctx.world_size, "grad_accum": t.accum, "compiled": t.compiled,
         "peak_memory_bytes": int(all_reduce_max_(peak).item()),

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ from pgolf.config import check
 from pgolf.distributed import DistContext
 from pgolf.errors import DataError
 from pgolf.model.layout import ROLES
-from pgolf.train.muon import ShardedBank
+from pgolf.train.muon import ORTHOGONALIZERS, POLAR_EXPRESS_COEFFS, ShardedBank
 from pgolf.train.schedule import momentum_warmup
 
 STATE_VERSION = 1
@@ -69,6 +69,10 @@ class OptimConfig:
     swa_lr_scale_threshold: float  # snapshot while lr_scale < this; 0 = no SWA
     swa_every: int
     swa_on_cpu: bool             # keep the SWA sum in host memory
+    # Frontier Muon (FRONTIER.md §3.2); the defaults are today's Muon.
+    muon_orthogonalizer: Literal["ns5", "polar_express"] = "ns5"
+    muon_row_norm: bool = False  # MuonEq-R: row-normalise the Nesterov direction first
+    embed_wd: float = -1.0       # AdamW WD of the embed group; < 0 = adam_wd (F1855: 0.085 vs scalar 0.02)
 
     def __post_init__(self) -> None:
         for key in ("muon_lr", "embed_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm"):
@@ -80,6 +84,11 @@ class OptimConfig:
         check(self.muon_momentum_warmup_steps >= 0, "muon_momentum_warmup_steps",
               f"must be >= 0, got {self.muon_momentum_warmup_steps}")
         check(1 <= self.ns_steps <= 20, "ns_steps", f"must be in 1..20, got {self.ns_steps}")
+        check(self.muon_orthogonalizer in ORTHOGONALIZERS, "muon_orthogonalizer",
+              f"must be one of {list(ORTHOGONALIZERS)}, got {self.muon_orthogonalizer!r}")
+        check(self.muon_orthogonalizer != "polar_express" or self.ns_steps == len(POLAR_EXPRESS_COEFFS),
+              "ns_steps", f"polar_express has exactly {len(POLAR_EXPRESS_COEFFS)} steps; set ns_steps to that")
+        check(math.isfinite(self.embed_wd), "embed_wd", f"must be finite, got {self.embed_wd}")
         check(0.0 < self.adam_eps < 1.0, "adam_eps", f"must be in (0, 1), got {self.adam_eps}")
         check(0.0 <= self.swa_lr_scale_threshold <= 1.0, "swa_lr_scale_threshold",
               f"must be in [0, 1], got {self.swa_lr_scale_threshold}")
@@ -121,7 +130,9 @@ class PgolfOptimizer:
         self.banks = [ShardedBank(name, p, self.rank, self.world_size) for name, p in banks]
         self.dense = [p for role in ("embed", "scalar") for _, p in groups[role]]
         self._base_lrs = {"embed": cfg.embed_lr, "scalar": cfg.scalar_lr}
-        adam_groups = [{"params": [p for _, p in groups[role]], "lr": self._base_lrs[role], "role": role}
+        wds = {"embed": cfg.embed_wd if cfg.embed_wd >= 0 else cfg.adam_wd, "scalar": cfg.adam_wd}
+        adam_groups = [{"params": [p for _, p in groups[role]], "lr": self._base_lrs[role], "role": role,
+                        "weight_decay": wds[role]}
                        for role in ("embed", "scalar") if groups[role]]
         self.adamw: torch.optim.AdamW | None = None
         if adam_groups:
@@ -203,7 +214,7 @@ class PgolfOptimizer:
         lrs.update({role: base * lr_scale for role, base in self._base_lrs.items()})
 
         for bank in self.banks:
-            bank.launch_update(coef, momentum, cfg.ns_steps)
+            bank.launch_update(coef, momentum, cfg.ns_steps, cfg.muon_orthogonalizer, cfg.muon_row_norm)
         if self.adamw is not None:
             for g in dense_grads:
                 g.mul_(coef)

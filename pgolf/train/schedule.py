@@ -13,13 +13,23 @@ longer than the run and the LR never reaches its peak (PR #960 started at
 scale ≈ 0.57; docs/RECIPE.md §3.3 and §6.9). Both forms here give scale exactly 1 at
 the start whenever the window fits in the run, and refuse a window that does
 not fit instead of silently starting below peak.
+
+``floor`` (the frontier's ``MIN_LR``, FRONTIER.md §3.3) keeps the scale at or
+above a minimum: ``max(line, floor)``, so with ``warmdown_frac`` 0.85 and
+floor 0.1 the LR falls linearly from 15 % of the cap until the line meets 0.1
+(at 91.5 %) and stays there to the end. Floor 0 is the plain decay to 0.
 """
 from __future__ import annotations
 
 import math
 
 
-def warmdown_scale_by_steps(step: int, total_steps: int, warmdown_steps: int) -> float:
+def _check_floor(floor: float) -> None:
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"the LR floor must be in [0, 1], got {floor}")
+
+
+def warmdown_scale_by_steps(step: int, total_steps: int, warmdown_steps: int, floor: float = 0.0) -> float:
     """LR scale for optimizer step ``step`` (0-based) of ``total_steps``.
 
     The line through 1 at step ``total_steps − warmdown_steps`` and 0 at step
@@ -34,15 +44,16 @@ def warmdown_scale_by_steps(step: int, total_steps: int, warmdown_steps: int) ->
                          f"starts at peak LR, got {warmdown_steps}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    _check_floor(floor)
     remaining = total_steps - step
     if remaining <= 0:
-        return 0.0
+        return floor
     if remaining >= warmdown_steps:
         return 1.0
-    return remaining / warmdown_steps
+    return max(remaining / warmdown_steps, floor)
 
 
-def warmdown_scale_by_time(elapsed_s: float, cap_s: float, warmdown_frac: float) -> float:
+def warmdown_scale_by_time(elapsed_s: float, cap_s: float, warmdown_frac: float, floor: float = 0.0) -> float:
     """LR scale after ``elapsed_s`` seconds of training under a ``cap_s`` cap.
 
     ``warmdown = warmdown_frac × cap_s``; scale = 1 while the remaining time is
@@ -54,13 +65,14 @@ def warmdown_scale_by_time(elapsed_s: float, cap_s: float, warmdown_frac: float)
         raise ValueError(f"warmdown_frac must be in [0, 1], got {warmdown_frac}")
     if elapsed_s < 0:
         raise ValueError(f"elapsed_s must be >= 0, got {elapsed_s}")
+    _check_floor(floor)
     remaining = cap_s - elapsed_s
     if remaining <= 0:
-        return 0.0
+        return floor
     warmdown = warmdown_frac * cap_s
     if remaining >= warmdown:
         return 1.0
-    return remaining / warmdown
+    return max(remaining / warmdown, floor)
 
 
 def momentum_warmup(step: int, start: float, end: float, warmup_steps: int) -> float:
@@ -70,3 +82,15 @@ def momentum_warmup(step: int, start: float, end: float, warmup_steps: int) -> f
     if warmup_steps == 0:
         return end
     return start + (end - start) * min(max(step, 0) / warmup_steps, 1.0)
+
+
+def recurrence_on(step: int, max_steps: int, elapsed_s: float, cap_s: float, start_frac: float) -> bool:
+    """Whether depth recurrence runs in optimizer step ``step`` (0-based).
+
+    The run's progress is ``elapsed_s / cap_s`` under a wall-clock cap (the
+    frontier's switch at 35 % of the clock, FRONTIER.md §2.3), else
+    ``step / max_steps``; recurrence is on once progress ≥ ``start_frac``
+    (so from step ``ceil(start_frac · max_steps)`` in the step form).
+    """
+    progress = elapsed_s / cap_s if cap_s > 0 else step / max_steps
+    return progress >= start_frac

@@ -1,0 +1,144 @@
+"""Time document-local causal attention (forward + backward) by each candidate GPU path.
+
+Shape defaults to the record's per-GPU micro-batch: 48 rows × 2048 tokens, 8
+query heads sharing 4 KV heads, head_dim 64, bf16. Rows are packed from
+documents whose lengths are drawn from an exponential distribution (mean
+``--mean-doc-tokens``; FineWeb documents average roughly 1,000-1,500 sp8192
+tokens), each starting with BOS, as ``pgolf.model.doc_attention`` sees them.
+
+Candidates (every masked one is checked against the dense-mask math result):
+
+* ``causal_cudnn`` / ``causal_flash``: plain causal SDPA, NOT document-masked
+  (the cost of today's attention, the floor to compare with);
+* ``dense_mask_sdpa``: explicit boolean [B, 1, T, T] mask through SDPA
+  (PyTorch picks the kernel; the ``dense`` implementation);
+* ``dense_mask_efficient``: the same mask forced onto the memory-efficient kernel;
+* ``flex``: FlexAttention (compiled) with the document block mask, the
+  ``flex`` implementation; its block-mask build time is reported separately
+  (it runs once per forward, shared by all layers).
+
+    python bench/attention_docmask.py [--batch 48 --seq 2048 --mean-doc-tokens 1200 --iters 20]
+
+Prints one JSON object, then a table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pgolf.model.doc_attention import dense_document_mask, flex_document_mask  # noqa: E402
+
+BOS = 1
+
+
+def packed_ids(batch: int, seq: int, mean_doc: float, seed: int) -> torch.Tensor:
+    """Rows cut from one stream of BOS-led documents with exponential lengths (≥ 2 tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = batch * seq
+    stream = torch.randint(2, 8192, (n,), generator=gen)
+    pos = int(torch.randint(0, int(mean_doc), (1,), generator=gen))  # first row starts mid-document
+    while pos < n:
+        stream[pos] = BOS
+        pos += max(2, int(torch.empty(1).exponential_(1.0 / mean_doc, generator=gen)))
+    return stream.view(batch, seq)
+
+
+def time_fwd_bwd(fn, inputs, grad_out, warmup: int, iters: int) -> float:
+    """Median milliseconds of forward + backward."""
+    for _ in range(warmup):
+        torch.autograd.grad(fn(*inputs), inputs, grad_out)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.autograd.grad(fn(*inputs), inputs, grad_out)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--mean-doc-tokens", type=float, default=1200.0)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench.attention_docmask needs CUDA: no GPU is visible, nothing to time.")
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    b, t, h, kv, hd = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
+    ids = packed_ids(b, t, args.mean_doc_tokens, args.seed).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    q = torch.randn(b, h, t, hd, device=dev, dtype=dt, generator=gen, requires_grad=True)
+    k = torch.randn(b, kv, t, hd, device=dev, dtype=dt, generator=gen, requires_grad=True)
+    v = torch.randn(b, kv, t, hd, device=dev, dtype=dt, generator=gen, requires_grad=True)
+    grad_out = torch.randn(b, h, t, hd, device=dev, dtype=dt, generator=gen)
+    dense = dense_document_mask(ids, BOS)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        block = flex_document_mask(ids, BOS)
+    torch.cuda.synchronize()
+    block_mask_ms = (time.perf_counter() - t0) * 100
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def sdpa(backends, mask, causal):
+        def fn(q, k, v):
+            with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return fn
+
+    candidates = {
+        "causal_cudnn": (sdpa([SDPBackend.CUDNN_ATTENTION], None, True), False),
+        "causal_flash": (sdpa([SDPBackend.FLASH_ATTENTION], None, True), False),
+        "dense_mask_sdpa": (sdpa(None, dense, False), True),
+        "dense_mask_efficient": (sdpa([SDPBackend.EFFICIENT_ATTENTION], dense, False), True),
+        "flex": (lambda q, k, v: flex(q, k, v, block_mask=block, enable_gqa=True), True),
+    }
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=dense,
+                                                   enable_gqa=True)
+    rows = {}
+    for name, (fn, masked) in candidates.items():
+        try:
+            with torch.no_grad():
+                err = (fn(q, k, v).float() - reference).abs().max().item() if masked else None
+            ms = time_fwd_bwd(fn, (q, k, v), grad_out, args.warmup, args.iters)
+            rows[name] = {"ms_fwd_bwd": ms, "doc_masked": masked, "max_abs_err_vs_math": err}
+        except Exception as exc:  # a backend that rejects the shape/mask is a result too
+            rows[name] = {"ms_fwd_bwd": None, "doc_masked": masked, "error": f"{type(exc).__name__}: {exc}"[:200]}
+    docs_per_row = float((ids == BOS).sum(dim=1).float().mean())
+    result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+              "shape": {"batch": b, "seq": t, "heads": h, "kv_heads": kv, "head_dim": hd},
+              "mean_doc_tokens": args.mean_doc_tokens, "bos_per_row": docs_per_row,
+              "flex_block_mask_build_ms": block_mask_ms, "candidates": rows}
+    print(json.dumps(result, indent=2))
+    print(f"\n{'candidate':24s} {'ms fwd+bwd':>11s} {'doc-masked':>10s} {'max err':>9s}")
+    for name, r in rows.items():
+        ms = f"{r['ms_fwd_bwd']:.2f}" if r["ms_fwd_bwd"] is not None else "failed"
+        err = f"{r['max_abs_err_vs_math']:.1e}" if r.get("max_abs_err_vs_math") is not None else "-"
+        print(f"{name:24s} {ms:>11s} {str(r['doc_masked']):>10s} {err:>9s}")
+    print(f"flex block-mask build: {block_mask_ms:.2f} ms per forward (shared by all layers)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Per-token byte counts for the bits-per-byte metric (docs/RECIPE.md §1.4, FRONTIER §1.4).
+"""Per-token byte counts for the bits-per-byte metric (docs/RECIPE.md §1.4, docs/FRONTIER.md §1.4).
 
 A byte source says how many bytes each scored target is worth. There are two:
 the tokenizer's byte tables (:class:`ByteTables`, below), and the val byte

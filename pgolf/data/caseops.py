@@ -1,4 +1,4 @@
-"""CaseOps: a lossless case transform applied to text before tokenization (FRONTIER §1.3).
+"""CaseOps: a lossless case transform applied to text before tokenization (docs/FRONTIER.md §1.3).
 
 The transform moves ASCII capitalisation into four private-use control
 characters so the tokenizer sees lowercase words:
@@ -30,7 +30,7 @@ followed by a word of >= 2 lowercase letters, TITLE or CAPNEXT not followed
 by a lowercase letter, CAPNEXT not inside a word, ESC not followed by a
 control character.
 
-Bytes of the original text (the byte sidecar, FRONTIER §1.4). Every
+Bytes of the original text (the byte sidecar, docs/FRONTIER.md §1.4). Every
 character of the transformed text stands for a known number of original
 UTF-8 bytes: a control character 0, unless it is the literal after an ESC
 (then its own 3 bytes); any other character its UTF-8 length (a lowercased
@@ -48,7 +48,7 @@ import numpy as np
 
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 CONTROLS = (TITLE, ALLCAPS, CAPNEXT, ESC)
-CONTROL_PIECES_START = 4   # a CaseOps tokenizer's ids 4..7 are the controls (FRONTIER §1.2)
+CONTROL_PIECES_START = 4   # a CaseOps tokenizer's ids 4..7 are the controls (docs/FRONTIER.md §1.2)
 CaseTransform = Literal["none", "caseops"]
 CASE_TRANSFORMS: tuple[str, ...] = ("none", "caseops")
 

@@ -1,5 +1,5 @@
 """Import the challenge's pre-tokenized export (``shards.source: challenge``) and
-check that it is one clean export (FRONTIER §1.5, §6.1).
+check that it is one clean export (docs/FRONTIER.md §1.5, §6.1).
 
 The folder holds ``fineweb_{train,val}_NNNNNN.bin`` and, for a CaseOps export,
 ``fineweb_val_bytes_NNNNNN.bin`` (the val byte sidecar). Every file is

@@ -10,7 +10,7 @@ cross file boundaries.
 The reader memory-maps the body (nothing is loaded up front) and refuses a
 file whose header, size or ids disagree with what it claims, naming the file.
 
-The val byte sidecar (FRONTIER §1.4, written when the tokenizer is CaseOps)
+The val byte sidecar (docs/FRONTIER.md §1.4, written when the tokenizer is CaseOps)
 uses the same file format: ``val_bytes_NNNNNN.bin`` holds, for every token
 of ``val_NNNNNN.bin`` at the same position, the UTF-8 bytes of the original
 text that token covers (0 for BOS and control pieces). The challenge's

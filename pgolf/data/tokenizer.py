@@ -13,7 +13,7 @@ between paragraphs into a space, giving the next word its ``▁``).
 ``case_transform: caseops`` (pgolf/data/caseops.py) rewrites every document
 before training and encoding, and reserves the four CaseOps control
 characters as user-defined pieces. The id layout then matches the April
-records' CaseOps sp8192 tokenizer (FRONTIER §1.2): 0-3 pad/bos/eos/unk, 4-7
+records' CaseOps sp8192 tokenizer (docs/FRONTIER.md §1.2): 0-3 pad/bos/eos/unk, 4-7
 TITLE/ALLCAPS/CAPNEXT/ESC, then the 256 byte pieces. The layout is how a
 .model says which transform it was built for (:func:`case_transform_of`).
 """
@@ -66,7 +66,7 @@ class TokenizerConfig:
     model_path: str        # source 'file': an existing .model; must be "" for 'train'
     vocab_size: int
     max_train_docs: int    # 'train': use only the first N training documents; 0 = all
-    case_transform: caseops.CaseTransform  # none | caseops (lossless case controls, FRONTIER §1.3)
+    case_transform: caseops.CaseTransform  # none | caseops (lossless case controls, docs/FRONTIER.md §1.3)
 
     def __post_init__(self) -> None:
         fixed = byte_pieces_start(self.case_transform) + 256

@@ -46,7 +46,7 @@ class ModelConfig:
     # GPU) whenever autocast is on, as in the records (bf16 embedding tables made
     # their whole stream bf16); fp32 runs (CPU) are unaffected either way.
     residual_dtype: Literal["float32", "autocast"]
-    # Frontier elements (FRONTIER.md §2; pgolf.model.topology, pgolf.model.frontier_gates,
+    # Frontier elements (docs/FRONTIER.md §2; pgolf.model.topology, pgolf.model.frontier_gates,
     # pgolf.model.doc_attention). The defaults are today's model.
     skip_gates: bool = False   # sigmoid gates on the U-Net skips (needs unet_skips)
     recur_start: int = 0       # depth recurrence: physical layers recur_start..recur_end (inclusive) ...

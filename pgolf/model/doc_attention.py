@@ -1,4 +1,4 @@
-"""Document-local causal attention (FRONTIER.md §1.6, §2.4).
+"""Document-local causal attention (docs/FRONTIER.md §1.6, §2.4).
 
 Rows are packed from BOS-separated documents. With ``doc_attention`` on, a
 query attends to a key only if the key is not later (causal) and both lie in
@@ -6,7 +6,7 @@ the same document, where a token's document number is the count of BOS
 tokens at or before it in the row: a BOS starts a new document, and the
 tokens before a row's first BOS (a document cut at the row edge) form one
 document of their own. Positions stay row-absolute (RoPE is relative, so
-this only changes rounding, FRONTIER.md §2.4).
+this only changes rounding, docs/FRONTIER.md §2.4).
 
 Two implementations of the same mask, picked by ``doc_attention_impl``:
 

@@ -1,4 +1,4 @@
-"""The frontier's two small input-dependent gates (FRONTIER.md §2.4, §2.7).
+"""The frontier's two small input-dependent gates (docs/FRONTIER.md §2.4, §2.7).
 
 SparseAttnGate (per layer): each head's attention output (after XSA, before
 the output projection) is scaled by ``σ(scale · W_g[h] · n[:window])``, where

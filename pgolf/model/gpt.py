@@ -40,7 +40,7 @@ traffic of every elementwise kernel and of the saved activations. With
 ``float32`` the stream stays fp32 and only the matmuls and attention run in
 bf16. Neither setting changes anything without autocast (CPU runs).
 
-Frontier elements (FRONTIER.md §2, each a ModelConfig field, off by default):
+Frontier elements (docs/FRONTIER.md §2, each a ModelConfig field, off by default):
 depth recurrence, gated skips and the two-lane decoder
 (:mod:`pgolf.model.topology`), SparseAttnGate and the input SmearGate
 (:mod:`pgolf.model.frontier_gates`), document-local attention

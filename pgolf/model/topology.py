@@ -1,6 +1,6 @@
 """Residual topology of the frontier GPT: visit order, gated U-Net skips, two-lane decoder.
 
-Depth recurrence (FRONTIER.md §2.3). With ``recur_loops = n > 0`` the
+Depth recurrence (docs/FRONTIER.md §2.3). With ``recur_loops = n > 0`` the
 physical layers ``recur_start..recur_end`` (inclusive) are run ``1 + n`` times
 in a row: for 11 layers, 3..5 and n = 2 the visit list is
 ``[0,1,2] + [3,4,5]×3 + [6..10]`` (17 visits). It is plain weight reuse: every
@@ -16,10 +16,10 @@ Skips. Each encoder visit pushes its output; decoder position ``j`` (while the
 stack is not empty) pops one and merges it before running its block:
 
 * plain: ``x ← x + w_j ⊙ skip``;
-* gated (``skip_gates``, §2.2): ``x ← σ(g_j) ⊙ x + (1 − σ(g_j)) ⊙ (w_j ⊙ skip)``,
+* gated (``skip_gates``, docs/FRONTIER.md §2.2): ``x ← σ(g_j) ⊙ x + (1 − σ(g_j)) ⊙ (w_j ⊙ skip)``,
   ``g`` zero-initialised (a 0.5/0.5 mix at the start).
 
-Parallel two-lane decoder (``parallel_start_layer = p > 0``, §2.5). At the
+Parallel two-lane decoder (``parallel_start_layer = p > 0``, docs/FRONTIER.md §2.5). At the
 first decoder position whose physical layer is ≥ p, ``lane0 = lane1 = x``;
 from there on (that position included) skips merge into lane0 only (the lanes
 are created before the merge). A layer i computes both branches from the old

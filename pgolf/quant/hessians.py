@@ -227,7 +227,7 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: 
         hessians[key] = all_reduce_sum_(h).float().cpu()
     all_reduce_sum_(counts)
     # Under depth recurrence a reused layer's hooks fire once per visit and its
-    # Hessian sums all visits (FRONTIER.md §4.2); per visit every hook saw the same rows.
+    # Hessian sums all visits (docs/FRONTIER.md §4.2); per visit every hook saw the same rows.
     visits = _visits_per_layer(model)
     rows = {collector.rows[key] / visits.get(block_index(key), 1) for key in collector.rows}
     if len(rows) > 1:

@@ -310,7 +310,7 @@ def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float)
     # The weight choice reads training data after the clock: the challenge counts it in the 600 s.
     choice_started = time.perf_counter()
     x, y = holdout_sequences(t.loader.stream, cfg.holdout_tokens, cfg.seq_len)
-    model.set_recurrence(True)  # every later phase runs the looped model (FRONTIER.md §2.3)
+    model.set_recurrence(True)  # every later phase runs the looped model (docs/FRONTIER.md §2.3)
     live = {k: v.detach().clone() for k, v in model.state_dict().items()}
     candidates: dict[str, dict[str, torch.Tensor] | None] = {
         "live": live,

@@ -16,10 +16,10 @@ on the Frobenius-normalised matrix (wide orientation):
 
 * ``ns5``: the records' fixed quintic (a, b, c) repeated ``ns_steps`` times;
 * ``polar_express``: five different (a, b, c) tuples, one per step
-  (FRONTIER.md §3.2, the "Polar Express" coefficients), each chosen to push
+  (docs/FRONTIER.md §3.2, the "Polar Express" coefficients), each chosen to push
   the singular values towards 1 faster than repeating one polynomial.
 
-Optionally (``row_norm``, "MuonEq-R", FRONTIER.md §3.2) every row of the
+Optionally (``row_norm``, "MuonEq-R", docs/FRONTIER.md §3.2) every row of the
 Nesterov direction is divided by its L2 norm (fp32, clamped at 1e-7) before
 orthogonalising, so no output unit dominates the polar factor.
 """
@@ -37,7 +37,7 @@ import torch.distributed as dist
 # fewer iterations than a convergent polynomial.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
-# Polar Express: one (a, b, c) per step, in order (FRONTIER.md §3.2, F1855's Muon).
+# Polar Express: one (a, b, c) per step, in order (docs/FRONTIER.md §3.2, F1855's Muon).
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),

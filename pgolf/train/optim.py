@@ -69,7 +69,7 @@ class OptimConfig:
     swa_lr_scale_threshold: float  # snapshot while lr_scale < this; 0 = no SWA
     swa_every: int
     swa_on_cpu: bool             # keep the SWA sum in host memory
-    # Frontier Muon (FRONTIER.md §3.2); the defaults are today's Muon.
+    # Frontier Muon (docs/FRONTIER.md §3.2); the defaults are today's Muon.
     muon_orthogonalizer: Literal["ns5", "polar_express"] = "ns5"
     muon_row_norm: bool = False  # MuonEq-R: row-normalise the Nesterov direction first
     embed_wd: float = -1.0       # AdamW WD of the embed group; < 0 = adam_wd (F1855: 0.085 vs scalar 0.02)

@@ -14,7 +14,7 @@ scale ≈ 0.57; docs/RECIPE.md §3.3 and §6.9). Both forms here give scale exac
 the start whenever the window fits in the run, and refuse a window that does
 not fit instead of silently starting below peak.
 
-``floor`` (the frontier's ``MIN_LR``, FRONTIER.md §3.3) keeps the scale at or
+``floor`` (the frontier's ``MIN_LR``, docs/FRONTIER.md §3.3) keeps the scale at or
 above a minimum: ``max(line, floor)``, so with ``warmdown_frac`` 0.85 and
 floor 0.1 the LR falls linearly from 15 % of the cap until the line meets 0.1
 (at 91.5 %) and stays there to the end. Floor 0 is the plain decay to 0.
@@ -88,7 +88,7 @@ def recurrence_on(step: int, max_steps: int, elapsed_s: float, cap_s: float, sta
     """Whether depth recurrence runs in optimizer step ``step`` (0-based).
 
     The run's progress is ``elapsed_s / cap_s`` under a wall-clock cap (the
-    frontier's switch at 35 % of the clock, FRONTIER.md §2.3), else
+    frontier's switch at 35 % of the clock, docs/FRONTIER.md §2.3), else
     ``step / max_steps``; recurrence is on once progress ≥ ``start_frac``
     (so from step ``ceil(start_frac · max_steps)`` in the step form).
     """

@@ -29,7 +29,7 @@ CHALLENGE_MODEL = FIXTURES / "fineweb_8192_bpe.model"
 
 
 def reference_encode(text: str) -> str:
-    """The rules of FRONTIER §1.3, one character at a time."""
+    """The rules of docs/FRONTIER.md §1.3, one character at a time."""
     out, i = [], 0
     while i < len(text):
         ch = text[i]

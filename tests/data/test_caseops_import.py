@@ -1,5 +1,5 @@
 """Importing the challenge's CaseOps export (shards + val byte sidecar + tokenizer)
-with the FRONTIER §1.5 checks, on small synthetic exports in the challenge's format."""
+with the docs/FRONTIER.md §1.5 checks, on small synthetic exports in the challenge's format."""
 from __future__ import annotations
 
 import hashlib

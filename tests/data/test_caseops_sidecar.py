@@ -1,4 +1,4 @@
-"""The val byte sidecar (FRONTIER §1.4): written by the shards stage under a CaseOps
+"""The val byte sidecar (docs/FRONTIER.md §1.4): written by the shards stage under a CaseOps
 tokenizer, aligned 1:1 with the val tokens, summing exactly to the original
 documents' UTF-8 bytes, and charged by both evals instead of the byte tables."""
 from __future__ import annotations

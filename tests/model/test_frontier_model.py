@@ -1,4 +1,4 @@
-"""Frontier model elements (FRONTIER.md §2) against a slow float64 reference written out here.
+"""Frontier model elements (docs/FRONTIER.md §2) against a slow float64 reference written out here.
 
 The reference re-derives the whole forward from the parameters with explicit
 per-head loops and an explicit document mask; the model (float64, CPU) must

@@ -1,4 +1,4 @@
-"""The docs stay true to the tree: README size, recipe citations, DESIGN's module map and stage contracts.
+"""The docs stay true to the tree: README size, recipe and frontier citations, DESIGN's module map and stage contracts.
 
 Everything is computed from the repository itself, so adding a module, a stage, a
 stage output or a citation without its documentation fails here.
@@ -15,17 +15,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 RECIPE = ROOT / "docs" / "RECIPE.md"
+FRONTIER = ROOT / "docs" / "FRONTIER.md"
 DESIGN = ROOT / "docs" / "DESIGN.md"
 MAX_README_LINES = 200
 
 SECTION_SIGN = "\u00a7"  # the section sign, <S> in comments: this file holds no citation of its own
 _NUM = r"\d+(?:\.\d+)?"
-# "docs/RECIPE.md <S>2.3", with more sections: ", <S>6.11", " and <S>6.9", "-<S>2.7", or a range "–5"
+# "docs/RECIPE.md <S>2.3" (or docs/FRONTIER.md), with more sections: ", <S>6.11", " and <S>6.9", "-<S>2.7",
+# or a range "–5"
 CITATION = re.compile(
-    rf"docs/RECIPE\.md {SECTION_SIGN}({_NUM})"
+    rf"docs/(RECIPE|FRONTIER)\.md {SECTION_SIGN}({_NUM})"
     rf"((?:(?:,\s*|\s+and\s+|\s*[-–]\s*){SECTION_SIGN}{_NUM}|[-–]{_NUM})*)")
 SECTION_ID = re.compile(_NUM)
-OUTSIDE_POINTER = re.compile(r"shared/(?:RECIPE|FRONTIER)|FRONTIER(?:\.md)?\s*" + SECTION_SIGN)
+# a pointer to the notes outside the repository, or a frontier citation without its docs/ file
+OUTSIDE_POINTER = re.compile(r"shared/(?:RECIPE|FRONTIER)|(?<!docs/)FRONTIER(?:\.md)?\s*" + SECTION_SIGN)
 SKIP_DIRS = {".git", ".dvc", ".venv", "venv", "data", "artifacts", "__pycache__", ".pytest_cache", "build",
              "node_modules", ".carry", ".whl"}
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".ini", ".sh"}
@@ -44,10 +47,22 @@ def text_files() -> list[Path]:
     return out
 
 
-def recipe_sections() -> set[str]:
-    """Section numbers of docs/RECIPE.md's headings: "## 3. Training" → "3", "### 3.2 ..." → "3.2"."""
-    return {m.group(1) for m in re.finditer(rf"^#{{2,3}} ({_NUM})\.?\s", RECIPE.read_text(encoding="utf-8"),
+def doc_sections(doc: Path) -> set[str]:
+    """Section numbers of a doc's headings: "## 3. Training" → "3", "### 3.2 ..." → "3.2"."""
+    return {m.group(1) for m in re.finditer(rf"^#{{2,3}} ({_NUM})\.?\s", doc.read_text(encoding="utf-8"),
                                              flags=re.M)}
+
+
+def recipe_sections() -> set[str]:
+    return doc_sections(RECIPE)
+
+
+def cited_sections(line: str) -> list[tuple[str, str]]:
+    """(doc, section) of every citation in ``line``: doc is "RECIPE" or "FRONTIER"."""
+    out = []
+    for match in CITATION.finditer(line):
+        out += [(match.group(1), n) for n in [match.group(2)] + SECTION_ID.findall(match.group(3))]
+    return out
 
 
 def section(text: str, heading: str) -> str:
@@ -69,8 +84,14 @@ def test_recipe_has_the_numbering_the_code_cites():
     assert expected <= sections, f"missing sections: {sorted(expected - sections)}"
 
 
+def test_frontier_has_the_sections_the_code_cites_most():
+    sections = doc_sections(FRONTIER)
+    expected = {"1", "1.1", "1.3", "1.4", "1.5", "2", "2.3", "3", "3.2", "3.3"}
+    assert expected <= sections, f"missing sections: {sorted(expected - sections)}"
+
+
 def test_every_recipe_citation_points_to_a_section_of_docs_recipe():
-    sections = recipe_sections()
+    sections = {"RECIPE": recipe_sections(), "FRONTIER": doc_sections(FRONTIER)}
     unknown, dangling, outside = [], [], []
     for path in text_files():
         rel = path.relative_to(ROOT).as_posix()
@@ -81,20 +102,23 @@ def test_every_recipe_citation_points_to_a_section_of_docs_recipe():
         for number, line in enumerate(text.splitlines(), start=1):
             if OUTSIDE_POINTER.search(line):
                 outside.append(f"{rel}:{number}: {line.strip()}")
-            if path == RECIPE:  # its own cross-references are bare: <S>N.M
-                cited = re.findall(rf"{SECTION_SIGN}({_NUM})", line)
+            if path in (RECIPE, FRONTIER):  # their own cross-references are bare: <S>N.M
+                own = "RECIPE" if path == RECIPE else "FRONTIER"
+                # a bare reference is to the doc itself, unless the line names the other doc
+                cited = cited_sections(line) + [(own, c) for c in re.findall(rf"{SECTION_SIGN}({_NUM})",
+                                                                              CITATION.sub("", line))]
                 rest = ""
             else:
-                cited = []
-                for match in CITATION.finditer(line):
-                    cited += [match.group(1)] + SECTION_ID.findall(match.group(2))
+                cited = cited_sections(line)
                 rest = CITATION.sub("", line)
-            unknown += [f"{rel}:{number}: {SECTION_SIGN}{c}" for c in cited if c not in sections]
+            unknown += [f"{rel}:{number}: docs/{doc}.md {SECTION_SIGN}{c}" for doc, c in cited
+                        if c not in sections[doc]]
             if SECTION_SIGN in rest:
                 dangling.append(f"{rel}:{number}: {line.strip()}")
     problems = ([f"points outside the repository: {x}" for x in outside]
-                + [f"not of the form 'docs/RECIPE.md {SECTION_SIGN}N': {x}" for x in dangling]
-                + [f"a section docs/RECIPE.md lacks: {x}" for x in unknown])
+                + [f"not of the form 'docs/RECIPE.md {SECTION_SIGN}N' or 'docs/FRONTIER.md {SECTION_SIGN}N': {x}"
+                   for x in dangling]
+                + [f"a section its doc lacks: {x}" for x in unknown])
     assert not problems, "\n".join(problems)
 
 
@@ -102,12 +126,18 @@ def test_citation_pattern_reads_lists_and_ranges():
     s = SECTION_SIGN
     line = (f"(docs/RECIPE.md {s}2.3, {s}6.11) and docs/RECIPE.md {s}2.5-{s}2.7 and docs/RECIPE.md {s}2–5; "
             f"docs/RECIPE.md {s}3.3 and {s}6.9, 969,088 windows")
-    cited = [[m.group(1)] + SECTION_ID.findall(m.group(2)) for m in CITATION.finditer(line)]
+    cited = [[m.group(2)] + SECTION_ID.findall(m.group(3)) for m in CITATION.finditer(line)]
     assert cited == [["2.3", "6.11"], ["2.5", "2.7"], ["2", "5"], ["3.3", "6.9"]]
     assert s not in CITATION.sub("", line)
+    both = f"(docs/RECIPE.md {s}1.4, docs/FRONTIER.md {s}1.5, {s}6.1) and docs/FRONTIER.md {s}2–3"
+    assert cited_sections(both) == [("RECIPE", "1.4"), ("FRONTIER", "1.5"), ("FRONTIER", "6.1"),
+                                    ("FRONTIER", "2"), ("FRONTIER", "3")]
+    assert s not in CITATION.sub("", both) and not OUTSIDE_POINTER.search(both)
     outside = "../" + "shared" + "/RECIPE.md"  # split: this file itself points nowhere outside
     assert s in CITATION.sub("", f"RECIPE {s}4.4 and {outside} {s}1.1")
     assert OUTSIDE_POINTER.search(outside) and OUTSIDE_POINTER.search("FRONTIER " + s + "2")
+    assert OUTSIDE_POINTER.search("../" + "shared" + "/FRONTIER.md " + s + "2")
+    assert OUTSIDE_POINTER.search("(FRONTIER.md " + s + "2.3)")
 
 
 def design_module_lines() -> list[str]:

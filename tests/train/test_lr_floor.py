@@ -1,4 +1,4 @@
-"""The warmdown's LR floor (frontier MIN_LR, FRONTIER.md §3.3)."""
+"""The warmdown's LR floor (frontier MIN_LR, docs/FRONTIER.md §3.3)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from pgolf.train.schedule import warmdown_scale_by_steps, warmdown_scale_by_time
 
 
 def frontier_lr_mul(f: float) -> float:
-    """FRONTIER.md §3.3 written out: 1 if f < 0.15 else max((1 − f)/0.85, 0.10)."""
+    """docs/FRONTIER.md §3.3 written out: 1 if f < 0.15 else max((1 − f)/0.85, 0.10)."""
     return 1.0 if f < 0.15 else max((1.0 - f) / 0.85, 0.10)
 
 

@@ -1,4 +1,4 @@
-"""Frontier Muon (FRONTIER.md §3.2): Polar Express, MuonEq-R and their optimizer switches."""
+"""Frontier Muon (docs/FRONTIER.md §3.2): Polar Express, MuonEq-R and their optimizer switches."""
 from __future__ import annotations
 
 import numpy as np

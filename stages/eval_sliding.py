@@ -1,6 +1,6 @@
 """Stage eval_sliding: artifacts/quant/model.ptz + val shards → artifacts/eval_sliding/metrics.json.
 
-Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_sliding``.
+Run by ``python -m pgolf.pipeline.launcher N stages.eval_sliding`` (torchrun underneath).
 Scores the dequantised artifact (never the training weights) with exact
 sliding windows (every target once; pgolf/eval/windows.py), then the cheap
 non-overlapping eval as a diagnostic. bpb charges bytes from the val byte sidecar

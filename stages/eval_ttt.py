@@ -1,6 +1,6 @@
 """Stage eval_ttt: legal score-first TTT → artifacts/eval_ttt/{metrics.json,chunks.json}.
 
-Run as ``torchrun --standalone --nproc_per_node=N -m stages.eval_ttt``.
+Run by ``python -m pgolf.pipeline.launcher N stages.eval_ttt`` (torchrun underneath).
 Same inputs and windows as eval_sliding (its ``eval_sliding`` params), then
 pgolf/eval/ttt.py. ``gain_vs_sliding`` = eval_sliding's val_bpb − this val_bpb
 (positive: TTT helped). chunks.json is the per-chunk running-bpb series,

@@ -1,6 +1,6 @@
 """Stage hessians: trained model + calibration sequences → raw GPTQ Hessians (+ hessians.log).
 
-Run as ``torchrun --standalone --nproc_per_node=N -m stages.hessians``: each
+Run by ``python -m pgolf.pipeline.launcher N stages.hessians`` (torchrun underneath): each
 rank collects its share and the sums are all-reduced. Calibration reads only
 the list of *train* shards (``list_shards(..., "train")``) or samples from the
 model itself; see pgolf/quant/hessians.py. Training-data calibration counts inside

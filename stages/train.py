@@ -1,6 +1,6 @@
 """Stage train: train shards → artifacts/train/{model.pt,averages.pt,config.json,metrics.json,train.log}.
 
-Run as ``torchrun --standalone --nproc_per_node=N -m stages.train``. Curves go
+Run by ``python -m pgolf.pipeline.launcher N stages.train`` (torchrun underneath). Curves go
 to artifacts/train/live (dvclive), their picture to artifacts/train/loss.png.
 The resume state is kept in artifacts/train_resume/state.pt (a persistent DVC
 output): re-running after a crash or ``kill -9`` continues from the last

@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.attention import time_fwd_bwd  # noqa: E402  (one timing loop for both attention benches)
 from pgolf.model.doc_attention import dense_document_mask, flex_document_mask  # noqa: E402
 
 BOS = 1
@@ -51,22 +52,6 @@ def packed_ids(batch: int, seq: int, mean_doc: float, seed: int) -> torch.Tensor
         stream[pos] = BOS
         pos += max(2, int(torch.empty(1).exponential_(1.0 / mean_doc, generator=gen)))
     return stream.view(batch, seq)
-
-
-def time_fwd_bwd(fn, inputs, grad_out, warmup: int, iters: int) -> float:
-    """Median milliseconds of forward + backward."""
-    for _ in range(warmup):
-        torch.autograd.grad(fn(*inputs), inputs, grad_out)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.autograd.grad(fn(*inputs), inputs, grad_out)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

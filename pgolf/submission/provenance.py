@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pgolf.errors import DataError
-from pgolf.submission.size import file_sha256
 from pgolf.pipeline.paths import BUNDLE
 
 

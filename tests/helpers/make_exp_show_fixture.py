@@ -11,7 +11,6 @@ saves `dvc exp show --json` under tests/fixtures/. Takes ~25 minutes on 2 busy C
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,26 +18,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from tests.helpers.sweep import tiny_conf  # noqa: E402
+from tests.helpers.sweep import make_project  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "dvc_exp_show_sweep.json"
 SWEEP = "quantize.damp=0.01,0.02,0.05,0.1"
 
 
 def main() -> None:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "proj"
-    root.mkdir(parents=True)
-    for name in ("pgolf", "stages", "requirements"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    tiny_conf(root)
-    run(["git", "init", "-q"], root)
-    run(["git", "config", "user.email", "t@example.com"], root)
-    run(["git", "config", "user.name", "t"], root)
-    run(["dvc", "init", "-q"], root)
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "project"], root)
+    root = make_project(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "proj")
     run(["dvc", "repro"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "baseline"], root)

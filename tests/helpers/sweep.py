@@ -44,3 +44,20 @@ def run(cmd: list[str], cwd: Path) -> str:
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout + out.stderr
+
+
+def make_project(root: Path) -> Path:
+    """A git + DVC project at ``root`` with the repository's code, dvc.yaml and the tiny conf, committed."""
+    root.mkdir(parents=True)
+    for name in ("pgolf", "stages", "requirements", "data/challenge"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    tiny_conf(root)
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "t@example.com"], root)
+    run(["git", "config", "user.name", "t"], root)
+    run(["dvc", "init", "-q"], root)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "project"], root)  # dvclive needs a non-empty git repo
+    return root

@@ -9,33 +9,16 @@ metrics as top-level columns.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers.sweep import REPO, RERUN, run, tiny_conf
+from tests.helpers.sweep import RERUN, make_project, run
 
 
 @pytest.mark.slow
 def test_queued_quantize_sweep_reruns_only_post_training_stages(tmp_path):
-    root = tmp_path / "proj"
-    root.mkdir()
-    for name in ("pgolf", "stages", "requirements", "data/challenge"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    tiny_conf(root)
-    run(["git", "init", "-q"], root)
-    run(["git", "config", "user.email", "t@example.com"], root)
-    run(["git", "config", "user.name", "t"], root)
-    run(["dvc", "init", "-q"], root)
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "project"], root)  # dvclive needs a non-empty git repo
+    root = make_project(tmp_path / "proj")
     run(["dvc", "repro"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "baseline"], root)

@@ -134,6 +134,7 @@ def test_window_scoring_reports_every_window_and_target_once(world_size):
         assert (windows, targets) == (result.windows, result.sums.scored_tokens)
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_ttt_reports_each_chunk_with_its_targets():
     tokens, tables = make_stream(300, 16, seed=5), make_tables(16)
     seen = Recorder()

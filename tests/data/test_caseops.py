@@ -104,6 +104,7 @@ def embedded_corpus(tmp_path_factory) -> Path:
     return root / "data" / "corpus"
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_round_trip_over_the_whole_embedded_corpus(embedded_corpus):
     fired = dict.fromkeys(caseops.CONTROLS[:3], 0)
     docs = 0
@@ -186,6 +187,7 @@ def test_char_original_bytes_counts_markers_zero_and_escaped_literals_in_full():
     assert np.array_equal(caseops.piece_original_bytes(text, [(0, 2), (2, 4), (4, 8)]), [1, 3, 9])
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 @pytest.mark.parametrize("transform", ["none", "caseops"])
 def test_sp8192_trains_on_the_embedded_corpus(embedded_corpus, transform):
     """The challenge's vocabulary at the challenge's trainer settings (3.1 s here for 'none')."""

@@ -130,6 +130,7 @@ def test_per_token_bytes_match_a_slow_reference_with_the_records_tokenizer(doc):
     assert int(counts.sum()) == len(doc.strip().encode("utf-8"))
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_whole_embedded_val_split_with_the_records_tokenizer(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     stages.corpus.run({"corpus": params["corpus"]}, tmp_path)

@@ -178,6 +178,7 @@ def test_visit_order_of_the_f1855_recurrence():
     assert cfg.num_visits == 17 and cfg.num_skip_weights == 8
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 @pytest.mark.parametrize("looping", [True, False])
 def test_frontier_forward_and_gradients_match_the_float64_reference(looping):
     model = randomised(frontier_config())
@@ -223,6 +224,7 @@ def test_perturbing_one_document_leaves_every_other_documents_logits_exactly_unc
     assert not torch.equal(c[0, 15:], d[0, 15:])
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_flex_document_mask_matches_the_dense_mask_on_cpu():
     ids = sample_ids()
     gen = torch.Generator().manual_seed(2)

@@ -365,6 +365,7 @@ def test_a_refused_run_leaves_the_running_ones_logs_alone(tmp_path, tiny_data):
     assert pending_path(log).read_text() == "the run in progress\n"
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_a_train_run_failing_midway_keeps_the_last_good_log_and_curves(tmp_path, tiny_data, monkeypatch,
                                                                        one_thread):
     root = link_data(tmp_path, tiny_data)

@@ -56,6 +56,7 @@ def _codes_tensor(name: str, codes: torch.Tensor, bits: int) -> StoredTensor:
                         q=codes.to(torch.int8), scale=torch.full((codes.shape[0],), 0.01, dtype=torch.float16))
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_compressed_alone_tracks_the_real_encode_where_entropy_does_not():
     g = torch.Generator().manual_seed(0)
     wide = _codes_tensor("wide", torch.randn(1024, 512, generator=g).mul(9.4).round().clamp(-31, 31), 6)

@@ -141,6 +141,7 @@ def test_quantisation_gap_from_an_unquantised_eval(root, tmp_path, capsys):
     assert "+0.010000 bpb (quantised − unquantised, sliding eval)" in (tmp_path / "out/README.md").read_text()
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_out_folder_rules(root, tmp_path, capsys):
     unrelated = tmp_path / "mine"
     unrelated.mkdir()

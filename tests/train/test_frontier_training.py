@@ -36,6 +36,7 @@ def test_recurrence_switch_point_by_steps_and_by_clock():
     assert not recurrence_on(0, 12, 209.9, 600.0, 0.35) and recurrence_on(0, 12, 210.0, 600.0, 0.35)
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_tiny_frontier_model_trains_switches_recurrence_and_quantizes(tmp_path, tiny_data):
     p = tiny_train_params(model=FRONTIER_MODEL, optim=FRONTIER_OPTIM,
                           train={"max_steps": 12, "warmdown_steps": 8, "min_lr_scale": 0.1,

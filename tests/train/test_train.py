@@ -35,6 +35,7 @@ def curve(root: Path, name: str) -> list[tuple[int, float]]:
     return [(int(s), float(v)) for s, v in (line.split("\t") for line in lines)]
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_loss_falls_on_real_text_and_outputs_are_complete(tmp_path, tiny_data):
     m = train_in(tmp_path, tiny_data, train={"max_steps": 60, "warmdown_steps": 30})
     losses = curve(tmp_path, "train_loss")
@@ -50,6 +51,7 @@ def test_loss_falls_on_real_text_and_outputs_are_complete(tmp_path, tiny_data):
     assert "step 60/60" in log and "final weights:" in log
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_warmdown_qat_and_swa_decisions_follow_the_schedule(tmp_path, tiny_data):
     steps, warmdown, qat_at, swa_at, swa_every = 30, 16, 0.3, 0.5, 3
     m = train_in(tmp_path, tiny_data, train={"max_steps": steps, "warmdown_steps": warmdown,
@@ -92,6 +94,7 @@ def test_forced_final_weights_are_written(tmp_path, tiny_data):
         train_in(tmp_path / "noswa", tiny_data, train={"max_steps": 4, "warmdown_steps": 0, "final_weights": "swa"})
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_compile_warmup_restores_the_starting_state_exactly(tmp_path, tiny_data):
     plain = dict(train={"max_steps": 8, "warmdown_steps": 4})
     warmed = dict(train={"max_steps": 8, "warmdown_steps": 4, "compile_warmup_steps": 3})
@@ -121,6 +124,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_resume_state(tmp
     assert not (tmp_path / OUT / "model.pt").exists()
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_wall_clock_cap_and_time_warmdown(tmp_path, tiny_data):
     m = train_in(tmp_path, tiny_data, train={"max_steps": 100_000, "max_train_seconds": 0.6,
                                              "warmdown": "time", "warmdown_frac": 0.5, "log_every": 1})

@@ -48,6 +48,7 @@ def assert_same_averages(a: Path, b: Path) -> None:
         assert all(torch.equal(weights[k], pb["weights"][name][k]) for k in weights), name
 
 
+@pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 def test_crash_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_data, monkeypatch):
     settings = dict(train={"max_steps": 24, "warmdown_steps": 12, "resume_every": 5})
     whole = stages.train.run(tiny_train_params(**settings), link_data(tmp_path / "whole", tiny_data))

@@ -42,17 +42,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_dir(src: Path, path: Path) -> None:
+    """Move folder ``src`` to ``path``; an existing ``path`` is moved aside first and removed after."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(src, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, path)
 
 
 def pending_path(path: str | Path) -> Path:
@@ -70,14 +75,7 @@ def publish(path: str | Path) -> None:
     """
     path, pending = Path(path), pending_path(path)
     if pending.is_dir() and not pending.is_symlink():
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(pending, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(pending, path)
+        _replace_dir(pending, path)
     else:
         os.replace(pending, path)
 

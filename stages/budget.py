@@ -16,12 +16,13 @@ from pgolf.io import write_json_atomic
 from pgolf.submission.budget import BudgetConfig, budget_lines, budget_report, over_budget_message
 from pgolf.tools.run_metrics import read_metrics_file
 from pgolf.pipeline.launch import params, stage_main
+from pgolf.pipeline.paths import BUDGET_JSON, EVAL_SLIDING_DIR, EVAL_TTT_DIR, HESSIANS_DIR, TRAIN_DIR
 
-TRAIN = Path("artifacts/train/metrics.json")
-HESSIANS = Path("artifacts/hessians/metrics.json")
-SLIDING = Path("artifacts/eval_sliding/metrics.json")
-TTT = Path("artifacts/eval_ttt/metrics.json")
-OUT = Path("artifacts/budget.json")
+TRAIN = TRAIN_DIR / "metrics.json"
+HESSIANS = HESSIANS_DIR / "metrics.json"
+SLIDING = EVAL_SLIDING_DIR / "metrics.json"
+TTT = EVAL_TTT_DIR / "metrics.json"
+OUT = BUDGET_JSON
 
 
 def run(p: dict, root: Path = Path(".")) -> dict:

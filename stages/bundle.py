@@ -12,10 +12,10 @@ from pathlib import Path
 from pgolf.io import write_json_atomic, write_text_atomic
 from pgolf.submission.bundle import build_bundle
 from pgolf.submission.driver import RunConfig
-from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES, BUNDLE_METRICS
 from pgolf.pipeline.launch import params, stage_main
 
-METRICS = Path("artifacts/bundle/metrics.json")
+METRICS = BUNDLE_METRICS
 # The bundle packs the code that is running this stage (under DVC: the repository it runs in).
 CODE_ROOT = Path(__file__).resolve().parents[1]
 

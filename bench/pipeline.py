@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--eval-compile", choices=["true", "false"], default=None,
                     help="override eval_sliding.compile (eager avoids ~80 s of compile on small val sets)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
+    ap.add_argument("--skip-ttt", action="store_true", help="stop after eval_sliding (seed sweeps of train + quantise)")
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--out", type=Path, default=Path("bench_pipeline.json"))
     args = ap.parse_args()
@@ -114,7 +115,8 @@ def main() -> None:
                headroom=sm["headroom"], fits=sm["fits"], bundle_raw_bytes=bm["raw_bytes"])
     fm = timed("float_eval", float_sliding_bpb, root, p)
     em = timed("eval_sliding", eval_sliding.run, p, root)
-    tt = timed("eval_ttt", eval_ttt.run, p, root)
+    tt = {"val_bpb": float("nan"), "tokens_per_s": float("inf"), "compile_seconds": 0.0} if args.skip_ttt \
+        else timed("eval_ttt", eval_ttt.run, p, root)
     # The float eval compiles the same graph first, so eval_sliding's own warm-up is ~0
     # here; a fresh process pays the larger of the two.
     sliding_compile = max(em["compile_seconds"], fm["compile_seconds"])

@@ -104,7 +104,7 @@ class Trainer:
                                   ctx.rank, ctx.world_size)
         self.compiled = compile_enabled(cfg.compile, ctx.device)
         self.forward = maybe_compile(self.model, self.compiled,
-                                     training_compile_options(cfg.mix_order_reduction))
+                                     training_compile_options(cfg.mix_order_reduction, cfg.compile_mode))
         self.ema = EMA(self.model, optim_cfg.ema_decay)
         self.swa = SWA(self.model, optim_cfg.swa_lr_scale_threshold, optim_cfg.swa_every,
                        on_cpu=optim_cfg.swa_on_cpu)

@@ -90,7 +90,9 @@ if triton is not None:
                 tl.store(grad_ptr + row * stride_row + start + cols, (d * g).to(grad_ptr.dtype.element_ty),
                          mask=mask)
         else:
-            run_max = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+            # A finite floor, not −inf: lanes without a column yet then add exp(−inf − floor) = 0
+            # instead of computing −inf − (−inf).
+            run_max = tl.full((BLOCK_V,), -1.0e30, tl.float32)
             run_sum = tl.zeros((BLOCK_V,), tl.float32)
             z_target = tl.zeros((BLOCK_V,), tl.float32)
             for start in range(0, V, BLOCK_V):
@@ -98,9 +100,7 @@ if triton is not None:
                 z = _softcap_of(tl.load(base + start + cols, mask=mask, other=0.0).to(tl.float32), cap, SOFTCAP)
                 z = tl.where(mask, z, float("-inf"))
                 new_max = tl.maximum(run_max, z)
-                # Lanes still at −inf contribute 0 (and must not produce inf − inf).
-                run_sum = tl.where(new_max == float("-inf"), 0.0,
-                                   run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max))
+                run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
                 run_max = new_max
                 z_target += tl.where(start + cols == target, z, 0.0)
             row_max = tl.max(run_max, 0)

@@ -98,7 +98,7 @@ if triton is not None:
             tl.store(out_ptr + c_offs, (leaky * leaky).to(out_ty), mask=c_mask)
 
     # Autotuned on CUDA (the first call per shape times each config); the interpreter has no timer.
-    _matmul_act_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])(_matmul_act_kernel)
+    _matmul_act_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "BACKWARD"])(_matmul_act_kernel)
     _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
 
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = {"seed": 1, "seq_len": 16, "tokens_per_step": 64, "micro_batch_tokens": 32, "max_steps": 4,
          "max_train_seconds": 0.0, "warmdown": "steps", "warmdown_steps": 2, "warmdown_frac": 0.0,
          "compile": True, "compile_warmup_steps": 0, "mix_order_reduction": False, "min_lr_scale": 0.0,
-         "recur_start_frac": 0.0,
+         "recur_start_frac": 0.0, "compile_mode": "default",
          "qat_lr_scale_threshold": 0.0, "holdout_tokens": 17, "final_weights": "live",
          "resume_every": 0, "log_every": 1}
 
@@ -91,3 +91,19 @@ def test_switching_the_lever_keeps_the_numerics():
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-3, atol=1e-3)
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_compile_modes_are_torchs_own_option_sets():
+    """train.compile_mode: each mode's options are exactly those torch.compile(mode=...) would set,
+    composed with the mixed-order override; an unknown mode is one ParamError."""
+    from torch._inductor import list_mode_options
+    from pgolf.precision import COMPILE_MODES
+    for mode, options in COMPILE_MODES.items():
+        assert options == list_mode_options(mode), mode
+    assert training_compile_options(False, "reduce-overhead") == {"triton.cudagraphs": True,
+                                                                   "triton.mix_order_reduction": False}
+    assert training_compile_options(True, "default") == {}
+    assert from_params(TrainConfig, {"train": {**TRAIN, "compile_mode": "reduce-overhead"}},
+                       "train").compile_mode == "reduce-overhead"
+    with pytest.raises(Exception, match="compile_mode"):
+        from_params(TrainConfig, {"train": {**TRAIN, "compile_mode": "fast"}}, "train")

@@ -297,6 +297,8 @@ def release(ctx) -> None:
     gc.collect()
     torch._dynamo.reset()
     if ctx.device.type == "cuda":
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+        reset_cudagraph_trees()
         torch.cuda.synchronize(ctx.device)
         torch.cuda.empty_cache()
 

@@ -13,11 +13,12 @@ matmuls do that work in their epilogues, from the fp32 accumulator:
 - backward, ``[grad_u, h] = epilogue(g W_down, u)``: reads the saved ``u``
   once and writes ``grad_u = (g W_down) ⊙ act'(u)`` and the recomputed ``h``
   (for ``grad W_down = gᵀ h``), so ``grad_h`` never reaches memory;
-- the other three products (``y = h W_downᵀ``, ``grad x = grad_u W_up``,
+- the other four products (``y = h W_downᵀ``, ``grad x = grad_u W_up``,
   ``grad W_up = grad_uᵀ x``, ``grad W_down = gᵀ h``) stay with cuBLAS.
 
-``act'(u) = 2·leaky(u)·(1 if u ≥ 0 else s)``. Activations saved per layer: ``x``
-and ``u`` (bf16 under autocast), as the plain compiled path.
+``act'(u) = 2·leaky(u)·(1 if u ≥ 0 else s)``. Saved for the backward per layer:
+``x`` and ``u`` (bf16 under autocast), not ``h`` (recomputed in the backward
+epilogue), so peak memory does not grow.
 
 The op is a ``torch.library.custom_op`` with a registered fake and autograd
 formula, so ``torch.compile(fullgraph=True)`` keeps it as one opaque node

@@ -8,8 +8,20 @@ number of steps after an untimed compile warm-up, on synthetic or real tokens.
     python bench/train_throughput.py --out bench_train.json
     # smoke test on CPU at a tiny shape
     python bench/train_throughput.py --shape tiny --out /tmp/bench_tiny.json
-    # the model/optim sections of a params file instead of the built-in shape
+    # the model/optim sections of a params file (or of a profile) instead of the built-in shape
     python bench/train_throughput.py --params params.yaml --out bench.json
+    python bench/train_throughput.py --profile f1855_gpu1 --no-qat --out f1855.json
+    # the levers of issue 17 side by side in one process: baseline, model.fused_mlp, model.fused_loss,
+    # train.compile_mode=reduce-overhead (CUDA graphs), all together; table + per-step losses + JSON
+    python bench/train_throughput.py --levers --train-set mix_order_reduction=false --steps 8 \
+        --warmup-steps 2 --out levers.json
+    python bench/train_throughput.py --levers baseline fused_mlp --out two.json  # a subset
+
+``--levers``: every variant builds its own Trainer from the same seed, compiles
+(untimed warm-up, then the state is restored), and runs the same timed steps
+on the same tokens, so the per-step losses are comparable across variants
+(same numerics class: bf16 autocast). A variant that fails is reported in the
+table and the others still run.
 
 FLOPs per token (forward + backward), written out:
 
@@ -34,11 +46,14 @@ figures quoted that way. Reference: PR #549's own script on one H100 ran
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="print the lever table of earlier results side by side and exit")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="record")
     ap.add_argument("--params", help="take model/optim sections from this params.yaml instead")
+    ap.add_argument("--profile", help="take model/optim sections from this conf/profile (e.g. f1855_gpu1) instead")
+    ap.add_argument("--levers", nargs="*", metavar="NAME",
+                    help=f"measure these variants one after another in this process (none named = all: "
+                         f"{', '.join(LEVERS)}); prints the table and the per-step losses side by side")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--seq-len", type=int, help="tokens per sequence (shape default)")
     ap.add_argument("--tokens-per-step", type=int, help="global tokens per optimizer step (shape default)")
@@ -183,32 +202,33 @@ def lever_table(entries: list[str]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.table:
-        print(lever_table(args.table))
-        return {}
-    if not args.out:
-        raise SystemExit("error: --out is required (unless --table)")
+# --levers: each variant's (model overrides, train overrides) on top of the configured step.
+LEVERS = {
+    "baseline": ({}, {}),
+    "fused_mlp": ({"fused_mlp": True}, {}),
+    "fused_loss": ({"fused_loss": True}, {}),
+    "cuda_graphs": ({}, {"compile_mode": "reduce-overhead"}),
+    "all": ({"fused_mlp": True, "fused_loss": True}, {"compile_mode": "reduce-overhead"}),
+}
+
+
+def set_inductor_options(items: list[str]) -> None:
     import torch._inductor.config as inductor_config
-    for item in args.inductor:
+    for item in items:
         key, value = item.split("=", 1)
         *sections, name = key.split(".")
         target = inductor_config
         for section in sections:
             target = getattr(target, section)
         setattr(target, name, yaml.safe_load(value))
-    from pgolf.pipeline.launch import launch_facts  # torchrun's facts, if launched by it
-    rank, world, local_rank = launch_facts()
-    ctx = init_distributed(rank, world, local_rank, args.device)
-    seq_len, tokens_per_step, micro_seqs, steps, warmup = SHAPES[args.shape]
-    seq_len = args.seq_len or seq_len
-    tokens_per_step = args.tokens_per_step or tokens_per_step
-    micro_seqs = args.micro_batch_seqs or micro_seqs
-    steps = args.steps if args.steps is not None else steps
-    warmup = args.warmup_steps if args.warmup_steps is not None else warmup
-    if args.params:
-        p = load_params(args.params)
+
+
+def build_configs(args: argparse.Namespace, seq_len: int, tokens_per_step: int, micro_seqs: int, steps: int,
+                  warmup: int) -> tuple[ModelConfig, OptimConfig, TrainConfig, GridBits]:
+    """The model/optim sections (params file, profile or built-in shape) and the bench's train section,
+    with the command line's overrides applied."""
+    if args.params or args.profile:
+        p = load_params(args.params) if args.params else compose(args.profile)
         model_cfg, optim_cfg = from_params(ModelConfig, p, "model"), from_params(OptimConfig, p, "optim")
         grid = grid_bits_from_params(p)
     else:
@@ -229,65 +249,158 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_warmup_steps": warmup, "qat_lr_scale_threshold": 0.15 if args.qat else 0.0,
         "holdout_tokens": seq_len + 1, "final_weights": "live", "resume_every": 0, "log_every": 1,
         "mix_order_reduction": True, "min_lr_scale": 0.0, "recur_start_frac": 0.0,  # recurrence (if any) on throughout
+        "compile_mode": "default",
         **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.train_set)}}}, "train")
+    return model_cfg, optim_cfg, train_cfg, grid
 
+
+def measure(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: TrainConfig, grid: GridBits, ctx,
+            stream: TokenStream, steps: int, label: str, profile_out: str | None = None) -> dict:
+    """Compile warm-up, then ``steps`` timed optimizer steps from the same starting state: the figures."""
+    trainer = Trainer(model_cfg, optim_cfg, train_cfg, grid, ctx, stream)
+    warmup_s = trainer.compile_warmup()
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    step_ms, losses = [], []
+    for i in range(steps):
+        synchronize(ctx.device)
+        t0 = time.perf_counter()
+        loss, _ = trainer.train_step(1.0, i)
+        trainer.ema.update(trainer.model)
+        synchronize(ctx.device)
+        step_ms.append(1000 * (time.perf_counter() - t0))
+        losses.append(float(loss))
+        if ctx.is_main:
+            print(f"[{label}] step {i + 1}/{steps}: {step_ms[-1]:.1f} ms, loss {losses[-1]:.4f}", flush=True)
+    if profile_out and ctx.is_main:
+        profile_step(trainer, steps, Path(profile_out))
+    # The first timed step can still pay one-off costs; the median is the figure.
+    median_ms = statistics.median(step_ms)
+    tokens_per_s = train_cfg.tokens_per_step / (median_ms / 1000)
+    fpt, fpt_palm = flops_per_token(trainer.model, train_cfg.seq_len)
+    peak_bytes, peak_kind = peak_memory(ctx.device)
+    return {
+        "label": label, "compiled": trainer.compiled, "compile_mode": train_cfg.compile_mode,
+        "fused_mlp": model_cfg.fused_mlp, "fused_loss": model_cfg.fused_loss,
+        "num_parameters": trainer.model.num_parameters(), "matmul_parameters": matmul_params(trainer.model),
+        "num_layers": model_cfg.num_layers, "model_dim": model_cfg.model_dim, "grad_accum": trainer.accum,
+        "compile_warmup_seconds": warmup_s, "step_ms": step_ms, "ms_per_step_median": median_ms,
+        "ms_per_step_mean": statistics.fmean(step_ms), "ms_per_step_min": min(step_ms),
+        "tokens_per_s": tokens_per_s, "flops_per_token": fpt, "flops_per_token_palm": fpt_palm,
+        "achieved_tflops": fpt * tokens_per_s / 1e12, "peak_memory_bytes": peak_bytes,
+        "peak_memory_kind": peak_kind, "losses": losses,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+
+
+def release(ctx) -> None:
+    """Free one variant's graphs and memory before the next (compiled code, CUDA-graph pools)."""
+    gc.collect()
+    torch._dynamo.reset()
+    if ctx.device.type == "cuda":
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+        reset_cudagraph_trees()
+        torch.cuda.synchronize(ctx.device)
+        torch.cuda.empty_cache()
+
+
+def loss_table(variants: dict[str, dict]) -> str:
+    """Per-step training loss of every variant, side by side (same seed, data and starting state)."""
+    names = [n for n, r in variants.items() if r.get("losses")]
+    rows = ["| step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i in range(max((len(variants[n]["losses"]) for n in names), default=0)):
+        rows.append(f"| {i + 1} | " + " | ".join(f"{variants[n]['losses'][i]:.4f}" for n in names) + " |")
+    return "\n".join(rows)
+
+
+def variants_table(variants: dict[str, dict], peak_tflops: float | None) -> str:
+    rows = ["| variant | ms/step | tokens/s | MFU | peak memory | vs baseline | compile s |",
+            "|---|---|---|---|---|---|---|"]
+    base = next((r["ms_per_step_median"] for r in variants.values() if "error" not in r), None)
+    for name, r in variants.items():
+        if "error" in r:
+            rows.append(f"| {name} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
+        rows.append(f"| {name} | {r['ms_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                    f"{r['peak_memory_bytes'] / 2**30:.1f} GiB | {base / r['ms_per_step_median']:.3f}x | "
+                    f"{r['compile_warmup_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.table:
+        print(lever_table(args.table))
+        return {}
+    if not args.out:
+        raise SystemExit("error: --out is required (unless --table)")
+    set_inductor_options(args.inductor)
+    from pgolf.pipeline.launch import launch_facts  # torchrun's facts, if launched by it
+    rank, world, local_rank = launch_facts()
+    ctx = init_distributed(rank, world, local_rank, args.device)
+    seq_len, tokens_per_step, micro_seqs, steps, warmup = SHAPES[args.shape]
+    seq_len = args.seq_len or seq_len
+    tokens_per_step = args.tokens_per_step or tokens_per_step
+    micro_seqs = args.micro_batch_seqs or micro_seqs
+    steps = args.steps if args.steps is not None else steps
+    warmup = args.warmup_steps if args.warmup_steps is not None else warmup
+    model_cfg, optim_cfg, train_cfg, grid = build_configs(args, seq_len, tokens_per_step, micro_seqs, steps, warmup)
+    unknown = sorted(set(args.levers or []) - set(LEVERS))
+    if unknown:
+        raise SystemExit(f"error: --levers: unknown {unknown}; choose from {list(LEVERS)}")
+    chosen = (args.levers or list(LEVERS)) if args.levers is not None else ["baseline"]
+    on_gpu = ctx.device.type == "cuda"
+    variants: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
             stream = open_train_stream(args.shards, model_cfg.vocab_size)
         else:
             stream = synthetic_stream(Path(tmp), 2 * tokens_per_step + seq_len + 1, model_cfg.vocab_size, 0)
-        trainer = Trainer(model_cfg, optim_cfg, train_cfg, grid, ctx, stream)
-        warmup_s = trainer.compile_warmup()
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        step_ms, losses = [], []
-        for i in range(steps):
-            synchronize(ctx.device)
-            t0 = time.perf_counter()
-            loss, _ = trainer.train_step(1.0, i)
-            trainer.ema.update(trainer.model)
-            synchronize(ctx.device)
-            step_ms.append(1000 * (time.perf_counter() - t0))
-            losses.append(float(loss))
-            if ctx.is_main:
-                print(f"step {i + 1}/{steps}: {step_ms[-1]:.1f} ms, loss {losses[-1]:.4f}", flush=True)
-
-        if args.profile_out and ctx.is_main:
-            profile_step(trainer, steps, Path(args.profile_out))
-
-    # The first timed step can still pay one-off costs; the median is the figure.
-    median_ms = statistics.median(step_ms)
-    tokens_per_s = tokens_per_step / (median_ms / 1000)
-    fpt, fpt_palm = flops_per_token(trainer.model, seq_len)
-    on_gpu = ctx.device.type == "cuda"
-    peak_bytes, peak_kind = peak_memory(ctx.device)
-    result = {
+        for name in chosen:
+            model_over, train_over = LEVERS[name] if args.levers is not None else ({}, {})
+            try:  # one failing lever must not cost the others' figures
+                variants[name] = measure(model_cfg.replace(**model_over), optim_cfg,
+                                         dataclasses.replace(train_cfg, **train_over), grid, ctx, stream, steps,
+                                         name, args.profile_out if args.levers is None else None)
+            except Exception as exc:  # noqa: BLE001 -- reported in the table, the run goes on
+                if args.levers is None:
+                    raise
+                traceback.print_exc()
+                variants[name] = {"label": name, "error": f"{type(exc).__name__}: {exc}"}
+            release(ctx)
+    for r in variants.values():
+        if "error" not in r:
+            r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / (args.peak_tflops * 1e12) if on_gpu else None
+            r["mfu_palm"] = (r["flops_per_token_palm"] * r["tokens_per_s"] / (args.peak_tflops * 1e12)
+                             if on_gpu else None)
+    common = {
         "device": torch.cuda.get_device_name(ctx.device) if on_gpu else "cpu",
         "torch": torch.__version__, "world_size": world, "shape": args.shape, "params_file": args.params,
-        "data": args.shards or "synthetic", "attention_backend": model_cfg.attention_backend,
-        "residual_dtype": model_cfg.residual_dtype, "model_overrides": args.model_set, "inductor_options": args.inductor, "train_overrides": args.train_set,
-        "compiled": trainer.compiled, "qat_switch_in_graph": args.qat,
-        "num_parameters": trainer.model.num_parameters(), "matmul_parameters": matmul_params(trainer.model),
-        "num_layers": model_cfg.num_layers, "model_dim": model_cfg.model_dim, "seq_len": seq_len,
-        "tokens_per_step": tokens_per_step, "micro_batch_seqs": micro_seqs, "grad_accum": trainer.accum,
-        "steps": steps, "compile_warmup_steps": warmup, "compile_warmup_seconds": warmup_s,
-        "step_ms": step_ms, "ms_per_step_median": median_ms, "ms_per_step_mean": statistics.fmean(step_ms),
-        "ms_per_step_min": min(step_ms), "tokens_per_s": tokens_per_s,
-        "flops_per_token": fpt, "flops_per_token_palm": fpt_palm,
+        "profile": args.profile, "data": args.shards or "synthetic",
+        "attention_backend": model_cfg.attention_backend, "residual_dtype": model_cfg.residual_dtype,
+        "model_overrides": args.model_set, "inductor_options": args.inductor, "train_overrides": args.train_set,
+        "qat_switch_in_graph": args.qat, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
+        "micro_batch_seqs": micro_seqs, "steps": steps, "compile_warmup_steps": warmup,
         "flops_formula": "6*N_matmul + 6*L*T*D (causal attention); palm: 6*N_matmul + 12*L*T*D",
-        "achieved_tflops": fpt * tokens_per_s / 1e12,
-        "peak_tflops": args.peak_tflops if on_gpu else None,
-        "mfu": fpt * tokens_per_s / (args.peak_tflops * 1e12) if on_gpu else None,
-        "mfu_palm": fpt_palm * tokens_per_s / (args.peak_tflops * 1e12) if on_gpu else None,
-        "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+        "peak_tflops": args.peak_tflops if on_gpu else None}
+    if args.levers is None:
+        result = {**common, **variants["baseline"]}
+    else:
+        result = {**common, "variants": variants, "table": variants_table(variants, args.peak_tflops),
+                  "loss_table": loss_table(variants)}
     if ctx.is_main:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        mfu = f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] is not None else ""
-        print(f"{result['device']}: {median_ms:.1f} ms/step (median of {steps}), {tokens_per_s:,.0f} tokens/s"
-              f"{mfu}, peak memory {peak_bytes / 2**20:,.0f} MiB ({peak_kind}); wrote {out}")
+        if args.levers is None:
+            mfu = f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] is not None else ""
+            print(f"{result['device']}: {result['ms_per_step_median']:.1f} ms/step (median of {steps}), "
+                  f"{result['tokens_per_s']:,.0f} tokens/s{mfu}, peak memory "
+                  f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB ({result['peak_memory_kind']}); wrote {out}")
+        else:
+            print(f"\n{result['device']}, {steps} timed steps per variant (median), torch {torch.__version__}:\n"
+                  f"{result['table']}\n\nTraining loss per step (same seed, data and starting state):\n"
+                  f"{result['loss_table']}\nwrote {out}")
     shutdown()
     return result
 

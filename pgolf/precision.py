@@ -45,17 +45,30 @@ def maybe_compile(fn: Callable, enabled: bool, options: dict[str, object] | None
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
-def training_compile_options(mix_order_reduction: bool) -> dict[str, object]:
-    """Inductor overrides for the training step (``train.mix_order_reduction``).
+# torch.compile's modes, as the inductor options each one sets (torch._inductor.list_mode_options):
+# the options form composes with the per-graph overrides below (torch.compile takes mode or options).
+COMPILE_MODES: dict[str, dict[str, object]] = {
+    "default": {},
+    "reduce-overhead": {"triton.cudagraphs": True},
+    "max-autotune-no-cudagraphs": {"max_autotune": True, "coordinate_descent_tuning": True},
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "triton.cudagraphs": True},
+}
+
+
+def training_compile_options(mix_order_reduction: bool, mode: str = "default") -> dict[str, object]:
+    """Inductor overrides for the training step (``train.mix_order_reduction``, ``train.compile_mode``).
 
     Inductor's mixed-order reduction fuses an RMSNorm backward (a reduction
     over each row) with the per-channel parameter gradients (sums over all
     rows) into one kernel. At the record shape one such kernel per step keeps
     eight 512-wide fp32 accumulators per program and runs 20x slower than
     its unfused neighbours (profile in docs/LOG.md), so the record profiles
-    switch it off; ``True`` keeps inductor's default.
+    switch it off; ``True`` keeps inductor's default. ``mode`` adds the options
+    of a torch.compile mode (``COMPILE_MODES``); with CUDA graphs each
+    micro-step's forward and backward replay as one graph each (the step's
+    shapes are static), the loss read before the next replay.
     """
-    return {} if mix_order_reduction else {"triton.mix_order_reduction": False}
+    return {**COMPILE_MODES[mode], **({} if mix_order_reduction else {"triton.mix_order_reduction": False})}
 
 
 def synchronize(device: torch.device) -> None:

@@ -60,6 +60,9 @@ class ModelConfig:
     doc_attention: bool = False  # attention never crosses a BOS (document-local attention)
     doc_attention_impl: str = "auto"  # auto (flex on CUDA, dense elsewhere) | dense | flex
     bos_id: int = 1            # the tokenizer's BOS id (pgolf.data.tokenizer.BOS_ID)
+    # Fused kernels (same math; Triton on CUDA, the plain torch formula elsewhere):
+    fused_mlp: bool = False    # activation in the MLP matmuls' epilogues (pgolf.model.fused_mlp)
+    fused_loss: bool = False   # soft-capped cross-entropy chunked over rows (pgolf.model.fused_loss)
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 2, "vocab_size", "must be >= 2")

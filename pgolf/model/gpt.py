@@ -13,7 +13,7 @@ Architecture (docs/RECIPE.md §2; each item is a :class:`ModelConfig` field):
   partial RoPE, XSA on chosen layers, shared value embedding on chosen
   layers, VRL gates σ(α_l) mixing layer 0's value into layers 1..L-1;
 - final RMSNorm, tied (or separate) output matrix, ``c·tanh(z/c)`` soft-cap,
-  cross-entropy in fp32.
+  cross-entropy in fp32 (``fused_loss``, ``fused_mlp``: fused kernels, same math).
 
 The 66 block matrices live in four banks (``qo_bank`` [2L, D, D]: Q of layers
 0..L-1 then O; ``kv_bank`` [2L, KV·hd, D]: K then V; ``mlp_up_bank`` [L, H, D];
@@ -62,6 +62,8 @@ from torch import nn
 from pgolf.model.attention import BankLinear, CausalSelfAttention, KVCache
 from pgolf.model.doc_attention import DocMask, document_mask
 from pgolf.model.frontier_gates import InputSmearGate
+from pgolf.model.fused_loss import softcap_token_nll
+from pgolf.model.fused_mlp import fused_mlp
 from pgolf.model.topology import (PARALLEL_POST_INIT, PARALLEL_RESID_INIT, merge_skip, parallel_lanes_update,
                                   split_encoder_decoder, visit_order)
 from pgolf.model.embeddings import BigramHash, SmearGate, ValueEmbedding, rms_norm
@@ -78,18 +80,19 @@ BIGRAM_SCALE_INIT = 0.05
 # Positions covered by the precomputed RoPE tables (longer inputs compute theirs).
 ROPE_TABLE_POSITIONS = 4096
 
-__all__ = ["GPT", "ModelConfig", "param_roles", "param_groups_by_role",
-           "unbank_state_dict", "rebank_state_dict", "KVCache"]
+__all__ = ["GPT", "ModelConfig", "param_roles", "param_groups_by_role", "unbank_state_dict", "rebank_state_dict", "KVCache"]
 
 
 class MLP(nn.Module):
-    def __init__(self, leaky_slope: float):
+    def __init__(self, leaky_slope: float, fused: bool = False):
         super().__init__()
-        self.leaky_slope = leaky_slope
+        self.leaky_slope, self.fused = leaky_slope, fused
         self.fc = BankLinear()
         self.proj = BankLinear()
 
     def forward(self, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        if self.fused and not any(m._forward_pre_hooks or m._forward_hooks for m in (self.fc, self.proj)):
+            return fused_mlp(x, w_up, w_down, self.leaky_slope)
         hidden = F.leaky_relu(self.fc(x, w_up), negative_slope=self.leaky_slope)
         return self.proj(hidden.square(), w_down)
 
@@ -103,7 +106,7 @@ class Block(nn.Module):
             head_dim=cfg.head_dim, qk_norm=cfg.qk_norm, qk_gain_init=cfg.qk_gain_init,
             use_xsa=layer_idx in cfg.xsa_layers, use_vrl_gate=cfg.vrl and layer_idx > 0,
             backend=cfg.attention_backend, gate_window=cfg.attn_gate_window, gate_scale=cfg.attn_gate_scale)
-        self.mlp = MLP(cfg.mlp_leaky_slope)
+        self.mlp = MLP(cfg.mlp_leaky_slope, cfg.fused_mlp)
         self.attn_scale = nn.Parameter(torch.empty(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.empty(cfg.model_dim))
         self.resid_mix = nn.Parameter(torch.empty(2, cfg.model_dim)) if cfg.resid_mix else None
@@ -350,11 +353,16 @@ class GPT(nn.Module):
 
     def token_nll(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy in nats, fp32 [B, T]."""
+        if self.cfg.fused_loss:
+            weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+            return softcap_token_nll(self._hidden(ids), weight, targets, self.cfg.logit_softcap)
         logits = self.forward_logits(ids)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over all positions (fp32 scalar)."""
+        if self.cfg.fused_loss:
+            return self.token_nll(ids, targets).mean()
         logits = self.forward_logits(ids)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pgolf.config import check
 from pgolf.errors import ParamError
+from pgolf.precision import COMPILE_MODES
 from pgolf.train.select import CANDIDATES
 
 
@@ -33,6 +34,9 @@ class TrainConfig:
     # Depth recurrence (model.recur_*) switches on at this fraction of the run
     # (wall clock when max_train_seconds > 0, else of max_steps); 0 = from the start.
     recur_start_frac: float = 0.0
+    # torch.compile mode of the training step (pgolf.precision.COMPILE_MODES): "reduce-overhead"
+    # replays the step's forward and backward as CUDA graphs; "default" is today's step.
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 1, "seq_len", "must be >= 1")
@@ -61,6 +65,7 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(0.0 <= self.min_lr_scale <= 1.0, "min_lr_scale", "must be in [0, 1] (0 = decay to 0)")
         check(0.0 <= self.recur_start_frac <= 1.0, "recur_start_frac", "must be in [0, 1]")
+        check(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {list(COMPILE_MODES)}")
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-steps per optimizer step so that one GPU reproduces the step of N."""

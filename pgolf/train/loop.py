@@ -103,8 +103,15 @@ class Trainer:
         self.loader = TrainLoader(stream, cfg.holdout_tokens, cfg.seq_len, cfg.micro_batch_tokens,
                                   ctx.rank, ctx.world_size)
         self.compiled = compile_enabled(cfg.compile, ctx.device)
-        self.forward = maybe_compile(self.model, self.compiled,
-                                     training_compile_options(cfg.mix_order_reduction))
+        options = training_compile_options(cfg.mix_order_reduction, cfg.compile_mode)
+        self.forward = maybe_compile(self.model, self.compiled, options)
+        self.cuda_graphs = self.compiled and bool(options.get("triton.cudagraphs"))
+        if self.cuda_graphs:
+            # A CUDA-graph replay overwrites the previous replay's outputs. A parameter whose .grad is None
+            # adopts the backward graph's output buffer as its .grad, so the next micro-step's replay would
+            # overwrite the accumulated gradient (pytorch/pytorch#96693): accumulate into a private copy.
+            for param in self.model.parameters():
+                param.register_hook(torch.clone)
         self.ema = EMA(self.model, optim_cfg.ema_decay)
         self.swa = SWA(self.model, optim_cfg.swa_lr_scale_threshold, optim_cfg.swa_every,
                        on_cpu=optim_cfg.swa_on_cpu)
@@ -124,6 +131,8 @@ class Trainer:
             x, y = self.loader.next_batch(pin_memory=self.ctx.device.type == "cuda")
             x = x.to(self.ctx.device, non_blocking=True)
             y = y.to(self.ctx.device, non_blocking=True)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous micro-step's outputs are consumed
             with autocast(self.ctx.device):
                 loss = self.forward(x, y)
             (loss / self.accum).backward()

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = {"seed": 1, "seq_len": 16, "tokens_per_step": 64, "micro_batch_tokens": 32, "max_steps": 4,
          "max_train_seconds": 0.0, "warmdown": "steps", "warmdown_steps": 2, "warmdown_frac": 0.0,
          "compile": True, "compile_warmup_steps": 0, "mix_order_reduction": False, "min_lr_scale": 0.0,
-         "recur_start_frac": 0.0,
+         "recur_start_frac": 0.0, "compile_mode": "default",
          "qat_lr_scale_threshold": 0.0, "holdout_tokens": 17, "final_weights": "live",
          "resume_every": 0, "log_every": 1}
 
@@ -91,3 +91,50 @@ def test_switching_the_lever_keeps_the_numerics():
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-3, atol=1e-3)
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_compile_modes_are_torchs_own_option_sets():
+    """train.compile_mode: each mode's options are exactly those torch.compile(mode=...) would set,
+    composed with the mixed-order override; an unknown mode is one ParamError."""
+    from torch._inductor import list_mode_options
+    from pgolf.precision import COMPILE_MODES
+    for mode, options in COMPILE_MODES.items():
+        assert options == list_mode_options(mode), mode
+    assert training_compile_options(False, "reduce-overhead") == {"triton.cudagraphs": True,
+                                                                   "triton.mix_order_reduction": False}
+    assert training_compile_options(True, "default") == {}
+    assert from_params(TrainConfig, {"train": {**TRAIN, "compile_mode": "reduce-overhead"}},
+                       "train").compile_mode == "reduce-overhead"
+    with pytest.raises(Exception, match="compile_mode"):
+        from_params(TrainConfig, {"train": {**TRAIN, "compile_mode": "fast"}}, "train")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_steps_accumulate_gradients_like_the_plain_compiled_steps(tmp_path):
+    """train.compile_mode=reduce-overhead with 2 micro-steps per step: the per-step losses follow the
+    default compiled step's within bf16 noise (a gradient overwritten by the next replay would not)."""
+    import numpy as np
+    from pgolf.data.loader import TokenStream
+    from pgolf.data.shards import write_shard
+    from pgolf.distributed import init_distributed
+    from pgolf.model.config import ModelConfig
+    from pgolf.quant.grid import GridBits
+    from pgolf.tools.profiles import compose
+    from pgolf.train.loop import Trainer
+    from pgolf.train.optim import OptimConfig
+    p = compose("cpu")
+    model_cfg, optim_cfg = from_params(ModelConfig, p, "model"), from_params(OptimConfig, p, "optim")
+    write_shard(tmp_path / "train_000000.bin",
+                np.random.default_rng(0).integers(0, model_cfg.vocab_size, 20_000, dtype=np.uint16))
+    ctx = init_distributed(0, 1, 0, "cuda")
+    curves = []
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        cfg = from_params(TrainConfig, {"train": {**TRAIN, "seq_len": 128, "tokens_per_step": 1024,
+                                                  "micro_batch_tokens": 512, "holdout_tokens": 129,
+                                                  "compile_mode": mode}}, "train")
+        trainer = Trainer(model_cfg, optim_cfg, cfg, GridBits(attn_bits=6, mlp_bits=6), ctx,
+                          TokenStream([tmp_path / "train_000000.bin"], model_cfg.vocab_size))
+        assert trainer.accum == 2 and trainer.cuda_graphs == (mode == "reduce-overhead")
+        curves.append([float(trainer.train_step(1.0, i)[0]) for i in range(4)])
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=0, atol=2e-2)

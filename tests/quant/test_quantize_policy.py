@@ -15,6 +15,7 @@ from pgolf.quant.policy import (QuantizeConfig, candidate_scales, prune_to_targe
                             row_quantiles, tensor_class)
 from pgolf.quant.grid import row_scales
 from pgolf.model.layout import block_weight
+from pgolf.quant.hessian_file import hessian_key_for_weight
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -99,7 +100,7 @@ def test_candidate_scales_are_fp16_grid_scales_of_the_quantile_clip():
 def _reference_choice(name: str, config: QuantizeConfig) -> tuple[int, list[float], list[float]]:
     """Chosen candidate by brute force: one GPTQ call per candidate, float64 errors."""
     w = STATE[name]
-    h = HESSIANS[quantize_mod.hessian_key_for_weight(name)]
+    h = HESSIANS[hessian_key_for_weight(name)]
     bits = config.attn_bits if ".attn." in name else config.mlp_bits
     mse, hess = [], []
     for p in config.clip_candidates:

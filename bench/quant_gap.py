@@ -15,8 +15,8 @@ every variant is compared at full width) and the variants change only:
 
 - ``search``: ``clip: search``, ``embed_method: rtn``, ``awq_top_k: 0`` (today's quantiser);
 - ``sdclip``: ``clip: sdclip`` with the run's (or default) k per class (docs/FRONTIER.md §4.3);
-- ``sdclip_embed7``: + the tied embedding through GPTQ at int7 (§4.1);
-- ``sdclip_embed7_awq``: + AWQ-lite, one 64-column group model-wide (§4.5).
+- ``sdclip_embed7``: + the tied embedding through GPTQ at int7 (docs/FRONTIER.md §4.1);
+- ``sdclip_embed7_awq``: + AWQ-lite, one 64-column group model-wide (docs/FRONTIER.md §4.5).
 
 ``gate_int8`` stays as the run's params say. Scoring uses the first
 ``--val-tokens`` validation tokens (all by default) in non-overlapping

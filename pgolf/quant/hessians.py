@@ -7,6 +7,11 @@ Keys and file format: pgolf/quant/hessian_file.py (matrices that read one
 input, Q, K and V, share one sum). Under CUDA bf16 autocast the sums are of
 the bf16 operands the matmuls really use. Sums are kept in float64 and saved
 as float32, raw: no averaging, no damping (the solver damps exactly once).
+With depth recurrence on (it is during calibration, docs/FRONTIER.md §4.2), a
+reused layer's hooks fire once per visit, so its sum covers every visit.
+Optionally (``head``) the final norm's output, the input of the tied output
+projection, gets a sum too, and (``activation_rms``) each key's per-channel
+RMS ``sqrt(diag H / rows)`` is returned for AWQ-lite.
 
 Calibration sequences come from one of two sources:
 

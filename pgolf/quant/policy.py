@@ -30,6 +30,7 @@ from pgolf.quant.awq import select_groups
 from pgolf.quant.clip import candidate_scales, protected_scales, row_quantiles, sdclip_scales
 from pgolf.quant.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
 from pgolf.quant.grid import SCALE_FLOOR, quantize_to_grid, row_scales
+from pgolf.quant.hessian_file import HEAD_HESSIAN_KEY
 from pgolf.quant.protected import PROTECTED_BITS, ProtectedColumns
 from pgolf.quant.quant_config import QuantizeConfig
 from pgolf.quant.routing import GATE_BITS, hessian_key_of, sdclip_k, solved_bits, tensor_class
@@ -168,7 +169,8 @@ def _hessian_for(name: str, width: int, hessians: Mapping[str, torch.Tensor], so
     key = hessian_key_of(name)
     h = hessians.get(key)
     if h is None:
-        raise DataError(f"{source}: no Hessian {key!r} for {name}")
+        hint = " (embed_method gptq needs hessians.head: true)" if key == HEAD_HESSIAN_KEY else ""
+        raise DataError(f"{source}: no Hessian {key!r} for {name}{hint}")
     if tuple(h.shape) != (width, width):
         raise DataError(f"{source}: Hessian {key!r} has shape {tuple(h.shape)}, {name} needs ({width}, {width})")
     return h

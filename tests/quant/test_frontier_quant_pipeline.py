@@ -72,6 +72,8 @@ def test_frontier_switches_end_to_end(tmp_path, capsys):
         assert torch.equal(restored_state[name].float().reshape(w_hat.shape), w_hat), name
     # A tiny random model at int6 is far from exact; still, logits stay near (relative mean error < 15 %).
     assert restored.looping and float((ref - got).abs().mean()) < 0.15 * float(ref.abs().mean())
+    assert main(["inspect", str(path)]) == 0  # no report beside it yet: the file's own protect block
+    assert f"awq: {awq[0]['name']} columns [[" in capsys.readouterr().out
     write_json_atomic(tmp_path / "report.json", out.report)
     assert main(["inspect", str(tmp_path / "report.json")]) == 0
     text = capsys.readouterr().out

@@ -75,7 +75,7 @@ def _report_row(name: str, t: torch.Tensor, cls: str, stored: StoredTensor, clip
     return row
 
 
-def _group_scales(w: torch.Tensor, names: list[str], classes: list[str], bits: int,
+def _group_scales(w: torch.Tensor, classes: list[str], bits: int,
                   cfg: QuantizeConfig) -> tuple[torch.Tensor, list[float]]:
     """Scales [B, C, R] of every candidate, and the report's clip value per candidate or per matrix."""
     if cfg.clip == "sdclip":
@@ -91,7 +91,7 @@ def _quantize_matrix_group(names: list[str], weights: list[torch.Tensor], hessia
     """Quantise same-shape matrices in one batch; returns (stored, report row) per matrix."""
     w = torch.stack([t.to(device=device, dtype=torch.float32) for t in weights])
     h = torch.stack([x.to(device=device, dtype=torch.float32) for x in hessians]) if hessians else None
-    scales, clips = _group_scales(w, names, classes, bits, cfg)
+    scales, clips = _group_scales(w, classes, bits, cfg)
     mask = hi = None
     if any(n in protect for n in names):
         mask = torch.zeros(w.shape[0], w.shape[2], dtype=torch.bool, device=device)
@@ -303,8 +303,9 @@ def _zero_cheapest(tensors: list[StoredTensor], owner: torch.Tensor, flat: torch
 def prune_order(tensors: list[StoredTensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every block-matrix entry with |q| = 1 as (tensor index, flat index), cheapest first.
 
-    The cost of zeroing an entry of row r is ``s_r²``; ties keep tensor order,
-    then position, so the order is deterministic.
+    The cost of zeroing an entry of row r is ``s_r²`` (AWQ-lite's protected
+    columns: their own row scale squared); ties keep tensor order, then
+    position, so the order is deterministic.
     """
     none = torch.zeros(0, dtype=torch.int64)
     owners, flats, costs = [none], [none], [torch.zeros(0)]
@@ -313,7 +314,11 @@ def prune_order(tensors: list[StoredTensor]) -> tuple[torch.Tensor, torch.Tensor
             flat = torch.nonzero(t.q.reshape(-1).abs() == 1).squeeze(1)
             owners.append(torch.full_like(flat, i))
             flats.append(flat)
-            costs.append(t.scale.float()[flat // t.q.shape[1]].pow(2))
+            rows, cols = flat // t.q.shape[1], flat % t.q.shape[1]
+            scale = t.scale.float()[rows]
+            if t.protect is not None:
+                scale = torch.where(t.protect.mask(t.q.shape[1])[cols], t.protect.scale.float()[rows], scale)
+            costs.append(scale.pow(2))
     order = torch.argsort(torch.cat(costs), stable=True)
     return torch.cat(owners)[order], torch.cat(flats)[order]
 

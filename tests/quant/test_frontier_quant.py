@@ -305,3 +305,15 @@ def test_hessian_file_round_trips_act_rms_and_rejects_a_mismatched_one(tmp_path)
     save_hessians(tmp_path / "bad.pt", dataclasses.replace(hs, act_rms={"blocks.0.mlp.fc": torch.rand(5)}))
     with pytest.raises(DataError, match="act_rms 'blocks.0.mlp.fc' does not match"):
         load_hessians(tmp_path / "bad.pt")
+
+
+def test_pruning_costs_protected_entries_at_their_own_scale():
+    from pgolf.quant.policy import prune_order
+    from pgolf.quant.protected import ProtectedColumns
+    from pgolf.quant.artifact import StoredTensor
+    q = torch.ones(2, 4, dtype=torch.int8)
+    t = StoredTensor("blocks.0.mlp.fc.weight", (2, 4), "float32", "gptq", 6, q, torch.tensor([1.0, 2.0]).half(),
+                     protect=ProtectedColumns(torch.tensor([2], dtype=torch.int16), 2, torch.tensor([0.1, 0.2]).half()))
+    owner, flat = prune_order([t])
+    # Protected entries (columns 2, 3) cost 0.01 / 0.04, row 0's others 1, row 1's others 4.
+    assert flat.tolist() == [2, 3, 6, 7, 0, 1, 4, 5]

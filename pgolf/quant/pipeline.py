@@ -4,7 +4,7 @@ In order: unbank the checkpoint (pgolf/model/layout.py); quantise every tensor
 (pgolf/quant/policy.py, GPTQ in pgolf/quant/gptq.py); with
 ``quantize.fit_to_limit``, demote block matrices over the byte target a bit at
 a time (pgolf/quant/bit_allocation.py); with ``quantize.prune``, the ±1
-pruning takes what is left (pgolf/quant/policy.py); encode (pgolf/quant/artifact.py).
+pruning takes what is left (pgolf/quant/pruning.py); encode (pgolf/quant/artifact.py).
 Both aim at the byte target ``16,000,000 − code bytes − prune_margin_bytes``,
 code bytes = the ``train_gpt.py`` bundle's counted bytes under ``code_root``
 (pgolf/submission/bundle.py); the
@@ -28,7 +28,8 @@ from pgolf.progress import StageLog
 from pgolf.quant.artifact import StoredTensor, require_finite
 from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
 from pgolf.quant.hessian_file import HessianSet, load_hessians
-from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, prune_to_target, quantize_state_dict
+from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, quantize_state_dict
+from pgolf.quant.pruning import prune_to_target
 from pgolf.quant.quant_config import frontier_defaults
 from pgolf.submission.size import LIMIT_BYTES, bundle_counted_bytes
 

@@ -2,7 +2,7 @@
 
 What each key does lives with its code: routing (pgolf/quant/routing.py), clip
 rules (pgolf/quant/clip.py), GPTQ (pgolf/quant/gptq.py), AWQ-lite
-(pgolf/quant/awq.py), the byte target (pgolf/quant/policy.py,
+(pgolf/quant/awq.py), the byte target (pgolf/quant/pruning.py,
 pgolf/quant/bit_allocation.py) and the file (pgolf/quant/artifact.py).
 """
 from __future__ import annotations

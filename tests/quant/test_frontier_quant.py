@@ -308,7 +308,7 @@ def test_hessian_file_round_trips_act_rms_and_rejects_a_mismatched_one(tmp_path)
 
 
 def test_pruning_costs_protected_entries_at_their_own_scale():
-    from pgolf.quant.policy import prune_order
+    from pgolf.quant.pruning import prune_order
     from pgolf.quant.protected import ProtectedColumns
     from pgolf.quant.artifact import StoredTensor
     q = torch.ones(2, 4, dtype=torch.int8)

@@ -347,6 +347,10 @@ class GPT(nn.Module):
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
+    def final_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] → the final norm's output [B, T, D]: the output projection's input."""
+        return self._hidden(ids)
+
     def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] → soft-capped fp32 logits [B, T, V]."""
         return self._logits(self._hidden(ids))

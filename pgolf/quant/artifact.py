@@ -22,7 +22,10 @@ is ``{"model_config": {...}, "meta": {...}, "tensors": [...]}``; each tensor
 entry has ``name``, ``shape``, ``dtype`` (the dtype to restore), ``method``
 and either ``bits`` + ``q`` + ``scale`` (a quantised tensor: int8 integers
 ``[rows, cols]`` on the ``pgolf.quant.grid`` grid and one fp16 scale per row)
-or ``raw`` (a passthrough tensor). Each array reference is ``{"dtype",
+or ``raw`` (a passthrough tensor). A quantised entry may add ``protect``
+(AWQ-lite, docs/FRONTIER.md §4.5): ``{"size", "starts", "scale"}``, int16
+group starts and one fp16 scale per row for the columns ``[start, start+size)``
+of each group, whose integers lie in [-127, 127] on that finer grid. Each array reference is ``{"dtype",
 "offset", "nbytes"}`` into the data section, where each tensor's arrays lie
 together (integers then scales, or the raw data).
 
@@ -59,6 +62,7 @@ import zstandard
 from pgolf.errors import DataError
 from pgolf.io import write_bytes_atomic
 from pgolf.quant.grid import dequantize_grid
+from pgolf.quant.protected import ProtectedColumns, parse_protected
 
 MAGIC = b"PGOLFQZ\n"
 FORMAT_VERSION = 2
@@ -101,15 +105,21 @@ class StoredTensor:
     q: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     raw: torch.Tensor | None = None
+    protect: ProtectedColumns | None = None
 
     @property
     def quantized(self) -> bool:
         return self.q is not None
 
+    def arrays(self) -> list[torch.Tensor]:
+        """The stored arrays in file order: integers, scales (, group starts, protected scales), or raw."""
+        if not self.quantized:
+            return [self.raw]
+        extra = [self.protect.starts, self.protect.scale] if self.protect is not None else []
+        return [self.q, self.scale, *extra]
+
     def stored_bytes(self) -> int:
-        if self.quantized:
-            return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
-        return self.raw.numel() * self.raw.element_size()
+        return sum(a.numel() * a.element_size() for a in self.arrays())
 
 
 @dataclass(frozen=True)
@@ -135,10 +145,8 @@ def _array_bytes(t: torch.Tensor) -> tuple[str, bytes]:
 
 
 def stored_arrays_bytes(t: "StoredTensor") -> bytes:
-    """One tensor's stored arrays as the payload holds them: integers then scales, or the raw data."""
-    if t.quantized:
-        return _array_bytes(t.q)[1] + _array_bytes(t.scale)[1]
-    return _array_bytes(t.raw)[1]
+    """One tensor's stored arrays as the payload holds them (``StoredTensor.arrays`` order)."""
+    return b"".join(_array_bytes(a)[1] for a in t.arrays())
 
 
 def compress_bytes(data: bytes, compressor: str, level: int) -> bytes:
@@ -182,6 +190,9 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
         entry = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "method": t.method}
         if t.quantized:
             entry.update(bits=t.bits, q=ref(t.q), scale=ref(t.scale))
+            if t.protect is not None:
+                entry["protect"] = {"size": t.protect.size, "starts": ref(t.protect.starts),
+                                    "scale": ref(t.protect.scale)}
         else:
             entry["raw"] = ref(t.raw)
         entries.append(entry)
@@ -296,12 +307,16 @@ def _parse_tensor(entry: Any, data: memoryview, where: str) -> StoredTensor:
         rows = shape[0] if len(shape) == 2 else 1
         if q.dtype != torch.int8 or scale.dtype != torch.float16 or q.numel() != numel or scale.numel() != rows:
             raise DataError(f"{at}: integer/scale arrays do not match shape {shape}")
+        q = q.reshape(shape) if len(shape) == 2 else q.reshape(1, numel)
+        protect = None
+        if "protect" in entry:
+            protect = parse_protected(entry["protect"], lambda ref: _read_array(data, ref, at), at, q)
         qmax = (1 << (bits - 1)) - 1
-        if q.numel() and int(q.abs().max()) > qmax:
+        coarse = q if protect is None else q[:, ~protect.mask(q.shape[1])]
+        if coarse.numel() and int(coarse.abs().max()) > qmax:
             raise DataError(f"{at}: integers exceed ±{qmax} for {bits} bits")
         require_finite(scale, at, "scale")
-        q = q.reshape(shape) if len(shape) == 2 else q.reshape(1, numel)
-        return StoredTensor(**common, bits=bits, q=q, scale=scale)
+        return StoredTensor(**common, bits=bits, q=q, scale=scale, protect=protect)
     raw = _read_array(data, entry.get("raw"), at)
     if raw.numel() != numel:
         raise DataError(f"{at}: {raw.numel()} stored values for shape {shape}")
@@ -362,8 +377,11 @@ def read_artifact(path: str | Path) -> Artifact:
 
 
 def dequantize_tensor(t: StoredTensor) -> torch.Tensor:
-    """Float tensor of the original shape and dtype (``q·s`` per row, or the passthrough)."""
+    """Float tensor of the original shape and dtype (``q·s`` per row, protected columns
+    with their own scale, or the passthrough)."""
     value = dequantize_grid(t.q, t.scale) if t.quantized else t.raw
+    if t.quantized and t.protect is not None:
+        value = t.protect.dequantize(t.q, value)
     return value.reshape(t.shape).to(_RESTORE_DTYPES[t.dtype])
 
 

@@ -194,7 +194,10 @@ def build_options(result: QuantizeResult, class_bits: Mapping[str, int], state: 
                        "matrices")
     for bits in widths:
         wanted = {n: bits for n, b in class_bits.items() if b > bits}
-        lower = quantize_block_matrices(state, wanted, hessians, num_tokens, cfg, device, hessian_source, progress)
+        # A demoted matrix keeps AWQ-lite's protected groups (chosen once, at full width).
+        protect = {n: rows[n]["awq"]["starts"] for n in wanted if rows[n].get("awq")}
+        lower = quantize_block_matrices(state, wanted, hessians, num_tokens, cfg, device, hessian_source, progress,
+                                        protect=protect)
         for n in sorted(lower):
             choices[n].append(lower[n])
     names = sorted(choices)

@@ -18,6 +18,10 @@ moment H = Σ xᵀx (never damped by the caller):
 5. blocked column sweep: ``q_j = clamp(round(w_j / s), ±qmax)``,
    ``e_j = (w_j − q_j s) / U_jj``, ``W[:, j+1:] −= e_j ⊗ U[j, j+1:]``, with the
    update to columns after the block applied as one matmul per block.
+
+AWQ-lite (docs/FRONTIER.md §4.5): columns marked ``protect`` are rounded on a
+second, finer int8 grid (``scales_hi``, clamp ±127) inside the same sweep,
+their error fed forward like any other column's.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pgolf.quant.protected import PROTECTED_BITS
 from pgolf.quant.grid import qmax_for_bits, quantize_to_grid
 
 # Fallback codes, one per matrix in a batch.
@@ -93,14 +98,19 @@ def _permute_square(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_sweep(w: torch.Tensor, upper: torch.Tensor, scales: torch.Tensor, bits: int,
-               block_size: int) -> torch.Tensor:
+               block_size: int, protect: torch.Tensor | None = None,
+               scales_hi: torch.Tensor | None = None) -> torch.Tensor:
     """The blocked GPTQ column sweep on already-prepared inputs.
 
     w: [B, R, N] (dead columns zeroed, columns permuted); upper: [B, N, N];
-    scales: [B, C, R]. All in the compute dtype. Returns q int8 [B, C, R, N]
-    in the same (permuted) column order.
+    scales: [B, C, R]. All in the compute dtype. ``protect`` [B, N] bool (same
+    column order) marks columns rounded with ``scales_hi`` [B, C, R] at ±127.
+    Returns q int8 [B, C, R, N] in the same (permuted) column order.
     """
     qmax = qmax_for_bits(bits)
+    if protect is not None:
+        s_hi = scales_hi.unsqueeze(-1)
+        hi_max = float(qmax_for_bits(PROTECTED_BITS))
     n_cols = w.shape[-1]
     work = w.unsqueeze(1).expand(-1, scales.shape[1], -1, -1).clone()  # [B, C, R, N]
     s = scales.unsqueeze(-1)  # [B, C, R, 1]
@@ -112,8 +122,15 @@ def gptq_sweep(w: torch.Tensor, upper: torch.Tensor, scales: torch.Tensor, bits:
         errors = torch.empty_like(block)
         for j in range(end - start):
             col = block[..., j:j + 1]  # [B, C, R, 1]
-            q = torch.round(col / s).clamp_(-qmax, qmax)
-            err = (col - q * s) / u_block[:, j, j].reshape(-1, 1, 1, 1)
+            if protect is None:
+                q = torch.round(col / s).clamp_(-qmax, qmax)
+                err = (col - q * s) / u_block[:, j, j].reshape(-1, 1, 1, 1)
+            else:
+                hi = protect[:, start + j].reshape(-1, 1, 1, 1)
+                s_j = torch.where(hi, s_hi, s)
+                limit = torch.where(hi, hi_max, float(qmax)).to(col.dtype)
+                q = torch.minimum(torch.maximum(torch.round(col / s_j), -limit), limit)
+                err = (col - q * s_j) / u_block[:, j, j].reshape(-1, 1, 1, 1)
             block[..., j + 1:] -= err * u_block[:, j, j + 1:].unsqueeze(1).unsqueeze(1)
             q_out[..., start + j:start + j + 1] = q.to(torch.int8)
             errors[..., j:j + 1] = err
@@ -124,13 +141,15 @@ def gptq_sweep(w: torch.Tensor, upper: torch.Tensor, scales: torch.Tensor, bits:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, bits: int, *,
                   damp: float, block_size: int, act_order: bool,
-                  dtype: torch.dtype = torch.float32) -> GPTQOutput:
+                  dtype: torch.dtype = torch.float32, protect: torch.Tensor | None = None,
+                  scales_hi: torch.Tensor | None = None) -> GPTQOutput:
     """GPTQ for a batch of matrices and clip candidates (see module docstring).
 
     w: [B, R, N] weights; h: [B, N, N] raw (undamped) Hessians; scales:
     [B, C, R] per-row scales of each clip candidate (already on the fp16 grid,
-    see ``pgolf.quant.grid.row_scales``). ``dtype`` is the sweep's precision;
-    the Cholesky work is always float64.
+    see ``pgolf.quant.grid.row_scales``). ``protect`` [B, N] bool (original
+    column order) and ``scales_hi`` [B, C, R]: AWQ-lite's int8 columns, or
+    None. ``dtype`` is the sweep's precision; the Cholesky work is always float64.
     """
     if w.dim() != 3 or h.shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise ValueError(f"shape mismatch: w {tuple(w.shape)}, h {tuple(h.shape)}")
@@ -164,12 +183,18 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, bits: 
         upper[~ok] = torch.eye(w.shape[2], dtype=upper.dtype, device=upper.device)
 
         w_work = w.to(dtype).masked_fill(dead.unsqueeze(1), 0.0)
+        sweep_protect = protect
         if perm is not None:
             w_work = _permute_columns(w_work, perm)
-        q = gptq_sweep(w_work, upper.to(dtype), scales.to(dtype), bits, block_size)
+            sweep_protect = None if protect is None else torch.gather(protect, 1, perm)
+        q = gptq_sweep(w_work, upper.to(dtype), scales.to(dtype), bits, block_size, sweep_protect,
+                       None if scales_hi is None else scales_hi.to(dtype))
         if perm is not None:
             q = _permute_columns(q, torch.argsort(perm, dim=-1))
         if not bool(ok.all()):
             bad = ~ok
             q[bad] = quantize_to_grid(w[bad].unsqueeze(1), scales[bad], bits)
+            if protect is not None:
+                q_hi = quantize_to_grid(w[bad].unsqueeze(1), scales_hi[bad], PROTECTED_BITS)
+                q[bad] = torch.where(protect[bad][:, None, None, :], q_hi, q[bad])
     return GPTQOutput(q=q, fallback=fallback)

@@ -7,6 +7,11 @@ Keys and file format: pgolf/quant/hessian_file.py (matrices that read one
 input, Q, K and V, share one sum). Under CUDA bf16 autocast the sums are of
 the bf16 operands the matmuls really use. Sums are kept in float64 and saved
 as float32, raw: no averaging, no damping (the solver damps exactly once).
+With depth recurrence on (it is during calibration, docs/FRONTIER.md §4.2), a
+reused layer's hooks fire once per visit, so its sum covers every visit.
+Optionally (``head``) the final norm's output, the input of the tied output
+projection, gets a sum too, and (``activation_rms``) each key's per-channel
+RMS ``sqrt(diag H / rows)`` is returned for AWQ-lite.
 
 Calibration sequences come from one of two sources:
 
@@ -38,7 +43,7 @@ from pgolf.model.layout import (BLOCK_MATRICES, BlockMatrix, block_index, block_
                                 shares_input)
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
-from pgolf.quant.hessian_file import HessianSet, hessian_key_for_module
+from pgolf.quant.hessian_file import HEAD_HESSIAN_KEY, HessianSet, hessian_key_for_module
 
 _TRAIN_SHARD = re.compile(r"^(fineweb_)?train_\d+\.bin$")  # pgolf's name, or the challenge's
 
@@ -55,6 +60,9 @@ class HessiansConfig:
     ar_batch_seqs: int  # source=autoregressive: sequences sampled together
     ar_temperature: float
     seed: int  # source=autoregressive: sampling seed
+    # Defaults only serve direct construction; params.yaml names every key.
+    head: bool = False  # also H of the output projection's input (the tied embedding's GPTQ, docs/FRONTIER.md §4.2)
+    activation_rms: bool = False  # also each input channel's RMS (AWQ-lite, docs/FRONTIER.md §4.5)
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 1, "seq_len", "must be >= 1")
@@ -121,14 +129,17 @@ class HessianCollector:
                 return
             if keeps_input:
                 self._shared_input[key] = x
-            flat = matmul_operand(x.detach()).reshape(-1, x.shape[-1])
-            if key not in self.sums:
-                self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64,
-                                             device=flat.device)
-                self.rows[key] = 0
-            self.sums[key] += batch_second_moment(flat)
-            self.rows[key] += flat.shape[0]
+            self.add(key, x)
         return hook
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` [..., d] (as the matmul will see them) to the sum under ``key``."""
+        flat = matmul_operand(x.detach()).reshape(-1, x.shape[-1])
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
+            self.rows[key] = 0
+        self.sums[key] += batch_second_moment(flat)
+        self.rows[key] += flat.shape[0]
 
     def __enter__(self) -> "HessianCollector":
         for name, module in self.model.named_modules():
@@ -199,9 +210,14 @@ def autoregressive_batches(model: nn.Module, cfg: HessiansConfig, rank: int, wor
 
 
 def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
-                     autocast: Callable[[], ContextManager], progress: Progress | None = None) -> HessianSet:
+                     autocast: Callable[[], ContextManager], progress: Progress | None = None,
+                     head: bool = False, activation_rms: bool = False) -> HessianSet:
     """Run ``model.forward_logits`` over ``batches`` with hooks; sum over ranks.
 
+    ``head``: run ``model.final_hidden`` instead (the logits feed no Hessian) and
+    also sum its output, the output projection's input, under HEAD_HESSIAN_KEY.
+    ``activation_rms``: also return ``sqrt(diag H / rows)`` per key, rows being
+    every row that went into the sum (each visit of a reused layer counts).
     Every rank must call this (the sums are all-reduced) even with no batches.
     """
     model.eval()
@@ -212,27 +228,38 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: 
         for ids in batches:
             ids = ids.to(device)
             with autocast():
-                model.forward_logits(ids)
+                if head:
+                    collector.add(HEAD_HESSIAN_KEY, model.final_hidden(ids))
+                else:
+                    model.forward_logits(ids)
             counts += torch.tensor([ids.numel(), ids.shape[0]], dtype=torch.float64, device=device)
             if progress is not None:
                 progress.advance(1, ids.numel())
     keys = sorted({key for name, _ in model.named_modules()
-                   if (key := hessian_key_for_module(name)) is not None})
-    hessians = {}
+                   if (key := hessian_key_for_module(name)) is not None} | ({HEAD_HESSIAN_KEY} if head else set()))
+    hessians, sums = {}, {}
     for key in keys:
         h = collector.sums.get(key)
         if h is None:  # this rank saw no data; still join the reduction
-            width = _input_width(model, key)
+            width = model.cfg.model_dim if key == HEAD_HESSIAN_KEY else _input_width(model, key)
             h = torch.zeros(width, width, dtype=torch.float64, device=device)
-        hessians[key] = all_reduce_sum_(h).float().cpu()
+        sums[key] = all_reduce_sum_(h)
+        hessians[key] = sums[key].float().cpu()
     all_reduce_sum_(counts)
+    act_rms = {}
+    if activation_rms:
+        rows = all_reduce_sum_(torch.tensor([float(collector.rows.get(k, 0)) for k in keys],
+                                            dtype=torch.float64, device=device))
+        act_rms = {k: (torch.diagonal(sums[k]) / max(float(n), 1.0)).sqrt().float().cpu()
+                   for k, n in zip(keys, rows.tolist())}
     # Under depth recurrence a reused layer's hooks fire once per visit and its
     # Hessian sums all visits (docs/FRONTIER.md §4.2); per visit every hook saw the same rows.
     visits = _visits_per_layer(model)
-    rows = {collector.rows[key] / visits.get(block_index(key), 1) for key in collector.rows}
-    if len(rows) > 1:
-        raise RuntimeError(f"hook modules saw different token counts per visit {sorted(rows)}")
-    return HessianSet(hessians=hessians, num_tokens=int(counts[0]), num_sequences=int(counts[1]))
+    per_visit = {collector.rows[key] / visits.get(block_index(key), 1) for key in collector.rows}
+    if len(per_visit) > 1:
+        raise RuntimeError(f"hook modules saw different token counts per visit {sorted(per_visit)}")
+    return HessianSet(hessians=hessians, num_tokens=int(counts[0]), num_sequences=int(counts[1]),
+                      act_rms=act_rms)
 
 
 def _visits_per_layer(model: nn.Module) -> dict[int, int]:
@@ -285,7 +312,8 @@ def calibrate_model(cfg: HessiansConfig, ckpt: Checkpoint, train_paths: Sequence
             batches = list(autoregressive_batches(model, cfg, ctx.rank, ctx.world_size, ctx.device, log))
     synchronize(ctx.device)
     sampled = time.perf_counter()
-    hs = collect_hessians(model, batches, ctx.device, lambda: autocast(ctx.device), log)
+    hs = collect_hessians(model, batches, ctx.device, lambda: autocast(ctx.device), log, head=cfg.head,
+                          activation_rms=cfg.activation_rms)
     synchronize(ctx.device)
     finished = time.perf_counter()
     metrics = {"source": cfg.source, "num_sequences": hs.num_sequences, "num_tokens": hs.num_tokens,

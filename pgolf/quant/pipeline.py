@@ -4,7 +4,7 @@ In order: unbank the checkpoint (pgolf/model/layout.py); quantise every tensor
 (pgolf/quant/policy.py, GPTQ in pgolf/quant/gptq.py); with
 ``quantize.fit_to_limit``, demote block matrices over the byte target a bit at
 a time (pgolf/quant/bit_allocation.py); with ``quantize.prune``, the ±1
-pruning takes what is left (pgolf/quant/policy.py); encode (pgolf/quant/artifact.py).
+pruning takes what is left (pgolf/quant/pruning.py); encode (pgolf/quant/artifact.py).
 Both aim at the byte target ``16,000,000 − code bytes − prune_margin_bytes``,
 code bytes = the ``train_gpt.py`` bundle's counted bytes under ``code_root``
 (pgolf/submission/bundle.py); the
@@ -28,7 +28,9 @@ from pgolf.progress import StageLog
 from pgolf.quant.artifact import StoredTensor, require_finite
 from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
 from pgolf.quant.hessian_file import HessianSet, load_hessians
-from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, prune_to_target, quantize_state_dict
+from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, quantize_state_dict
+from pgolf.quant.pruning import prune_to_target
+from pgolf.quant.quant_config import frontier_defaults
 from pgolf.submission.size import LIMIT_BYTES, bundle_counted_bytes
 
 # Search settings of the byte budget stay out of the artifact's meta: the bits of
@@ -54,6 +56,28 @@ def trained_grid(meta: Mapping) -> dict[str, int] | None:
     bits = qat["bits"]
     return {cls: int(bits[cls]) for cls in BLOCK_CLASSES} if isinstance(bits, Mapping) else {
         cls: int(bits) for cls in BLOCK_CLASSES}
+
+
+def recorded_settings(cfg: QuantizeConfig) -> dict:
+    """The quantize keys the artifact's meta records: not the byte search's, and a frontier
+    key only when set away from its default (so runs without them keep their bytes)."""
+    defaults = frontier_defaults()
+    return {k: v for k, v in to_dict(cfg).items()
+            if k not in UNRECORDED_KEYS and not (k in defaults and v == defaults[k])}
+
+
+def routing_summary(report: list[dict]) -> dict:
+    """Per class: tensors, bits and clip values used; and AWQ-lite's protected groups (metrics.json)."""
+    classes: dict[str, dict] = {}
+    for r in report:
+        c = classes.setdefault(r["class"], {"tensors": 0, "bits": set(), "clip": set(), "method": set()})
+        c["tensors"] += 1
+        for key in ("bits", "clip", "method"):
+            if r.get(key) is not None:
+                c[key].add(r[key])
+    return {"classes": {cls: {k: (sorted(v) if isinstance(v, set) else v) for k, v in c.items()}
+                        for cls, c in sorted(classes.items())},
+            "awq": [{"name": r["name"], **r["awq"]} for r in report if r.get("awq")]}
 
 
 def layer_error_rows(report: list[dict]) -> list[dict]:
@@ -97,11 +121,12 @@ def quantize_loaded(ckpt: Checkpoint, hs: HessianSet, cfg: QuantizeConfig, devic
     _warn_if_trained_on_another_grid(ckpt.meta, cfg, log)
     require_finite_inputs(ckpt, hs, checkpoint_source, hessian_source)
     state = unbank_state_dict(ckpt.state_dict, ckpt.model_config)
-    result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, hessian_source, log)
+    result = quantize_state_dict(state, hs.hessians, hs.num_tokens, cfg, device, hessian_source, log,
+                                 act_rms=hs.act_rms)
     synchronize(device)
     quantized = time.perf_counter()
 
-    meta = {"quantize": {k: v for k, v in to_dict(cfg).items() if k not in UNRECORDED_KEYS}}
+    meta = {"quantize": recorded_settings(cfg)}
     blobs = EncodeCache(ckpt.model_config.to_dict(), meta, cfg)
     tensors, report, budget_metrics = result.tensors, result.report, {}
     if cfg.fit_to_limit or cfg.prune:
@@ -124,7 +149,7 @@ def quantize_loaded(ckpt: Checkpoint, hs: HessianSet, cfg: QuantizeConfig, devic
         "hessian_error_total": sum(r["hessian_error"] or 0.0 for r in quantized_rows),
         "calibration_tokens": hs.num_tokens, "device": device.type,
         "seconds": round(finished - started, 3), "seconds_quantize": round(quantized - started, 3),
-        **budget_metrics, "params": to_dict(cfg)}
+        **routing_summary(report), **budget_metrics, "params": to_dict(cfg)}
     return QuantizeOutcome(blob, report, metrics)
 
 

@@ -208,6 +208,8 @@ def summarise_artifact(path: Path) -> Summary:
                "bits": t.bits, "stored_bytes": t.stored_bytes(), "file_bytes": in_file, "numel": math.prod(t.shape)}
         extra = report.get(t.name, {})
         row.update({k: extra.get(k) for k in ("weight_mse", "hessian_error", "clip", "fallback")})
+        if t.protect is not None:  # AWQ-lite's int8 column groups, as the file stores them
+            row["protected_columns"] = [[s, s + t.protect.size] for s in t.protect.starts.tolist()]
         tensors.append(row)
     by_storage: dict[str, dict[str, int]] = {}
     for row in tensors:
@@ -238,6 +240,8 @@ def summarise_artifact(path: Path) -> Summary:
                  [r["name"], "x".join(map(str, r["shape"])) or "scalar", r["method"], r["bits"], r["stored_bytes"],
                   r["file_bytes"]]
                  + ([r["weight_mse"], r["fallback"]] if has_errors else []) for r in tensors])]]
+    lines[4:4] = [f"awq: {r['name']} columns {r['protected_columns']} at int8" for r in tensors
+                  if r.get("protected_columns")]
     lines.insert(0, _model_line(art.model_config))
     if report_note:
         lines.append(f"note: {report_note}")

@@ -125,11 +125,28 @@ def _classify_list(rows: list) -> JsonKind | None:
     return next((k for k in LIST_KINDS if all(k.required <= r.keys() for r in rows)), None)
 
 
+def _quant_classes(rows: list[dict]) -> dict[str, dict]:
+    """Per class of a quantisation report: tensor count, bit widths, clip rule and its values (k or quantiles)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        c = out.setdefault(r["class"], {"tensors": 0, "bits": [], "rule": r.get("clip_rule") or "clip", "clip": []})
+        c["tensors"] += 1
+        for key in ("bits", "clip"):
+            if r.get(key) is not None and r[key] not in c[key]:
+                c[key].append(r[key])
+    return {cls: {**c, "bits": sorted(c["bits"]), "clip": sorted(c["clip"])} for cls, c in sorted(out.items())}
+
+
 def _summarise_list(kind: str, path: Path, rows: list[dict]) -> Summary:
     if kind == "quant_report":
         facts = {"tensors": rows, "num_tensors": len(rows),
                  "stored_bytes": sum(r["stored_bytes"] for r in rows if isinstance(r["stored_bytes"], int))}
+        facts["classes"], facts["awq"] = _quant_classes(rows), [r for r in rows if r.get("awq")]
         lines = [f"{len(rows)} tensors, {facts['stored_bytes']:,} bytes stored before compression",
+                 *[f"class {cls}: {c['tensors']} tensors, bits {c['bits']}, {c['rule']} {c['clip']}"
+                   for cls, c in facts["classes"].items()],
+                 *[f"awq: {r['name']} columns {[[s, s + r['awq']['size']] for s in r['awq']['starts']]} at "
+                   f"int{r['awq']['bits']}" for r in facts["awq"]],
                  *table(["name", "class", "method", "bits", "clip", "weight mse", "fallback", "bytes", "in file"],
                         [[r["name"], r["class"], r["method"], r["bits"], r.get("clip"), r.get("weight_mse"),
                           r.get("fallback"), r["stored_bytes"], r.get("compressed_bytes")] for r in rows])]

@@ -39,13 +39,16 @@ def hessian_config(**over):
 QUANT_PARAMS = {
     "launch": {"nproc_per_node": 1, "device": "cpu"},
     "hessians": {"source": "train", "seq_len": 16, "train_batches": 2, "train_batch_seqs": 4,
-                 "ar_num_seqs": 4, "ar_batch_seqs": 2, "ar_temperature": 0.8, "seed": 0},
+                 "ar_num_seqs": 4, "ar_batch_seqs": 2, "ar_temperature": 0.8, "seed": 0,
+                 "head": False, "activation_rms": False},
     "quantize": {"method": "gptq", "damp": 0.01, "block_size": 16, "act_order": True,
                  "clip_candidates": [0.999, 1.0], "clip_metric": "weight_mse", "attn_bits": 6,
                  "mlp_bits": 6, "embed_bits": 8, "embed_clip_quantile": 0.9999, "passthrough_numel": 256,
                  "compressor": "zstd", "zstd_level": 10, "lzma_preset": 6, "prune": False,
                  "prune_margin_bytes": 0, "fit_to_limit": False,
-                 "fit_min_bits": 5},
+                 "fit_min_bits": 5, "clip": "search", "sdclip_k_attn": 13.0, "sdclip_k_mlp": 11.5,
+                 "sdclip_k_embed": 14.0, "embed_method": "rtn", "gate_int8": False, "awq_top_k": 0,
+                 "awq_group_size": 64},
     "size": {"enforce": True},
 }
 

@@ -11,10 +11,12 @@ import pgolf.quant.policy as quantize_mod
 from pgolf.quant.artifact import encode
 from pgolf.errors import DataError
 from pgolf.quant.gptq import gptq_quantize
-from pgolf.quant.policy import (QuantizeConfig, candidate_scales, prune_to_target, quantize_state_dict,
+from pgolf.quant.pruning import _zero_cheapest, prune_order, prune_to_target
+from pgolf.quant.policy import (QuantizeConfig, candidate_scales, quantize_state_dict,
                             row_quantiles, tensor_class)
 from pgolf.quant.grid import row_scales
 from pgolf.model.layout import block_weight
+from pgolf.quant.hessian_file import hessian_key_for_weight
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -99,7 +101,7 @@ def test_candidate_scales_are_fp16_grid_scales_of_the_quantile_clip():
 def _reference_choice(name: str, config: QuantizeConfig) -> tuple[int, list[float], list[float]]:
     """Chosen candidate by brute force: one GPTQ call per candidate, float64 errors."""
     w = STATE[name]
-    h = HESSIANS[quantize_mod.hessian_key_for_weight(name)]
+    h = HESSIANS[hessian_key_for_weight(name)]
     bits = config.attn_bits if ".attn." in name else config.mlp_bits
     mse, hess = [], []
     for p in config.clip_candidates:
@@ -229,7 +231,7 @@ def test_pruning_reaches_the_target_with_the_fewest_cheapest_entries():
     assert sum(c.numel() for c in changed_costs) == out.pruned
     assert torch.cat(changed_costs).max() <= torch.cat(kept_costs).min()
     # Minimal: one entry fewer does not fit.
-    fewer = quantize_mod._zero_cheapest(tensors, *quantize_mod.prune_order(tensors), out.pruned - 1)
+    fewer = _zero_cheapest(tensors, *prune_order(tensors), out.pruned - 1)
     assert _size(fewer) > target
 
 
@@ -277,7 +279,7 @@ def test_encode_cache_compresses_each_tensor_once(monkeypatch):
 
 def test_pruning_search_interpolates_to_the_exact_count_in_few_probes():
     tensors = run(cfg()).tensors
-    owner, flat = quantize_mod.prune_order(tensors)
+    owner, flat = prune_order(tensors)
     total = int(owner.numel())
     zeros0 = sum(int((t.q == 0).sum()) for t in tensors if t.quantized)
 

@@ -14,7 +14,7 @@ from pgolf.train.select import CANDIDATES
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int
-    seq_len: int                  # tokens per sequence
+    seq_len: int                  # tokens per sequence (packed_rows: the longest document segment)
     tokens_per_step: int          # global tokens per optimizer step (all ranks, all micro-steps)
     micro_batch_tokens: int       # tokens per rank per forward/backward (a multiple of seq_len)
     max_steps: int                # optimizer steps; the run stops here at the latest
@@ -76,13 +76,14 @@ class TrainConfig:
         if lengths:
             check(lengths[-1] == self.seq_len, "seq_len_schedule",
                   f"the last length ({lengths[-1]}) must be seq_len ({self.seq_len})")
-            bad = [n for n in lengths if (n > self.micro_batch_tokens if self.packed_rows
-                                          else self.micro_batch_tokens % n)]
-            check(not bad, "seq_len_schedule",
-                  f"length {bad[0] if bad else 0} must be <= micro_batch_tokens ({self.micro_batch_tokens})"
-                  if self.packed_rows else
-                  f"length {bad[0] if bad else 0} must divide micro_batch_tokens ({self.micro_batch_tokens}): "
-                  "rows change length, tokens per step do not")
+            for n in lengths:  # packed: the row is micro_batch_tokens; rows: they change length, tokens do not
+                if self.packed_rows:
+                    check(n <= self.micro_batch_tokens, "seq_len_schedule",
+                          f"length {n} must be <= micro_batch_tokens ({self.micro_batch_tokens})")
+                else:
+                    check(self.micro_batch_tokens % n == 0, "seq_len_schedule",
+                          f"length {n} must divide micro_batch_tokens ({self.micro_batch_tokens}): "
+                          "rows change length, tokens per step do not")
 
     @property
     def context_schedule(self) -> tuple[tuple[int, float], ...]:

@@ -24,6 +24,8 @@ never change. What a change of L costs:
 
 After each change the LR scale is ramped over ``seq_change_warmup_steps``
 steps (:func:`pgolf.train.schedule.seq_change_ramp`). A change is logged.
+The span is a function of the run's progress, so a resumed run recomputes
+it; a resume inside a ramp's steps skips the rest of that ramp.
 """
 from __future__ import annotations
 

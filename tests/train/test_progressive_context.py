@@ -128,3 +128,25 @@ def test_tiny_run_crosses_both_switches_with_finite_loss(tmp_path, tiny_data, pa
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert "context 16" in log and "from step 4" in log and "context 32" in log and "from step 7" in log
     assert torch.isfinite(torch.tensor(m["holdout_loss_live"]))
+
+
+def test_the_warm_up_covers_every_row_shape_once():
+    rows = TrainContext(train_config(seq_len_schedule=["8@0.25", "16@0.5", "32@1"]), GPT(tiny_model_config()))
+    assert rows.warmup_lengths() == [8, 16, 32]
+    packed_cfg = train_config(seq_len_schedule=["8@0.25", "32@1"], packed_rows=True)
+    packed = TrainContext(packed_cfg, GPT(tiny_model_config(doc_attention=True)))
+    assert packed.warmup_lengths() == [8]  # one graph: the cap is a tensor
+
+
+@pytest.mark.slow  # two short training runs
+def test_compile_warm_up_over_every_length_restores_the_starting_state_exactly(tmp_path, tiny_data):
+    train = {"max_steps": 8, "warmdown_steps": 4, "seq_len_schedule": ["8@0.25", "16@0.5", "32@1.0"],
+             "seq_change_warmup_steps": 2}
+    runs = {}
+    for name, warm in (("plain", 0), ("warmed", 2)):
+        root = link_data(tmp_path / name, tiny_data)
+        m = stages.train.run(tiny_train_params(model=SCHEDULE_MODEL, train={**train, "compile_warmup_steps": warm}),
+                             root)
+        assert m["context_switches"] == [{"step": 3, "seq_len": 16}, {"step": 5, "seq_len": 32}]
+        runs[name] = torch.load(root / "artifacts/train/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(runs["plain"][k], runs["warmed"][k]) for k in runs["plain"])

@@ -125,6 +125,12 @@ class TrainLoader:
         rows = self.local_tokens // self.seq_len
         return t[:-1].view(rows, self.seq_len), t[1:].view(rows, self.seq_len)
 
+    def set_seq_len(self, seq_len: int) -> None:
+        """Rows of ``seq_len`` from the next batch on (progressive context); tokens per batch stay."""
+        if seq_len < 1 or self.local_tokens % seq_len:
+            raise ValueError(f"local_tokens {self.local_tokens} is not a multiple of seq_len {seq_len}")
+        self.seq_len = seq_len
+
     def state_dict(self) -> dict:
         return {"position": self.position, "train_tokens": self.train_tokens}
 

@@ -21,13 +21,9 @@ The 66 block matrices live in four banks (``qo_bank`` [2L, D, D]: Q of layers
 uses slices ``[i]`` and ``[L+i]``; :func:`unbank_state_dict` gives the
 conventional 2-D names used by quantisation.
 
-RoPE base: one fixed ``rope_base`` is used for training, evaluation and
-sampling alike. The records built their rotary tables with a hard-coded
-1024-token reference length and NTK-rescaled the base for longer inputs,
-so at T=2048 they effectively trained with base ≈22,082 and generation saw a
-length-dependent base. We do not reproduce that length dependence; the record
-profile sets ``rope_base: 22082`` to match what the records effectively
-trained with (docs/RECIPE.md §2.3, §6.11).
+RoPE base: one fixed ``rope_base`` everywhere (:mod:`pgolf.model.rope`); the record
+profile sets ``rope_base: 22082``, what the records' NTK rule effectively trained
+with at T=2048 (docs/RECIPE.md §2.3, §6.11).
 
 Dtypes: every parameter is fp32 in the module and the training loop runs bf16
 autocast on GPU. The records kept the three embedding tables as bf16
@@ -181,6 +177,7 @@ class GPT(nn.Module):
         # q/k element in every layer's kernel (forward and backward).
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.doc_span: torch.Tensor | None = None  # document attention's segment cap (set_doc_span)
         self.reset_buffers()
         if self.tok_emb.weight.device.type != "meta":
             self.reset_parameters()
@@ -231,6 +228,17 @@ class GPT(nn.Module):
         self.qat_bits = None
         positions = torch.arange(ROPE_TABLE_POSITIONS if self.cfg.rope_dims else 0, device=device)
         self.rope_cos, self.rope_sin = rope_tables(positions, self.cfg.rope_dims, self.cfg.rope_base)
+
+    def extend_rope_tables(self, positions: int) -> None:
+        """Precompute RoPE tables for ``positions`` positions (packed rows longer than the default)."""
+        if self.cfg.rope_dims and positions > self.rope_cos.shape[0]:
+            table = torch.arange(positions, device=self.rope_cos.device)
+            self.rope_cos, self.rope_sin = rope_tables(table, self.cfg.rope_dims, self.cfg.rope_base)
+
+    def set_doc_span(self, tokens: int) -> None:
+        """Segments of ≤ ``tokens`` (0 = cut at row edges only); filled in place, so no recompile."""
+        self.doc_span = ((torch.tensor(tokens, device=self.rope_cos.device) if self.doc_span is None
+                          else self.doc_span.fill_(tokens)) if tokens else None)
 
     def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(cos, sin) [length, rope_dims/2] for positions start..start+length-1."""
@@ -300,7 +308,7 @@ class GPT(nn.Module):
             h = h.to(torch.get_autocast_dtype(device_type))
         x = x0 = h
         rope = self._rope(cache.length if cache is not None else 0, ids.shape[1])
-        doc_mask = document_mask(ids, cfg.bos_id, cfg.doc_attention_impl) if cfg.doc_attention else None
+        doc_mask = document_mask(ids, cfg.bos_id, cfg.doc_attention_impl, self.doc_span) if cfg.doc_attention else None
         value_base = self.value_embed(ids) if self.value_embed is not None else None
         qo, kv, up, down = self._banks()
         encoder, decoder = self.visits()

@@ -8,7 +8,7 @@ The base is a plain constant used identically in training, evaluation and
 autoregressive sampling. The records instead rescale the base with the
 sequence length (an NTK rule anchored at a hard-coded 1024), which makes the
 effective base ≈22,082 at T=2048 but length-dependent during generation; we
-do not reproduce that quirk (see ``pgolf.model.gpt`` and docs/RECIPE.md §2.3).
+do not reproduce that quirk (docs/RECIPE.md §2.3, §6.11).
 """
 from __future__ import annotations
 

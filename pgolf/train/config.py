@@ -8,13 +8,15 @@ from typing import Literal
 from pgolf.config import check
 from pgolf.errors import ParamError
 from pgolf.precision import COMPILE_MODES
+
+from pgolf.train.schedule import parse_seq_len_schedule
 from pgolf.train.select import CANDIDATES
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int
-    seq_len: int                  # tokens per sequence
+    seq_len: int                  # tokens per sequence (packed_rows: the longest document segment)
     tokens_per_step: int          # global tokens per optimizer step (all ranks, all micro-steps)
     micro_batch_tokens: int       # tokens per rank per forward/backward (a multiple of seq_len)
     max_steps: int                # optimizer steps; the run stops here at the latest
@@ -37,6 +39,16 @@ class TrainConfig:
     # torch.compile mode of the training step (pgolf.precision.COMPILE_MODES): "reduce-overhead"
     # replays the step's forward and backward as CUDA graphs; "default" is today's step.
     compile_mode: str = "default"
+
+    # Progressive context (docs/FRONTIER.md §3.3, P2014): "LENGTH@FRACTION" entries, e.g.
+    # ["1024@0.1", "2048@0.7", "3072@1.0"]; the attention span is LENGTH while the run's progress
+    # (as for recur_start_frac) is <= FRACTION; the last LENGTH is seq_len. Tokens per step stay
+    # fixed. Empty = off. pgolf.train.context says what a length change does.
+    seq_len_schedule: tuple[str, ...] = ()
+    # One packed row of micro_batch_tokens per micro-step, documents cut into segments of
+    # <= seq_len from each BOS (F1855's loader, docs/FRONTIER.md §1.6); needs model.doc_attention.
+    packed_rows: bool = False
+    seq_change_warmup_steps: int = 0  # LR ramp over this many steps after each length change (P2014 32)
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 1, "seq_len", "must be >= 1")
@@ -66,6 +78,28 @@ class TrainConfig:
         check(0.0 <= self.min_lr_scale <= 1.0, "min_lr_scale", "must be in [0, 1] (0 = decay to 0)")
         check(0.0 <= self.recur_start_frac <= 1.0, "recur_start_frac", "must be in [0, 1]")
         check(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {list(COMPILE_MODES)}")
+
+        check(self.seq_change_warmup_steps >= 0, "seq_change_warmup_steps", "must be >= 0 (0 = off)")
+        lengths = [length for length, _ in self.context_schedule]
+        if lengths:
+            check(lengths[-1] == self.seq_len, "seq_len_schedule",
+                  f"the last length ({lengths[-1]}) must be seq_len ({self.seq_len})")
+            for n in lengths:  # packed: the row is micro_batch_tokens; rows: they change length, tokens do not
+                if self.packed_rows:
+                    check(n <= self.micro_batch_tokens, "seq_len_schedule",
+                          f"length {n} must be <= micro_batch_tokens ({self.micro_batch_tokens})")
+                else:
+                    check(self.micro_batch_tokens % n == 0, "seq_len_schedule",
+                          f"length {n} must divide micro_batch_tokens ({self.micro_batch_tokens}): "
+                          "rows change length, tokens per step do not")
+
+    @property
+    def context_schedule(self) -> tuple[tuple[int, float], ...]:
+        """``seq_len_schedule`` parsed: ((length, up-to fraction), ...); empty when off."""
+        try:
+            return parse_seq_len_schedule(self.seq_len_schedule)
+        except ValueError as exc:
+            raise ParamError("seq_len_schedule", str(exc)) from None
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-steps per optimizer step so that one GPU reproduces the step of N."""

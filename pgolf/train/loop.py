@@ -45,6 +45,7 @@ from pgolf.precision import (autocast, compile_enabled, configure_backends, mayb
                              synchronize, training_compile_options)
 from pgolf.train.schedule import recurrence_on, warmdown_scale_by_steps, warmdown_scale_by_time
 from pgolf.train.config import TrainConfig
+from pgolf.train.context import TrainContext
 from pgolf.train.log import TrainReporter
 from pgolf.train.select import Choice, choose_weights, holdout_loss
 from pgolf.train.resume import (ResumeState, capture_rng, config_hash, load_resume_state,
@@ -100,8 +101,10 @@ class Trainer:
         self.model.set_recurrence(not self.recur_switch)
         self.optimizer = PgolfOptimizer(self.model.named_parameters(), param_roles(self.model), optim_cfg, ctx)
         self.accum = cfg.grad_accum(ctx.world_size)
-        self.loader = TrainLoader(stream, cfg.holdout_tokens, cfg.seq_len, cfg.micro_batch_tokens,
-                                  ctx.rank, ctx.world_size)
+        # Rows or packed rows, and progressive context (pgolf.train.context).
+        self.context = TrainContext(cfg, self.model)
+        self.loader = TrainLoader(stream, cfg.holdout_tokens, self.context.row_tokens(cfg.seq_len),
+                                  cfg.micro_batch_tokens, ctx.rank, ctx.world_size)
         self.compiled = compile_enabled(cfg.compile, ctx.device)
         options = training_compile_options(cfg.mix_order_reduction, cfg.compile_mode)
         self.forward = maybe_compile(self.model, self.compiled, options)
@@ -119,6 +122,7 @@ class Trainer:
 
     # ------------------------------------------------------------- one step
     def lr_scale(self) -> float:
+        """The warmdown's scale (before a context change's ramp, which QAT and SWA never see)."""
         cfg, p = self.cfg, self.progress
         if cfg.warmdown == "steps":
             return warmdown_scale_by_steps(p.step, cfg.max_steps, cfg.warmdown_steps, cfg.min_lr_scale)
@@ -161,13 +165,16 @@ class Trainer:
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optimizer_state = self.optimizer.state_dict()
         loader_state = self.loader.state_dict()
-        for i in range(steps):
-            self.train_step(1.0, i)
-        if self.recur_switch:  # compile the looped graph too, then back to unlooped
-            self.model.set_recurrence(True)
+        for length in self.context.warmup_lengths():  # every row shape of progressive context
+            self.context.apply(length, self.model, self.loader)
             for i in range(steps):
                 self.train_step(1.0, i)
-            self.model.set_recurrence(False)
+            if self.recur_switch:  # compile the looped graph too, then back to unlooped
+                self.model.set_recurrence(True)
+                for i in range(steps):
+                    self.train_step(1.0, i)
+                self.model.set_recurrence(False)
+        self.context.length = None  # the first step applies its own length
         with torch.no_grad():
             self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(optimizer_state)
@@ -284,7 +291,9 @@ def _loop(t: Trainer, reporter: TrainReporter, resume_path: Path | None, run_has
         t.maybe_enable_qat(lr_scale)
         if t.maybe_enable_recurrence():
             reporter.line(f"depth recurrence on from step {p.step} ({t.model.cfg.num_visits} virtual layers)")
-        loss, stats = t.train_step(lr_scale, p.step)
+        if (length := t.context.step(p.step, p.elapsed_s, t.model, t.loader)) is not None:
+            reporter.line(f"{t.context.describe(length)} from step {p.step}")
+        loss, stats = t.train_step(lr_scale * t.context.lr_factor(p.step), p.step)
         t.ema.update(t.model)
         p.step += 1
         t.swa.maybe_add(t.model, lr_scale, p.step)
@@ -319,6 +328,7 @@ def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float)
     # The weight choice reads training data after the clock: the challenge counts it in the 600 s.
     choice_started = time.perf_counter()
     x, y = holdout_sequences(t.loader.stream, cfg.holdout_tokens, cfg.seq_len)
+    model.set_doc_span(0)  # later phases score rows of their own length, uncut
     model.set_recurrence(True)  # every later phase runs the looped model (docs/FRONTIER.md §2.3)
     live = {k: v.detach().clone() for k, v in model.state_dict().items()}
     candidates: dict[str, dict[str, torch.Tensor] | None] = {
@@ -351,7 +361,7 @@ def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float)
         "holdout_loss_live": losses["live"], "holdout_loss_ema": losses["ema"],
         "holdout_loss_swa": losses["swa"], "final_weights": choice.name, "swa_count": t.swa.count,
         "ema_updates": t.ema.num_updates, "qat_enabled": qat["enabled"], "qat_from_step": p.qat_from_step,
-        "recur_from_step": p.recur_from_step,
+        "recur_from_step": p.recur_from_step, "context_switches": t.context.switches,
         "stopped_by": stopped_by, "resumed_from_step": p.resumed_from_step,
         "world_size": ctx.world_size, "grad_accum": t.accum, "compiled": t.compiled,
         "peak_memory_bytes": int(all_reduce_max_(peak).item()),

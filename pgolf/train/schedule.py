@@ -1,4 +1,4 @@
-"""Learning-rate warmdown and Muon momentum warm-up.
+"""Learning-rate warmdown, Muon momentum warm-up, and what switches at fractions of the run.
 
 There is no LR warm-up (docs/RECIPE.md §3.3): the scale is 1 until the warmdown
 window, then falls linearly to 0 at the end of the run. Two ways to place the
@@ -83,13 +83,62 @@ def momentum_warmup(step: int, start: float, end: float, warmup_steps: int) -> f
     return start + (end - start) * min(max(step, 0) / warmup_steps, 1.0)
 
 
+def run_progress(step: int, max_steps: int, elapsed_s: float, cap_s: float) -> float:
+    """The run's progress before optimizer step ``step`` (0-based): ``elapsed_s / cap_s`` under a
+    wall-clock cap, else ``step / max_steps``."""
+    return elapsed_s / cap_s if cap_s > 0 else step / max_steps
+
+
 def recurrence_on(step: int, max_steps: int, elapsed_s: float, cap_s: float, start_frac: float) -> bool:
     """Whether depth recurrence runs in optimizer step ``step`` (0-based).
 
-    The run's progress is ``elapsed_s / cap_s`` under a wall-clock cap (the
-    frontier's switch at 35 % of the clock, docs/FRONTIER.md §2.3), else
-    ``step / max_steps``; recurrence is on once progress ≥ ``start_frac``
-    (so from step ``ceil(start_frac · max_steps)`` in the step form).
+    On once :func:`run_progress` ≥ ``start_frac`` (the frontier's switch at
+    35 % of the clock, docs/FRONTIER.md §2.3; from step
+    ``ceil(start_frac · max_steps)`` in the step form).
     """
-    progress = elapsed_s / cap_s if cap_s > 0 else step / max_steps
-    return progress >= start_frac
+    return run_progress(step, max_steps, elapsed_s, cap_s) >= start_frac
+
+
+def parse_seq_len_schedule(entries: tuple[str, ...] | list[str]) -> tuple[tuple[int, float], ...]:
+    """``["1024@0.1", "2048@0.7", "3072@1.0"]`` → ``((1024, 0.1), (2048, 0.7), (3072, 1.0))``.
+
+    Progressive context (docs/FRONTIER.md §3.3, P2014's ``TRAIN_SEQ_SCHEDULE``):
+    entry ``L@f`` means length L while the run's progress is ≤ f. Fractions
+    must rise strictly and the last must be 1; lengths are ≥ 1. Raises
+    ValueError naming the bad entry. Empty = off.
+    """
+    schedule = []
+    for entry in entries:
+        length, sep, frac = str(entry).partition("@")
+        try:
+            parsed = (int(length), float(frac))
+        except ValueError:
+            parsed = None
+        if not sep or parsed is None or parsed[0] < 1 or not 0 < parsed[1] <= 1:
+            raise ValueError(f"entry {entry!r} is not LENGTH@FRACTION with LENGTH >= 1 and 0 < FRACTION <= 1")
+        if schedule and parsed[1] <= schedule[-1][1]:
+            raise ValueError(f"entry {entry!r}: fractions must rise strictly")
+        schedule.append(parsed)
+    if schedule and schedule[-1][1] != 1.0:
+        raise ValueError(f"the last entry {entries[-1]!r} must end at fraction 1 (the whole run)")
+    return tuple(schedule)
+
+
+def scheduled_seq_len(schedule: tuple[tuple[int, float], ...], progress: float) -> int:
+    """The length for a run at ``progress``: the first ``L@f`` with progress ≤ f (the last past the end).
+
+    P2014's ``1024@0.100,2048@0.700,3072@1.000``: 1024 for f ≤ 0.10, 2048 for
+    f ≤ 0.70, then 3072.
+    """
+    for length, frac in schedule:
+        if progress <= frac:
+            return length
+    return schedule[-1][0]
+
+
+def seq_change_ramp(step: int, changed_at: int | None, warmup_steps: int) -> float:
+    """LR factor after a context-length change at step ``changed_at``: ``(step − changed_at + 1) / W``
+    for the W = ``warmup_steps`` steps from the change, else 1 (P2014's ``SEQ_CHANGE_WARMUP_STEPS``)."""
+    if changed_at is None or not 0 <= step - changed_at < warmup_steps:
+        return 1.0
+    return (step - changed_at + 1) / warmup_steps

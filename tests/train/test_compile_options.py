@@ -19,6 +19,7 @@ TRAIN = {"seed": 1, "seq_len": 16, "tokens_per_step": 64, "micro_batch_tokens": 
          "max_train_seconds": 0.0, "warmdown": "steps", "warmdown_steps": 2, "warmdown_frac": 0.0,
          "compile": True, "compile_warmup_steps": 0, "mix_order_reduction": False, "min_lr_scale": 0.0,
          "recur_start_frac": 0.0, "compile_mode": "default",
+         "seq_len_schedule": [], "packed_rows": False, "seq_change_warmup_steps": 0,
          "qat_lr_scale_threshold": 0.0, "holdout_tokens": 17, "final_weights": "live",
          "resume_every": 0, "log_every": 1}
 

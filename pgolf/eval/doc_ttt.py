@@ -126,7 +126,7 @@ class _BatchScorer:
         self.lora.active = k
         train = bool(stepping.any())
         with torch.set_grad_enabled(train), autocast(dev):
-            hidden = self.model.adapted_hidden(ids, adapters=self.lora)
+            hidden = self.model.adapted_hidden(ids, self.lora)
             picked = hidden.gather(1, sel[:, :, None].expand(-1, -1, hidden.shape[-1]))
             logits = self.model.adapted_logits(picked, self.lora)
         logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
@@ -174,7 +174,8 @@ def run_doc_ttt(model: torch.nn.Module, tokens: torch.Tensor, source: ByteSource
     for p, _ in frozen:
         p.requires_grad_(False)
     model.eval()
-    lora = BatchedLoRA(model, cfg.batch_docs, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets), device)
+    dtype = torch.promote_types(model.tok_emb.weight.dtype, torch.float32)  # fp32 adapters; fp64 in the tests
+    lora = BatchedLoRA(model, cfg.batch_docs, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets), device, dtype)
     opt = RowAdamW(lora.parameters(), cfg.lr, (cfg.momentum, cfg.beta2), cfg.adam_eps, cfg.weight_decay)
     scorer = _BatchScorer(model, tokens, docs, source, seq_len, lora, opt, observer, score_adjust)
     phase, generator = 0, lora_generator(cfg.lora_seed, 0, rank)

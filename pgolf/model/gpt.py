@@ -40,15 +40,14 @@ traffic of every elementwise kernel and of the saved activations. With
 ``float32`` the stream stays fp32 and only the matmuls and attention run in
 bf16. Neither setting changes anything without autocast (CPU runs).
 
-Frontier elements (docs/FRONTIER.md §2, each a ModelConfig field, off by default):
-depth recurrence, gated skips and the two-lane decoder
-(:mod:`pgolf.model.topology`), SparseAttnGate and the input SmearGate (:mod:`pgolf.model.frontier_gates`),
-document-local attention (:mod:`pgolf.model.doc_attention`). KV-cache entries are per visit, so a reused layer
-keeps one entry per visit. Test-time adapters (pgolf.eval.lora) enter through an optional ``adapters`` argument.
+Frontier elements (docs/FRONTIER.md §2, each a ModelConfig field, off by default): depth recurrence, gated skips
+and the two-lane decoder (:mod:`pgolf.model.topology`), SparseAttnGate and the input SmearGate
+(:mod:`pgolf.model.frontier_gates`), document-local attention (:mod:`pgolf.model.doc_attention`). KV-cache entries
+are per visit. Test-time adapters (pgolf.eval.lora) enter through an optional ``adapters`` argument.
 
-Late QAT (docs/RECIPE.md §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
-the export grid (each bank at its class's bits) (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode
-forwards, switched by a tensor buffer so a compiled graph honours the switch.
+Late QAT (docs/RECIPE.md §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on the export grid (each bank at
+its class's bits) (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode forwards, switched by a tensor
+buffer so a compiled graph honours the switch.
 """
 from __future__ import annotations
 
@@ -353,8 +352,9 @@ class GPT(nn.Module):
         """ids [B, T] → soft-capped fp32 logits [B, T, V]."""
         return self._logits(self._hidden(ids))
 
-    # With test-time adapters (pgolf.eval.doc_ttt): (ids, cache=None, adapters) → hidden; (x, adapters) → logits.
-    adapted_hidden, adapted_logits = _hidden, _logits
+    def adapted_hidden(self, ids: torch.Tensor, adapters: Adapters) -> torch.Tensor:  # pgolf.eval.doc_ttt
+        return self._hidden(ids, None, adapters)
+    adapted_logits = _logits  # (x, adapters): soft-capped logits with the head adapter
 
     def token_nll(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy in nats, fp32 [B, T]."""

@@ -1,6 +1,6 @@
 """Documents of the validation stream and how per-document TTT orders them (docs/FRONTIER.md §5.2, §5.3).
 
-Documents (§5.2.1): the stream is cut at every BOS. A document runs from its
+Documents: the stream is cut at every BOS. A document runs from its
 BOS through the next BOS, so its targets are the stream positions
 ``[start, end)`` with ``end`` the next BOS (its last target *is* that BOS) or
 the stream's last target + 1. Tokens before a first BOS (a stream that does
@@ -15,7 +15,7 @@ documents still running are a prefix of the batch.
 
 Ranks (a fixed split, so every rank knows the whole schedule without
 talking): batch j of the run order goes to rank ``j mod world``; a *round* is
-batches ``[r·world, (r+1)·world)``. Phase pauses (§5.3) are checked after
+batches ``[r·world, (r+1)·world)``. Phase pauses (docs/FRONTIER.md §5.3) are checked after
 each round: boundaries ``⌊P(k+1)/K⌋``; once the documents of finished rounds
 reach boundary k, global SGD trains on the ``boundary_k`` scored documents of
 smallest ascending index (the shortest of the longest documents scored).
@@ -96,6 +96,6 @@ def phase_boundaries(prefix_docs: int, phases: int) -> list[int]:
 
 
 def prefix_documents(scored: np.ndarray, asc_index: np.ndarray, boundary: int) -> np.ndarray:
-    """The ``boundary`` scored documents of smallest ascending index, in that order (§5.3)."""
+    """The ``boundary`` scored documents of smallest ascending index, in that order (docs/FRONTIER.md §5.3)."""
     scored = np.asarray(scored, dtype=np.int64)
     return scored[np.argsort(asc_index[scored], kind="stable")][:boundary]

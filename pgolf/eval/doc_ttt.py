@@ -136,7 +136,7 @@ class _BatchScorer:
             if self.score_adjust is not None:
                 scored = torch.zeros_like(scored)
                 scored[valid] = self.score_adjust(logp.detach()[valid], targets[valid], positions[valid]).to(scored.dtype)
-            nbytes = target_bytes(self.source, self.tokens[positions], targets, positions)
+            nbytes = target_bytes(self.source, self.tokens[positions], targets, positions + 1)  # sidecar: by token
             sums = torch.stack([torch.where(valid, scored.double(), 0.0).sum(), valid.sum().double(),
                                 torch.where(valid, nbytes, 0).sum().double()])
         self.windows += k

@@ -176,3 +176,9 @@ def reference_doc_ttt(model, tokens: torch.Tensor, seq_len: int, cfg: EvalTTTCon
             phase += 1
             warm = [_drawn_a(model, cfg, phase, r) for r in range(world_size)]
     return nll
+
+
+# The two-rank gloo run (tests/pipeline/test_doc_ttt_distributed.py): batches of 2 go to ranks 0, 1, 0, ...;
+# pauses after rounds of two batches, global SGD on both ranks' documents.
+DIST_LENGTHS = [30, 5, 12, 50, 3, 9, 17, 26, 7, 21]
+DIST_CFG = doc_config(batch_docs=2, prefix_docs=6, phases=2, short_doc_chunks=((10, 3),))

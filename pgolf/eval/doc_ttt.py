@@ -17,7 +17,7 @@ For chunk c, all documents still running are processed in one forward:
    adjusted NLL, e.g. an n-gram tilt) and their bytes charged, for those
    positions only;
 3. then, for every document whose chunk c is not its last, the mean NLL of
-   its chunk is summed over documents and one row-masked AdamW step is taken
+   its chunk is summed over documents and one AdamW step is taken on their rows
    (each document's adapters get only their own gradient).
 
 So a chunk is always scored by adapters trained only on earlier chunks of the
@@ -134,8 +134,9 @@ class _BatchScorer:
         with torch.no_grad():
             scored = nll.detach()
             if self.score_adjust is not None:
+                adjusted = self.score_adjust(logp.detach()[valid], targets[valid], positions[valid])
                 scored = torch.zeros_like(scored)
-                scored[valid] = self.score_adjust(logp.detach()[valid], targets[valid], positions[valid]).to(scored.dtype)
+                scored[valid] = adjusted.to(scored.dtype)
             nbytes = target_bytes(self.source, self.tokens[positions], targets, positions + 1)  # sidecar: by token
             sums = torch.stack([torch.where(valid, scored.double(), 0.0).sum(), valid.sum().double(),
                                 torch.where(valid, nbytes, 0).sum().double()])
@@ -149,9 +150,7 @@ class _BatchScorer:
             mask = torch.from_numpy(stepping).to(dev)
             per_doc = torch.where(valid, nll, 0.0).sum(1) / torch.from_numpy(scored_n).to(dev, nll.dtype)
             torch.where(mask, per_doc, 0.0).sum().backward()
-            rows = torch.zeros(self.lora.rows, dtype=torch.bool, device=dev)
-            rows[:k] = mask
-            self.opt.step(rows)
+            self.opt.step(int(stepping.sum()))  # a prefix: rows are longest first
             self.opt.zero_grad()
             self.steps += 1
             if self.observer is not None:

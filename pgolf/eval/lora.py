@@ -21,8 +21,8 @@ identity). A forward over the first ``k`` documents of the batch uses rows
 length, longest first).
 
 :class:`RowAdamW` is AdamW (decoupled weight decay, bias correction) applied
-row by row: a step updates only the rows named by a mask, and each row keeps
-its own step count, so every document's adapters follow exactly the AdamW
+row by row: a step updates only the first ``count`` rows (in place; the rest
+is untouched), and each row keeps its own step count, so every document's adapters follow exactly the AdamW
 trajectory they would have alone (the float64 reference in the tests uses
 ``torch.optim.AdamW`` on one document at a time).
 """
@@ -122,23 +122,22 @@ class RowAdamW:
             p.grad = None
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor) -> None:
-        """One AdamW step on the rows where ``rows`` (bool [rows]) is true; other rows keep every state."""
+    def step(self, count: int) -> None:
+        """One AdamW step on rows ``0..count-1`` (the documents still training are a prefix of the batch);
+        the other rows keep their weights, moments and step counts."""
+        if count <= 0:
+            return
         beta1, beta2 = self.betas
-        self.steps += rows.long()
-        t = self.steps.clamp(min=1).double()
+        self.steps[:count] += 1
+        t = self.steps[:count].double()
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.ndim - 1)
-            mask = rows.view(shape)
-            g = p.grad
-            new_m = torch.lerp(m, g, 1 - beta1)
-            new_v = v * beta2 + (1 - beta2) * g * g
-            bc1 = (1 - beta1 ** t).to(p.dtype).view(shape)
+            g, w, m, v = p.grad[:count], p.detach()[:count], m[:count], v[:count]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            step_size = (self.lr / (1 - beta1 ** t)).to(p.dtype).view(shape)
             bc2_sqrt = (1 - beta2 ** t).sqrt().to(p.dtype).view(shape)
-            decayed = p * (1 - self.lr * self.weight_decay)
-            new_p = decayed - (self.lr / bc1) * new_m / (new_v.sqrt() / bc2_sqrt + self.eps)
-            p.copy_(torch.where(mask, new_p, p))
-            m.copy_(torch.where(mask, new_m, m))
-            v.copy_(torch.where(mask, new_v, v))
+            w.mul_(1 - self.lr * self.weight_decay)
+            w.sub_(step_size * (m / (v.sqrt() / bc2_sqrt).add_(self.eps)))

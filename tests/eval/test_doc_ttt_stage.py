@@ -42,7 +42,8 @@ def test_doc_lora_stage_scores_every_target_once(tiny_data, tmp_path):
     assert json.loads((tmp_path / "artifacts/eval_ttt/metrics.json").read_text()) == metrics
     # the same targets and bytes as the sliding eval, each scored once
     assert (metrics["scored_tokens"], metrics["bytes"]) == (sliding["scored_tokens"], sliding["bytes"])
-    assert metrics["scored_tokens"] == 1984 and metrics["documents"] >= 2 and metrics["phases_done"] == 1 and metrics["lora_steps"] > 0
+    assert metrics["scored_tokens"] == 1984 and metrics["documents"] >= 2
+    assert metrics["phases_done"] == 1 and metrics["lora_steps"] > 0
     assert metrics["gain_vs_sliding"] == pytest.approx(sliding["val_bpb"] - metrics["val_bpb"], abs=1e-15)
     assert metrics["timer_seconds"] == pytest.approx(metrics["seconds"], abs=1e-3)
     series = json.loads((tmp_path / "artifacts/eval_ttt/chunks.json").read_text())

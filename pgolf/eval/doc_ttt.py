@@ -50,7 +50,7 @@ from pgolf.data.bpb import ByteSource, target_bytes
 from pgolf.distributed import all_reduce_sum_
 from pgolf.eval.documents import (Documents, ascending_index, chunk_size, owner, phase_boundaries, prefix_documents,
                                   run_batches, split_documents)
-from pgolf.eval.global_sgd import GlobalSGDSettings, document_stream, global_sgd
+from pgolf.eval.global_sgd import GlobalSGDSettings, config_override, document_stream, global_sgd
 from pgolf.eval.lora import BatchedLoRA, RowAdamW
 from pgolf.eval.sliding import EvalSums
 from pgolf.eval.ttt import EvalTTTConfig, chunk_series
@@ -125,7 +125,7 @@ class _BatchScorer:
         targets = self.tokens[positions + 1]
         self.lora.active = k
         train = bool(stepping.any())
-        with torch.set_grad_enabled(train), autocast(dev):
+        with torch.set_grad_enabled(train), autocast(dev), config_override(self.model, doc_attention=False):
             hidden = self.model.adapted_hidden(ids, self.lora)
             picked = hidden.gather(1, sel[:, :, None].expand(-1, -1, hidden.shape[-1]))
             logits = self.model.adapted_logits(picked, self.lora)

@@ -21,6 +21,7 @@ update.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -41,6 +42,25 @@ class GlobalSGDSettings:
     grad_clip: float      # 0 = off
     chunk_tokens: int
     seq_len: int
+
+
+@contextlib.contextmanager
+def config_override(model: torch.nn.Module, **changes):
+    """Run ``model`` with some ``model.cfg`` fields changed (read at forward time), then restore it.
+
+    Per-document TTT uses it for two exact equivalences: its windows hold one
+    document (a BOS at most at column 0, padding after), so the document mask
+    *is* the causal mask (``doc_attention=False``: plain causal SDPA instead of
+    an uncompiled FlexAttention); global SGD runs eager, so its document mask
+    is the ``dense`` implementation (eager FlexAttention materialises every
+    score anyway).
+    """
+    saved = model.cfg
+    model.cfg = saved.replace(**changes)
+    try:
+        yield model
+    finally:
+        model.cfg = saved
 
 
 def document_stream(tokens: torch.Tensor, docs: Documents, doc_ids: np.ndarray) -> torch.Tensor:
@@ -91,7 +111,7 @@ def global_sgd(model: torch.nn.Module, stream: torch.Tensor, s: GlobalSGDSetting
             lo, hi = shard_range(starts.size, rank, world_size)
             if hi > lo:
                 window = stream[torch.from_numpy(starts[lo:hi]).to(device)[:, None] + cols]
-                with autocast(device):
+                with autocast(device), config_override(model, doc_attention_impl="dense"):
                     nll = model.token_nll(window[:, :-1], window[:, 1:])
                 (nll.sum() / (starts.size * s.seq_len)).backward()
             if world_size > 1:

@@ -74,7 +74,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ParamError(key, f"expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(annotation):

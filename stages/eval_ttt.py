@@ -2,7 +2,9 @@
 
 Run by ``python -m pgolf.pipeline.launcher N stages.eval_ttt`` (torchrun underneath).
 Same inputs and windows as eval_sliding (its ``eval_sliding`` params), then
-pgolf/eval/ttt.py. ``gain_vs_sliding`` = eval_sliding's val_bpb − this val_bpb
+pgolf/eval/ttt.py (``eval_ttt.mode: chunked``) or pgolf/eval/doc_ttt.py
+(``doc_lora``: per-document LoRA TTT with phased global SGD; its chunks.json
+series is per batch of documents). ``gain_vs_sliding`` = eval_sliding's val_bpb − this val_bpb
 (positive: TTT helped). chunks.json is the per-chunk running-bpb series,
 running_bpb.png its offline picture; progress goes to eval_ttt.log.
 """
@@ -14,6 +16,7 @@ from pgolf.config import from_params
 from pgolf.distributed import barrier, init_distributed
 from pgolf.eval.inputs import load_eval_inputs, read_sliding_bpb
 from pgolf.eval.sliding import EvalSlidingConfig, score_metrics
+from pgolf.eval.doc_ttt import doc_ttt_metrics, run_doc_ttt
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt, untrained_reason
 from pgolf.io import write_json_atomic
 from pgolf.pipeline.launch import launch_config, run_distributed, stage_main
@@ -37,15 +40,12 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
     ctx = init_distributed(rank, world_size, local_rank, device)
     with StageLog(root / OUT / "eval_ttt.log", enabled=ctx.is_main) as log:
         inputs = load_eval_inputs(root, windows, ctx.device)
-        log.line(f"eval_ttt: {inputs.tokens.numel() - 1:,} targets, {cfg.optimizer} lr {cfg.lr:g} x {cfg.epochs} "
-                 f"epochs, world {ctx.world_size}, device {ctx.device.type}")
-        result = run_ttt(inputs.model, inputs.tokens, inputs.byte_source, windows, cfg, rank=ctx.rank, world_size=ctx.world_size,
-                         progress=log, warmup=compile_enabled(windows.compile, ctx.device))
-        metrics = {**score_metrics(result), "chunks": result.num_chunks, "train_steps": result.train_steps,
-                   "sliding_val_bpb": baseline, "gain_vs_sliding": baseline - result.sums.val_bpb,
-                   "world_size": ctx.world_size, "device": ctx.device.type, "ttt_trained": result.train_steps > 0}
-        if (why := untrained_reason(result, cfg, inputs.tokens.numel() - 1)) is not None:
-            log.warning(why)
+        log.line(f"eval_ttt: {inputs.tokens.numel() - 1:,} targets, {cfg.mode} {cfg.optimizer} lr {cfg.lr:g}, "
+                 f"world {ctx.world_size}, device {ctx.device.type}")
+        result, extra = _score(inputs, windows, cfg, ctx, log)
+        metrics = {**score_metrics(result), **extra, "sliding_val_bpb": baseline,
+                   "gain_vs_sliding": baseline - result.sums.val_bpb, "world_size": ctx.world_size,
+                   "device": ctx.device.type}
         metrics.update(eval_timer(metrics["seconds"], metrics["compile_seconds"], ctx.world_size))
         if ctx.is_main:
             metrics["size_warning"] = warn_if_over(root / SIZE_JSON)
@@ -56,6 +56,22 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         log.line(summary(metrics))
     barrier()
     return metrics
+
+
+def _score(inputs, windows: EvalSlidingConfig, cfg: EvalTTTConfig, ctx, log: StageLog):
+    """(result, the mode's own metrics): chunked TTT, or per-document LoRA TTT."""
+    if cfg.mode == "doc_lora":
+        result = run_doc_ttt(inputs.model, inputs.tokens, inputs.byte_source, windows.seq_len, cfg, rank=ctx.rank,
+                             world_size=ctx.world_size, progress=log)
+        extra = doc_ttt_metrics(result)
+        return result, {**extra, "chunks": result.windows, "train_steps": extra["lora_steps"],
+                        "ttt_trained": extra["lora_steps"] > 0}
+    result = run_ttt(inputs.model, inputs.tokens, inputs.byte_source, windows, cfg, rank=ctx.rank,
+                     world_size=ctx.world_size, progress=log, warmup=compile_enabled(windows.compile, ctx.device))
+    if (why := untrained_reason(result, cfg, inputs.tokens.numel() - 1)) is not None:
+        log.warning(why)
+    return result, {"chunks": result.num_chunks, "train_steps": result.train_steps,
+                    "ttt_trained": result.train_steps > 0}
 
 
 def summary(m: dict) -> str:

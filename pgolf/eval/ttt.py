@@ -33,6 +33,7 @@ from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import ParamError
 from pgolf.model.layout import block_index
+from pgolf.eval.lora import LORA_TARGETS
 from pgolf.eval.sliding import EvalSums, Forward, Observer, EvalSlidingConfig, WindowScorer, nll_forward
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
@@ -54,6 +55,24 @@ class EvalTTTConfig:
     freeze_blocks: int    # the first N transformer blocks stay fixed; 0 adapts everything
     grad_clip: float      # max global gradient norm after averaging; 0 = off
     batch_seqs: int       # sequences per optimizer step, all ranks together
+    # mode doc_lora: per-document LoRA TTT + phased global SGD (pgolf/eval/doc_ttt.py, docs/FRONTIER.md §5.2-5.3).
+    # It reads chunk_tokens (targets per chunk), lr, momentum (beta1), beta2, weight_decay and adam_eps
+    # for its AdamW; epochs, lr_schedule, freeze_blocks, grad_clip and batch_seqs are chunked-only.
+    mode: Literal["chunked", "doc_lora"] = "chunked"
+    adam_eps: float = 1e-8
+    batch_docs: int = 64            # documents per batch (per rank)
+    short_doc_chunks: tuple[tuple[int, int], ...] = ()  # (max doc targets, chunk) pairs for short batches
+    lora_rank: int = 80
+    lora_alpha: float = 144.0       # adapter output scale alpha / rank
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "mlp", "head")
+    lora_warm_a: bool = True        # keep A across batches (B and AdamW state are reset per batch)
+    lora_seed: int = 0              # A's random init (per rank and phase)
+    prefix_docs: int = 0            # phased global SGD on the first P scored documents; 0 = off
+    phases: int = 0
+    global_lr: float = 0.001
+    global_momentum: float = 0.9
+    global_grad_clip: float = 1.0
+    global_chunk_tokens: int = 32768
 
     def __post_init__(self) -> None:
         check(self.chunk_tokens >= 1, "chunk_tokens", "must be >= 1")
@@ -65,6 +84,19 @@ class EvalTTTConfig:
         check(self.freeze_blocks >= 0, "freeze_blocks", "must be >= 0")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)")
         check(self.batch_seqs >= 1, "batch_seqs", "must be >= 1")
+        check(self.adam_eps > 0, "adam_eps", "must be > 0")
+        check(self.mode == "chunked" or self.optimizer == "adamw", "optimizer", "mode doc_lora needs adamw")
+        check(self.batch_docs >= 1, "batch_docs", "must be >= 1")
+        check(all(m >= 1 and c >= 1 for m, c in self.short_doc_chunks), "short_doc_chunks",
+              "pairs must be [max targets >= 1, chunk >= 1]")
+        check(self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank", "need lora_rank >= 1 and lora_alpha > 0")
+        check(len(self.lora_targets) > 0 and set(self.lora_targets) <= set(LORA_TARGETS)
+              and len(set(self.lora_targets)) == len(self.lora_targets), "lora_targets",
+              f"must be distinct names from {list(LORA_TARGETS)}")
+        check(self.prefix_docs >= 0 and self.phases >= 0, "prefix_docs", "prefix_docs and phases must be >= 0")
+        check(self.global_lr >= 0 and 0 <= self.global_momentum < 1 and self.global_grad_clip >= 0,
+              "global_lr", "need global_lr >= 0, global_momentum in [0, 1), global_grad_clip >= 0")
+        check(self.global_chunk_tokens >= 1, "global_chunk_tokens", "must be >= 1")
 
 
 def chunk_lr(cfg: EvalTTTConfig, chunk: int, chunks: int) -> float:
@@ -142,7 +174,7 @@ class FrozenBlocks:
 def make_optimizer(params: list[torch.nn.Parameter], cfg: EvalTTTConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay)
 
 
@@ -194,7 +226,7 @@ class ChunkTrainer:
         self.optimizer.zero_grad(set_to_none=False)
         self._accumulate_grads(starts, lengths)
         if self.world_size > 1:
-            _all_reduce_flat_(self.params)
+            all_reduce_grads_(self.params)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
@@ -222,7 +254,7 @@ class ChunkTrainer:
             loss.backward()
 
 
-def _all_reduce_flat_(params: list[torch.nn.Parameter]) -> None:
+def all_reduce_grads_(params: list[torch.nn.Parameter]) -> None:
     """SUM every gradient across ranks with one collective per dtype, not one per tensor."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:

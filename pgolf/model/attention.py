@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,22 @@ _SDPA_BACKENDS = {
 # 48×2048, 8/4 heads, fwd+bwd): cuDNN 2.31 ms native GQA (2.56 expanded),
 # flash 3.68 (3.81), efficient: no native GQA kernel, 7.66 ms expanded.
 EXPAND_KV_BACKENDS: frozenset[str] = frozenset({"efficient"})
+
+
+# adapt(target, x) -> additive delta or None: a per-call hook for test-time adapters
+# (pgolf.eval.lora); targets "q", "k", "v" here, "o", "mlp" in the block, "head" on the logits.
+Adapt = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+# The model-wide form: adapters(slot, target, x), slot = visit index, HEAD_SLOT for "head".
+Adapters = Callable[[int, str, torch.Tensor], "torch.Tensor | None"]
+HEAD_SLOT = -1
+
+
+def add_adapter(y: torch.Tensor, adapt: Adapt | None, target: str, x: torch.Tensor) -> torch.Tensor:
+    """``y + adapt(target, x)``; ``y`` itself without an adapter (the default path is untouched)."""
+    if adapt is None:
+        return y
+    delta = adapt(target, x)
+    return y if delta is None else y + delta
 
 
 class BankLinear(nn.Module):
@@ -163,18 +180,19 @@ class CausalSelfAttention(nn.Module):
                 w_o: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 value_add: torch.Tensor | None = None, first_value: torch.Tensor | None = None,
                 cache: KVCache | None = None, cache_slot: int | None = None,
-                doc_mask: DocMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                doc_mask: DocMask | None = None, adapt: Adapt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] (already normalised) → (output [B, T, D], value before VRL [B, T, KV·hd]).
 
         ``value_add`` is the value embedding for this layer; ``first_value`` is
         layer 0's returned value, mixed in when this layer has a VRL gate.
         ``cache_slot`` is this call's KV-cache entry (the visit index; the
-        layer index by default); ``doc_mask`` makes attention document-local.
+        layer index by default); ``doc_mask`` makes attention document-local;
+        ``adapt`` adds test-time adapter outputs to the q, k, v projections.
         """
         b, t, _ = x.shape
-        q = self.c_q(x, w_q).view(b, t, self.num_heads, self.head_dim)
-        k = self.c_k(x, w_k).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x, w_v)
+        q = add_adapter(self.c_q(x, w_q), adapt, "q", x).view(b, t, self.num_heads, self.head_dim)
+        k = add_adapter(self.c_k(x, w_k), adapt, "k", x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = add_adapter(self.c_v(x, w_v), adapt, "v", x)
         if value_add is not None:
             v = v + value_add
         own_value = v

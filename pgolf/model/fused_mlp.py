@@ -1,7 +1,7 @@
 """The LeakyReLU(s)² MLP with its activation fused into the matmul epilogues (``model.fused_mlp``).
 
 ``y = act(x W_upᵀ) W_downᵀ`` with ``act(u) = leaky_relu(u, s)²``. The plain
-path (pgolf.model.gpt.MLP) runs four memory passes over the hidden
+path (pgolf.model.block.MLP) runs four memory passes over the hidden
 activation per layer and micro-step beyond the matmuls themselves: the up
 matmul writes ``u``, an elementwise kernel reads ``u`` and writes ``h =
 act(u)``, the backward's ``grad_h = g W_down`` is written and then read

@@ -36,30 +36,29 @@ traffic of every elementwise kernel and of the saved activations. With
 ``float32`` the stream stays fp32 and only the matmuls and attention run in
 bf16. Neither setting changes anything without autocast (CPU runs).
 
-Frontier elements (docs/FRONTIER.md §2, each a ModelConfig field, off by default):
-depth recurrence, gated skips and the two-lane decoder
-(:mod:`pgolf.model.topology`), SparseAttnGate and the input SmearGate
-(:mod:`pgolf.model.frontier_gates`), document-local attention
-(:mod:`pgolf.model.doc_attention`). KV-cache entries are per visit, so a
-reused layer keeps one entry per visit.
+Frontier elements (docs/FRONTIER.md §2, each a ModelConfig field, off by default): depth recurrence, gated skips
+and the two-lane decoder (:mod:`pgolf.model.topology`), SparseAttnGate and the input SmearGate
+(:mod:`pgolf.model.frontier_gates`), document-local attention (:mod:`pgolf.model.doc_attention`). KV-cache entries
+are per visit. Test-time adapters (pgolf.eval.lora) enter through an optional ``adapters`` argument.
 
-Late QAT (docs/RECIPE.md §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on
-the export grid (each bank at its class's bits) (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode
-forwards, switched by a tensor buffer so a compiled graph honours the switch.
+Late QAT (docs/RECIPE.md §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on the export grid (each bank at
+its class's bits) (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode forwards, switched by a tensor
+buffer so a compiled graph honours the switch.
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgolf.model.attention import BankLinear, CausalSelfAttention, KVCache
-from pgolf.model.doc_attention import DocMask, document_mask
+from pgolf.model.attention import HEAD_SLOT, Adapters, KVCache, add_adapter
+from pgolf.model.doc_attention import document_mask
 from pgolf.model.frontier_gates import InputSmearGate
 from pgolf.model.fused_loss import softcap_token_nll
-from pgolf.model.fused_mlp import fused_mlp
+from pgolf.model.block import Block
 from pgolf.model.topology import (PARALLEL_POST_INIT, PARALLEL_RESID_INIT, merge_skip, parallel_lanes_update,
                                   split_encoder_decoder, visit_order)
 from pgolf.model.embeddings import BigramHash, SmearGate, ValueEmbedding, rms_norm
@@ -77,68 +76,6 @@ BIGRAM_SCALE_INIT = 0.05
 ROPE_TABLE_POSITIONS = 4096
 
 __all__ = ["GPT", "ModelConfig", "param_roles", "param_groups_by_role", "unbank_state_dict", "rebank_state_dict", "KVCache"]
-
-
-class MLP(nn.Module):
-    def __init__(self, leaky_slope: float, fused: bool = False):
-        super().__init__()
-        self.leaky_slope, self.fused = leaky_slope, fused
-        self.fc = BankLinear()
-        self.proj = BankLinear()
-
-    def forward(self, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        if self.fused and not any(m._forward_pre_hooks or m._forward_hooks for m in (self.fc, self.proj)):
-            return fused_mlp(x, w_up, w_down, self.leaky_slope)
-        hidden = F.leaky_relu(self.fc(x, w_up), negative_slope=self.leaky_slope)
-        return self.proj(hidden.square(), w_down)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.input_scale = (layer_idx + 1) ** -0.5 if cfg.ln_scale else 1.0
-        self.attn = CausalSelfAttention(
-            layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, qk_norm=cfg.qk_norm, qk_gain_init=cfg.qk_gain_init,
-            use_xsa=layer_idx in cfg.xsa_layers, use_vrl_gate=cfg.vrl and layer_idx > 0,
-            backend=cfg.attention_backend, gate_window=cfg.attn_gate_window, gate_scale=cfg.attn_gate_scale)
-        self.mlp = MLP(cfg.mlp_leaky_slope, cfg.fused_mlp)
-        self.attn_scale = nn.Parameter(torch.empty(cfg.model_dim))
-        self.mlp_scale = nn.Parameter(torch.empty(cfg.model_dim))
-        self.resid_mix = nn.Parameter(torch.empty(2, cfg.model_dim)) if cfg.resid_mix else None
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.attn_scale.fill_(1.0)
-            self.mlp_scale.fill_(1.0)
-            if self.resid_mix is not None:
-                self.resid_mix[0].fill_(1.0)
-                self.resid_mix[1].zero_()
-        self.attn.reset_parameters()
-
-    def attend(self, x: torch.Tensor, x0: torch.Tensor, weights: tuple[torch.Tensor, ...], rope, value_add,
-               first_value, cache: KVCache | None, slot: int | None, doc_mask: DocMask | None):
-        """(resid-mixed x, attn_scale ⊙ attention of it, own value)."""
-        w_q, w_k, w_v, w_o = weights[:4]
-        if self.resid_mix is not None:
-            mix = self.resid_mix.to(x.dtype)
-            x = mix[0] * x + mix[1] * x0
-        attn_out, value = self.attn(rms_norm(x) * self.input_scale, w_q, w_k, w_v, w_o, rope,
-                                    value_add, first_value, cache, slot, doc_mask)
-        # Scales take the stream's dtype, else an fp32 scale would promote a bf16 stream.
-        return x, self.attn_scale.to(x.dtype) * attn_out, value
-
-    def feed_forward(self, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale, w_up, w_down)
-
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, weights: tuple[torch.Tensor, ...],
-                rope: tuple[torch.Tensor, torch.Tensor] | None, value_add: torch.Tensor | None,
-                first_value: torch.Tensor | None, cache: KVCache | None, slot: int | None = None,
-                doc_mask: DocMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, x0 [B, T, D]; weights = (W_q, W_k, W_v, W_o, W_up, W_down) → (x, own value)."""
-        x, attn_out, value = self.attend(x, x0, weights, rope, value_add, first_value, cache, slot, doc_mask)
-        x = x + attn_out
-        return x + self.feed_forward(x, weights[4], weights[5]), value
 
 
 class GPT(nn.Module):
@@ -285,8 +222,8 @@ class GPT(nn.Module):
         order = visit_order(cfg.num_layers, cfg.recur_start, cfg.recur_end, cfg.recur_loops, self.looping)
         return split_encoder_decoder(order, cfg.unet_skips)
 
-    def _hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """ids [B, T] → final normalised hidden states [B, T, D]."""
+    def _hidden(self, ids: torch.Tensor, cache: KVCache | None = None, adapters: Adapters | None = None):
+        """ids [B, T] → final normalised hidden states [B, T, D]; ``adapters`` adds test-time adapter outputs."""
         cfg, L = self.cfg, self.cfg.num_layers
         prev_ids = cache.prev_ids if cache is not None else None
         prev_embed = cache.prev_embed if cache is not None else None
@@ -330,12 +267,13 @@ class GPT(nn.Module):
             if value_base is not None and i in cfg.ve_layers:
                 value_add = value_base * self.value_embed.layer_scales[cfg.ve_layers.index(i)]
             weights = (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i])
+            adapt = None if adapters is None else functools.partial(adapters, slot)
             if lanes is None:
-                x, value = block(x, x0, weights, rope, value_add, first_value, cache, slot, doc_mask)
+                x, value = block(x, x0, weights, rope, value_add, first_value, cache, slot, doc_mask, adapt)
             else:
                 _, attn_out, value = block.attend(lanes[0], x0, weights, rope, value_add, first_value, cache,
-                                                  slot, doc_mask)
-                mlp_out = block.feed_forward(lanes[1], up[i], down[i])
+                                                  slot, doc_mask, adapt)
+                mlp_out = block.feed_forward(lanes[1], up[i], down[i], adapt)
                 lanes = list(parallel_lanes_update(lanes[0], lanes[1], attn_out, mlp_out,
                                                    self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i]))
             if slot == 0:
@@ -348,10 +286,12 @@ class GPT(nn.Module):
             cache.length += ids.shape[1]
         return rms_norm(x)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32, fp64 stays
+        if adapters is not None:  # the head adapter acts before the soft-cap
+            logits = add_adapter(logits, functools.partial(adapters, HEAD_SLOT), "head", x)
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -362,6 +302,10 @@ class GPT(nn.Module):
     def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] → soft-capped fp32 logits [B, T, V]."""
         return self._logits(self._hidden(ids))
+
+    def adapted_hidden(self, ids: torch.Tensor, adapters: Adapters) -> torch.Tensor:  # pgolf.eval.doc_ttt
+        return self._hidden(ids, None, adapters)
+    adapted_logits = _logits  # (x, adapters): soft-capped logits with the head adapter
 
     def token_nll(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy in nats, fp32 [B, T]."""

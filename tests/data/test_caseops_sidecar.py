@@ -18,6 +18,7 @@ import stages.corpus
 from pgolf.data import caseops
 from pgolf.data.bpb import (ByteTables, SidecarBytes, build_byte_tables, load_byte_source, stream_bytes,
                             target_bytes)
+from pgolf.config import to_dict
 from pgolf.data.corpus import iter_jsonl
 from pgolf.data.shards import (BOS_ID, SIDECAR, list_shards, load_sidecar, load_split, read_shard,
                                write_shard, write_val_with_sidecar)
@@ -236,9 +237,9 @@ def test_both_eval_stages_charge_the_sidecar(caseops_data, tmp_path):
               "eval_sliding": {"seq_len": 128, "stride": 128, "batch_windows": 64, "trim_to_seq_len": True,
                                "compile": False},
               # one chunk: TTT scores everything and never trains (fast; the byte path is the same)
-              "eval_ttt": {"chunk_tokens": 65536, "epochs": 1, "optimizer": "sgd", "lr": 0.001,
+              "eval_ttt": to_dict(EvalTTTConfig(**{"chunk_tokens": 65536, "epochs": 1, "optimizer": "sgd", "lr": 0.001,
                            "lr_schedule": "cosine", "momentum": 0.9, "beta2": 0.999, "weight_decay": 0.0,
-                           "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32}}
+                           "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32}))}
     sidecar = load_sidecar(caseops_data / "data" / "shards")
     targets = (sidecar.size - 1) // 128 * 128
     expected = int(sidecar[1:targets + 1].sum(dtype=np.int64))

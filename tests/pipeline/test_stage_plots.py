@@ -24,6 +24,8 @@ import stages.eval_ttt
 import stages.hessians
 import stages.quantize
 import stages.train
+from pgolf.config import to_dict
+from pgolf.eval.ttt import EvalTTTConfig
 from pgolf.model.checkpoint import load_checkpoint
 from pgolf.model.gpt import unbank_state_dict
 
@@ -45,9 +47,9 @@ PARAMS.update({
                  "fit_min_bits": 5},
     "eval_sliding": {"seq_len": 32, "stride": 16, "batch_windows": 32, "trim_to_seq_len": True,
                      "compile": False},
-    "eval_ttt": {"chunk_tokens": 8192, "epochs": 1, "optimizer": "sgd", "lr": 0.002,
+    "eval_ttt": to_dict(EvalTTTConfig(**{"chunk_tokens": 8192, "epochs": 1, "optimizer": "sgd", "lr": 0.002,
                  "lr_schedule": "cosine", "momentum": 0.9, "beta2": 0.999, "weight_decay": 0.0,
-                 "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32},
+                 "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32})),
 })
 
 

@@ -1,0 +1,129 @@
+"""Phased global SGD: full-parameter SGD on already-scored documents (docs/FRONTIER.md §5.3).
+
+At a phase pause (pgolf.eval.documents: which documents, when) the chosen
+documents' tokens, each from its BOS up to (not including) the next
+document's BOS, are concatenated in the given order into one stream of T
+tokens. It is cut into chunks of ``chunk_tokens`` (32,768); chunk c holds
+``⌊chunk_tokens / L⌋`` sequences of L = eval seq_len inputs, sequence j
+feeding tokens ``[c·chunk + j·L, c·chunk + (j+1)·L)`` and predicting them
+shifted by one (a sequence that would read past the stream is dropped, as
+are the chunk's leftover tokens). With N = ⌈T / chunk⌉ chunks, chunks
+0..N−2 are trained (the last one would get lr 0), one step each, 1 epoch,
+at ``lr_c = lr·½(1 + cos(π·c/(N−1)))``; SGD with momentum, no weight decay,
+gradient norm clipped, a fresh optimizer per phase. The loss is the mean
+token cross-entropy of the chunk (the model's own forward, so document-local
+attention applies when the model has it).
+
+Distributed: each rank takes a contiguous share of a chunk's sequences,
+divides its summed loss by the chunk's *global* token count, and the
+gradients are SUM all-reduced, so every rank applies the single-process
+update.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pgolf.distributed import shard_range
+from pgolf.eval.documents import Documents
+from pgolf.eval.ttt import all_reduce_grads_
+from pgolf.precision import autocast, synchronize
+
+
+@dataclass(frozen=True)
+class GlobalSGDSettings:
+    lr: float
+    momentum: float
+    grad_clip: float      # 0 = off
+    chunk_tokens: int
+    seq_len: int
+
+
+@contextlib.contextmanager
+def config_override(model: torch.nn.Module, **changes):
+    """Run ``model`` with some ``model.cfg`` fields changed (read at forward time), then restore it.
+
+    Per-document TTT uses it for two exact equivalences: its windows hold one
+    document (a BOS at most at column 0, padding after), so the document mask
+    *is* the causal mask (``doc_attention=False``: plain causal SDPA instead of
+    an uncompiled FlexAttention); global SGD runs eager, so its document mask
+    is the ``dense`` implementation (eager FlexAttention materialises every
+    score anyway).
+    """
+    saved = model.cfg
+    model.cfg = saved.replace(**changes)
+    try:
+        yield model
+    finally:
+        model.cfg = saved
+
+
+def document_stream(tokens: torch.Tensor, docs: Documents, doc_ids: np.ndarray) -> torch.Tensor:
+    """The chosen documents' tokens (each from its BOS to before the next BOS), concatenated."""
+    pieces = [np.arange(docs.starts[d], docs.starts[d] + docs.targets[d]) for d in doc_ids]
+    index = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    return tokens[torch.from_numpy(index).to(tokens.device)]
+
+
+def chunk_lr(lr: float, chunk: int, chunks: int) -> float:
+    return lr * 0.5 * (1.0 + math.cos(math.pi * chunk / (chunks - 1)))
+
+
+def chunk_sequence_starts(total: int, chunk: int, s: GlobalSGDSettings) -> np.ndarray:
+    """Starts of chunk ``chunk``'s sequences that fit in a stream of ``total`` tokens."""
+    per_chunk = s.chunk_tokens // s.seq_len
+    starts = chunk * s.chunk_tokens + s.seq_len * np.arange(per_chunk, dtype=np.int64)
+    return starts[starts + s.seq_len + 1 <= total]
+
+
+def global_sgd(model: torch.nn.Module, stream: torch.Tensor, s: GlobalSGDSettings, *, rank: int = 0,
+               world_size: int = 1) -> dict:
+    """Train every parameter of ``model`` on ``stream`` in place; returns {chunks, steps, seconds}."""
+    device = stream.device
+    synchronize(device)
+    began = time.perf_counter()
+    total = int(stream.numel())
+    chunks = -(-total // s.chunk_tokens)
+    params = [p for p in model.parameters()]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
+    cols = torch.arange(s.seq_len + 1, device=device)
+    steps = 0
+    model.train()
+    try:
+        for c in range(chunks - 1):
+            starts = chunk_sequence_starts(total, c, s)
+            if starts.size == 0:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = chunk_lr(s.lr, c, chunks)
+            optimizer.zero_grad(set_to_none=False)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            lo, hi = shard_range(starts.size, rank, world_size)
+            if hi > lo:
+                window = stream[torch.from_numpy(starts[lo:hi]).to(device)[:, None] + cols]
+                with autocast(device), config_override(model, doc_attention_impl="dense"):
+                    nll = model.token_nll(window[:, :-1], window[:, 1:])
+                (nll.sum() / (starts.size * s.seq_len)).backward()
+            if world_size > 1:
+                all_reduce_grads_(params)
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            optimizer.step()
+            steps += 1
+    finally:
+        model.eval()
+        for p, flag in zip(params, saved):
+            p.grad = None
+            p.requires_grad_(flag)
+    synchronize(device)
+    return {"chunks": chunks, "steps": steps, "seconds": time.perf_counter() - began}

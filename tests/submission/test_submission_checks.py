@@ -71,7 +71,7 @@ def test_corrupt_or_foreign_bundle_is_one_error(bundle, tmp_path):
     path.write_text("print('hello')\n")
     with pytest.raises(DataError, match="not a pgolf bundle"):
         read_bundle(path)
-    path.write_text(bundle.text.replace("ARCHIVE = \"\"\"\n", "ARCHIVE = \"\"\"\n!!", 1), encoding="utf-8")
+    path.write_text(bundle.text.replace('ARCHIVE = """', 'ARCHIVE = """!!', 1), encoding="utf-8")
     with pytest.raises(DataError, match="corrupt bundle archive"):
         read_bundle(path)
 

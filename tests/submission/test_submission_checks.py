@@ -19,13 +19,14 @@ from pgolf.submission.budget import budget_lines, budget_report, over_budget_mes
 from pgolf.submission.bundle import build_bundle, read_bundle, strip_docstrings, unpacked_sources
 from pgolf.io import file_sha256
 from pgolf.submission.size import bundle_counted_bytes, size_report
-from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+from pgolf.pipeline.paths import BUNDLE, BUNDLE_RESERVE
 from pgolf.tools.cli import main as cli
 import stages.budget
 from tests.helpers.export_root import SLIDING, TTT, make_export_root, write_eval, write_size
 
 REPO = Path(__file__).resolve().parents[2]
-PARAMS = {"train": {"seed": 7}, "bundle": {"data_dir": "d", "tokenizer_path": "t.model", "strip_docstrings": True}}
+PARAMS = {"train": {"seed": 7}, "bundle": {"data_dir": "d", "tokenizer_path": "t.model", "strip_docstrings": True,
+                                          "reserve_quantum": 1024}}
 
 
 @pytest.fixture
@@ -91,11 +92,11 @@ def test_size_counts_the_bundle_and_quantize_reads_its_count(tmp_path):
     model.write_bytes(b"m" * 1000)
     with pytest.raises(DataError, match="counted code file not found \\(run the bundle stage\\)"):
         size_report(model, tmp_path)
-    with pytest.raises(DataError, match="counted_bytes.json: cannot read counted_bytes"):
+    with pytest.raises(DataError, match="reserved_bytes.json: cannot read reserved_bytes"):
         bundle_counted_bytes(tmp_path)
     (tmp_path / BUNDLE).parent.mkdir(parents=True)
     (tmp_path / BUNDLE).write_bytes(b"#" * 777)
-    write_json_atomic(tmp_path / BUNDLE_BYTES, {"counted_bytes": 777})
+    write_json_atomic(tmp_path / BUNDLE_RESERVE, {"reserved_bytes": 777})
     report = size_report(model, tmp_path)
     assert (report.code_bytes, report.total_bytes, report.code_files) == (777, 1777, [BUNDLE.as_posix()])
     assert report.artifact_sha256 == file_sha256(model) and bundle_counted_bytes(tmp_path) == 777

@@ -201,7 +201,7 @@ def test_stale_bundle_or_budget_is_refused(root, tmp_path, capsys):  # noqa: F81
 def test_export_writes_challenge_fields_requirements_and_readme(root, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "out"
     assert cli(["export", "--root", str(root), "--out", str(out), "--author", "A. Golfer", "--github-id", "ag"]) == 0
-    s = json.loads((out / "submission.json").read_text())
+    s = json.loads((out / "pgolf_results.json").read_text())
     head = ["author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code"]
     assert list(s)[:len(head)] == head and (s["author"], s["github_id"]) == ("A. Golfer", "ag")
     assert s["artifact_sha256"] == file_sha256(root / "artifacts/quant/model.ptz")

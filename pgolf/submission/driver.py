@@ -41,7 +41,7 @@ import yaml
 from pgolf.config import from_params
 from pgolf.data.bpb import build_byte_tables
 from pgolf.data.loader import TokenStream
-from pgolf.data.shards import challenge_sources
+from pgolf.data.shards import challenge_sources, load_tokens
 from pgolf.distributed import barrier, init_distributed, shutdown
 from pgolf.errors import ParamError, PgolfError
 from pgolf.eval.sliding import EvalSlidingConfig, evaluate_sliding, score_metrics
@@ -177,7 +177,7 @@ def run(p: dict, code_path: Path, rank: int = 0, world_size: int = 1, local_rank
     barrier()
     results["seconds_to_artifact"] = time.perf_counter() - started
 
-    val = steps.load_val_tokens(data_dir, cfg.model.vocab_size)
+    val = load_tokens(val_paths, cfg.model.vocab_size)  # the challenge's val split, as load_split reads pgolf's
     source = str(val_paths[0].parent)
     with StageLog(LOGS / "eval_sliding.log", enabled=main) as log:
         model, tokens = steps.eval_inputs(folder / ARTIFACT, val, cfg.sliding, ctx, source)

@@ -15,8 +15,11 @@ with the first ``ast.unparse``; none changes what runs:
   fixed point. Decorated definitions and classes with bases or keywords always
   stay (a decorator or metaclass may register them); so do dunder names and the
   names in ``keep`` (the driver's entry point, called from the stub).
-* **Indentation** of one space per level instead of four, checked by parsing
-  the result again: the tree must equal the unparsed one.
+* **Indentation** of one space per level instead of four, and **no spaces
+  between tokens** but those that keep two words apart (``a=b+1``, ``x if y``);
+  each checked by parsing the result again: the tree must equal the unparsed
+  one, else that module keeps the previous form. (f-strings are copied whole:
+  Python 3.12+ tokenises their insides.)
 
 The bundle runs only the driver (pgolf/submission/driver.py), so code that only
 the stages, tools or tests call is dead inside it, though alive in the repository.
@@ -24,6 +27,8 @@ the stages, tools or tests call is dead inside it, though alive in the repositor
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from typing import Iterable, Mapping
 
 from pgolf.errors import DataError
@@ -125,6 +130,62 @@ def narrow_indent(text: str, where: str) -> str:
     return narrow
 
 
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_SKIP = {tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+_FSTRING_START = getattr(tokenize, "FSTRING_START", None)  # Python 3.12+
+_FSTRING_END = getattr(tokenize, "FSTRING_END", None)
+
+
+def _pieces(text: str) -> Iterable[tuple[int, str] | None]:
+    """(column, source text) of each token of one-line logical lines, None at each line end."""
+    lines = text.split("\n")
+    depth, start = 0, (0, 0)
+    for t in tokenize.generate_tokens(io.StringIO(text).readline):
+        if t.type == _FSTRING_START:
+            depth, start = depth + 1, (start if depth else t.start)
+            continue
+        if depth:  # inside an f-string: emit it whole at its end
+            if t.type == _FSTRING_END:
+                depth -= 1
+                if not depth:
+                    if start[0] != t.end[0]:
+                        raise ValueError("multi-line f-string")
+                    yield start[1], lines[t.end[0] - 1][start[1]:t.end[1]]
+            continue
+        if t.type == tokenize.NEWLINE:
+            yield None
+        elif t.type not in _SKIP:
+            if t.start[0] != t.end[0]:
+                raise ValueError("multi-line token")
+            yield t.start[1], lines[t.start[0] - 1][t.start[1]:t.end[1]]
+
+
+def squeeze_spaces(text: str, where: str) -> str:
+    """``text`` without the spaces between tokens that no two words need (same tree, else ``text``)."""
+    out: list[str] = []
+    line: list[str] = []
+    try:
+        for piece in _pieces(text):
+            if piece is None:
+                out.append("".join(line))
+                line = []
+                continue
+            column, token = piece
+            if not line:
+                line.append(" " * column)
+            elif line[-1][-1] in _WORD and token[0] in _WORD:
+                line.append(" ")
+            line.append(token)
+    except (ValueError, tokenize.TokenError, SyntaxError):
+        return text
+    squeezed = "\n".join(out)
+    try:
+        same = ast.dump(ast.parse(squeezed)) == ast.dump(parse(text, where))
+    except SyntaxError:
+        same = False
+    return squeezed if same else text
+
+
 def minify_sources(sources: Mapping[str, bytes], keep: Iterable[str]) -> dict[str, bytes]:
     """{path: minified source} of the packed modules ``sources`` (the module docstring's rewrites)."""
     trees = {path: parse(source, path) for path, source in sources.items()}
@@ -132,4 +193,5 @@ def minify_sources(sources: Mapping[str, bytes], keep: Iterable[str]) -> dict[st
         drop_docstrings(tree)
         drop_annotations(tree)
     drop_dead_definitions(trees, keep)
-    return {path: (narrow_indent(ast.unparse(tree), path) + "\n").encode("utf-8") for path, tree in trees.items()}
+    return {path: (squeeze_spaces(narrow_indent(ast.unparse(tree), path), path) + "\n").encode("utf-8")
+            for path, tree in trees.items()}

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from pgolf.errors import DataError
-from pgolf.submission.minify import minify_sources, narrow_indent
+from pgolf.submission.minify import minify_sources, narrow_indent, squeeze_spaces
 
 MOD_A = b'''"""doc"""
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_minified_modules_keep_behaviour_and_drop_dead_code():
     assert names == {"Cfg", "Based", "helper", "by_string", "Registered", "main"}  # dead, dead_too, Unused gone
     text = out["a.py"].decode()
     assert '"""' not in text and "-> int" not in text and "x: int" not in text
-    assert "lr: float" in text and "z: int" in text  # class fields and a bare local declaration stay
+    assert "lr:float" in text and "z:int" in text  # class fields and a bare local declaration stay
     assert "\n return z" in text  # one space per level
 
 
@@ -95,3 +95,16 @@ def test_narrow_indent_keeps_a_module_whose_literals_span_lines():
 def test_unparsable_module_is_one_error():
     with pytest.raises(DataError, match="bad.py: cannot parse"):
         minify_sources({"bad.py": b"def (:\n"}, keep=[])
+
+
+def test_squeeze_keeps_words_apart_and_f_strings_whole():
+    text = 'def f(a, b=1):\n if a is not None and b in (1, 2):\n  return f"{a!r} = {b:>4} {{x}}" + str(1 if a else 2)'
+    out = squeeze_spaces(text, "x")
+    assert out == 'def f(a,b=1):\n if a is not None and b in(1,2):\n  return f"{a!r} = {b:>4} {{x}}"+str(1 if a else 2)'
+    scope_a: dict = {}
+    scope_b: dict = {}
+    exec(text, scope_a)
+    exec(out, scope_b)
+    assert scope_a["f"]("s", 2) == scope_b["f"]("s", 2) == "'s' =    2 {x}1"
+    multi = 'x = """a\n  b"""'
+    assert squeeze_spaces(multi, "x") == multi  # a token over two lines: left as it is

@@ -125,7 +125,7 @@ class Bundle:
     files: list[str]          # repository-relative paths of the packed modules
     source_bytes: int         # the modules' files as in the repository
     raw_bytes: int            # the archive uncompressed: packed sources + the index line with params
-    archive_bytes: int        # the xz stream
+    archive_bytes: int        # the raw LZMA2 stream
     params: dict[str, Any]
 
     @property

@@ -117,7 +117,7 @@ def test_missing_required_input_is_refused(root, tmp_path, capsys, missing):
 
 
 def test_stale_size_report_and_bad_metrics_are_refused(root, tmp_path, capsys):
-    # other params, and surely another size: xz/base85 sizes come in steps, so a one-key edit alone can
+    # other params, and surely another size: compressed sizes come in 13-byte steps, so a one-key edit alone can
     # leave the file size (which is what size.json pairs with) unchanged
     write_bundle(root, PARAMS_YAML + "size: {enforce: true}\nnote: " + hashlib.sha256(b"x").hexdigest() * 4 + "\n")
     code, _, err = export(capsys, root, tmp_path / "out")

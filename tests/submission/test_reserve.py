@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 import stages.bundle
 from pgolf.errors import ParamError
@@ -11,7 +17,8 @@ from pgolf.pipeline.paths import BUNDLE, BUNDLE_RESERVE
 from pgolf.submission.limits import reserved_code_bytes
 from pgolf.submission.size import bundle_reserved_bytes
 from pgolf.tools.profiles import compose
-from tests.helpers.sweep import make_project, run
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_reserve_rounds_up_to_the_quantum():
@@ -39,14 +46,51 @@ def test_bad_quantum_is_refused(tmp_path, bad):
     assert not (tmp_path / BUNDLE).exists()
 
 
+def _materialise(root: Path) -> None:
+    """Every dep and out of every stage that is not there yet, as a placeholder file."""
+    for spec in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("deps", "outs", "metrics", "plots"):
+            for entry in spec.get(kind, []):
+                path = root / (next(iter(entry)) if isinstance(entry, dict) else entry)
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(f"placeholder {path.name}\n")
+
+
+def _run(root: Path, *cmd: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
 @pytest.mark.slow
 def test_dvc_eval_only_edit_reruns_bundle_but_not_quantize(tmp_path):
-    root = make_project(tmp_path / "proj")
-    run(["dvc", "repro"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "baseline"], root)
-    model = (root / "artifacts/quant/model.ptz").read_bytes()
-    log = run(["dvc", "exp", "run", "-S", "eval_ttt.lr=0.0031"], root)
-    assert "Running stage 'bundle'" in log and "Running stage 'eval_ttt'" in log
-    assert "Running stage 'quantize'" not in log, "an eval-only edit re-quantised"
-    assert (root / "artifacts/quant/model.ptz").read_bytes() == model
+    """What `dvc repro` would re-run after an eval-only edit, with the real bundle stage and the real dvc.yaml."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    for name in ("pgolf", "stages"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, root / name)
+    _run(root, sys.executable, "-m", "stages.bundle")
+    _materialise(root)
+    _run(root, "dvc", "init", "--no-scm", "-q")
+    _run(root, "dvc", "commit", "-f", "-q")
+    assert json.loads(_run(root, "dvc", "status", "--json")) == {}
+    before = (root / BUNDLE).read_bytes()
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["eval_ttt"]["lr"] = params["eval_ttt"]["lr"] * 1.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(root, sys.executable, "-m", "stages.bundle")  # what `dvc repro` runs first for this edit
+    assert (root / BUNDLE).read_bytes() != before
+    changed = set(json.loads(_run(root, "dvc", "status", "--json")))
+    assert {"bundle", "size_check", "eval_ttt"} <= changed  # size_check sees the new train_gpt.py
+    assert "quantize" not in changed, "an eval-only edit would re-quantise"
+    # Control: with the exact bytes reserved (quantum 1) the same kind of edit does reach quantize.
+    params["bundle"]["reserve_quantum"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(root, sys.executable, "-m", "stages.bundle")
+    assert "quantize" in set(json.loads(_run(root, "dvc", "status", "--json")))

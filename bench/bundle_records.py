@@ -11,7 +11,8 @@ overrides, embedded in the bundle) and copies ``ROOT/data/shards/{train,val}_*.b
     cd .records && torchrun --standalone --nproc_per_node=1 train_gpt.py \
         --set train.max_train_seconds=120 2>&1 | tee run.log
 
-(run-time ``--set`` overrides change nothing counted). Prints the bundle's bytes as JSON and a table.
+(run-time ``--set`` overrides change nothing counted). Prints the bundle's bytes as JSON and a table;
+without ``--out`` only those (no data needed): ``python bench/bundle_records.py --profile record``.
 """
 from __future__ import annotations
 
@@ -32,11 +33,16 @@ def main() -> None:
     parser.add_argument("--root", default=".", help="pipeline root with data/shards and data/tokenizer")
     parser.add_argument("--profile", default="record")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides embedded in the bundle")
-    parser.add_argument("--out", required=True, help="records folder to (re)create")
+    parser.add_argument("--out", default=None, help="records folder to (re)create (default: only print the bytes)")
     args = parser.parse_args()
-    root, out = Path(args.root), Path(args.out)
+    root = Path(args.root)
     params = compose(args.profile, args.set)
     bundle = build_bundle(Path(__file__).resolve().parents[1], params, params["bundle"]["strip_docstrings"])
+    m = {k: v for k, v in bundle.metrics().items() if k != "modules"}
+    if args.out is None:
+        report(args, m, shards=None)
+        return
+    out = Path(args.out)
     shards = sorted((root / "data/shards").glob("*_[0-9]*.bin"))
     tokenizer = root / "data/tokenizer/tokenizer.model"
     if not shards or not tokenizer.is_file():
@@ -49,9 +55,12 @@ def main() -> None:
     (out / params["bundle"]["tokenizer_path"]).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tokenizer, out / params["bundle"]["tokenizer_path"])
     (out / "train_gpt.py").write_text(bundle.text, encoding="utf-8")
-    m = {k: v for k, v in bundle.metrics().items() if k != "modules"}
-    print(json.dumps({"profile": args.profile, "overrides": args.set, "shards": len(shards), **m}, indent=2))
-    print(f"{'profile':10s} {'source':>10s} {'packed':>10s} {'xz':>10s} {'counted':>10s}")
+    report(args, m, shards=len(shards))
+
+
+def report(args: argparse.Namespace, m: dict, shards: int | None) -> None:
+    print(json.dumps({"profile": args.profile, "overrides": args.set, "shards": shards, **m}, indent=2))
+    print(f"{'profile':10s} {'source':>10s} {'packed':>10s} {'lzma2':>10s} {'counted':>10s}")
     print(f"{args.profile:10s} {m['source_bytes']:>10,} {m['raw_bytes']:>10,} {m['archive_bytes']:>10,} "
           f"{m['counted_bytes']:>10,}")
 

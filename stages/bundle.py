@@ -1,9 +1,10 @@
 """Stage bundle: pgolf's submission code + the resolved params → artifacts/bundle/train_gpt.py.
 
 What the file holds and how it runs: pgolf/submission/bundle.py. Also writes
-``counted_bytes.json`` (the file's size alone, which quantize's byte target
-reads, so a params change that leaves the size unchanged re-runs nothing
-downstream) and ``metrics.json`` (bytes raw vs counted, the module list, sha256).
+``reserved_bytes.json`` (the code bytes quantize's byte target sets aside: the
+file's size rounded up to ``bundle.reserve_quantum``, pgolf/submission/limits.py,
+so an eval-only params edit re-runs no quantize) and ``metrics.json`` (bytes raw
+vs counted, the reserve, the module list, sha256).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 from pgolf.io import write_json_atomic, write_text_atomic
 from pgolf.submission.bundle import build_bundle
 from pgolf.submission.driver import RunConfig
-from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES, BUNDLE_METRICS
+from pgolf.pipeline.paths import BUNDLE, BUNDLE_METRICS, BUNDLE_RESERVE
+from pgolf.submission.limits import reserved_code_bytes
 from pgolf.pipeline.launch import params, stage_main
 
 METRICS = BUNDLE_METRICS
@@ -25,8 +27,9 @@ def run(p: dict, root: Path = Path(".")) -> dict:
     cfg = RunConfig.from_params(p)  # the driver would refuse these params at run time: refuse them now
     bundle = build_bundle(CODE_ROOT, p, cfg.bundle.strip_docstrings)
     write_text_atomic(root / BUNDLE, bundle.text)
-    write_json_atomic(root / BUNDLE_BYTES, {"counted_bytes": bundle.counted_bytes})
-    metrics = bundle.metrics()
+    reserved = reserved_code_bytes(bundle.counted_bytes, cfg.bundle.reserve_quantum)
+    write_json_atomic(root / BUNDLE_RESERVE, {"reserved_bytes": reserved})
+    metrics = {**bundle.metrics(), "reserved_bytes": reserved}
     write_json_atomic(root / METRICS, metrics)
     return metrics
 

@@ -140,10 +140,15 @@ def iter_chunks(files: Iterable[Path], size: int = _SCAN_CHUNK) -> Iterator[np.n
             yield tokens[start:start + size]
 
 
-def load_split(directory: str | Path, split: str, vocab_size: int | None = None) -> np.ndarray:
-    """The whole split as one in-memory uint16 array (meant for val)."""
-    parts = [np.asarray(read_shard(p, vocab_size)) for p in list_shards(directory, split)]
+def load_tokens(paths: list[Path], vocab_size: int | None = None) -> np.ndarray:
+    """The shards ``paths``, in that order, as one in-memory uint16 array (meant for val)."""
+    parts = [np.asarray(read_shard(p, vocab_size)) for p in paths]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
+
+
+def load_split(directory: str | Path, split: str, vocab_size: int | None = None) -> np.ndarray:
+    """The whole split of a pgolf shard folder as one array (:func:`load_tokens`)."""
+    return load_tokens(list_shards(directory, split), vocab_size)
 
 
 @dataclass(frozen=True)

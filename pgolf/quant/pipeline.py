@@ -31,7 +31,7 @@ from pgolf.quant.hessian_file import HessianSet, load_hessians
 from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, quantize_state_dict
 from pgolf.quant.pruning import prune_to_target
 from pgolf.quant.quant_config import frontier_defaults
-from pgolf.submission.size import LIMIT_BYTES, bundle_counted_bytes
+from pgolf.submission.size import LIMIT_BYTES, bundle_reserved_bytes
 
 # Search settings of the byte budget stay out of the artifact's meta: the bits of
 # each tensor record their outcome, and a fit that demotes nothing then gives
@@ -95,7 +95,7 @@ def quantize_checkpoint(checkpoint: Path, hessians: Path, cfg: QuantizeConfig, d
     require_finite_inputs(ckpt, hs, str(checkpoint), str(hessians))  # before anything else is read
     target = None
     if cfg.fit_to_limit or cfg.prune:
-        target = byte_target(bundle_counted_bytes(code_root), cfg)  # the challenge counts the whole bundle
+        target = byte_target(bundle_reserved_bytes(code_root), cfg)  # the whole bundle, rounded up to bundle.reserve_quantum
     return quantize_loaded(ckpt, hs, cfg, device, target, str(checkpoint), str(hessians), log)
 
 

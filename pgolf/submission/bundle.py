@@ -3,19 +3,26 @@
 The challenge counts all the code of a submission, and all of it should live
 in ``train_gpt.py`` (docs/RECIPE.md §4.7). The bundle is that file:
 
-* a short, readable decoder stub (standard library only: ``lzma``, ``base64``);
-* one base85 string, the xz (LZMA preset 9e) compression of an archive:
-  a first line of JSON ``{"format", "version", "driver", "params", "files":
-  [[path, nbytes], ...]}`` followed by the files' bytes in that order.
+* a short, readable decoder stub (standard library only: ``lzma``);
+* one string, ``ARCHIVE``: the raw LZMA2 compression (preset 9e, ``pb=0``, the
+  best measured: docs/LOG.md) of an archive, a first line of JSON ``{"format",
+  "version", "driver", "params", "files": [[path, nbytes], ...]}`` followed by
+  the files' bytes in that order.
+
+The string is written in base 124: every 13 bytes become 15 characters from
+the 124 ASCII codes 1..127 other than CR, ``"`` and backslash, all of which a
+triple-quoted literal holds as they are (no escapes, every Python 3) and each
+counts one byte. That is 15/13 = 1.154 characters a byte, where base85 takes
+1.25 and base64 1.33. The decoder is one piece of source (``DECODER``) that
+the stub carries and this module runs, so the two cannot differ.
 
 The files are the import closure of the driver module
 (:mod:`pgolf.submission.driver`, computed by
 :func:`pgolf.submission.size.counted_code_files`); ``params`` is the run's
-resolved params.yaml. With ``bundle.strip_docstrings`` each module is packed as
-``ast.unparse`` of its syntax tree without docstrings, which drops comments
-and docstrings and changes nothing that runs (the record-profile bundle goes
-from ~97 KB to ~59 KB); the names, layout of the code and everything else are
-kept, and compression does the rest. ``--unpack`` shows what was packed.
+resolved params.yaml. With ``bundle.strip_docstrings`` the modules are packed
+minified (pgolf/submission/minify.py: no docstrings, comments, argument
+annotations or definitions the driver cannot reach, one-space indents; the
+same behaviour). ``--unpack`` shows what was packed.
 
 At run time the stub decompresses the archive into a private temporary
 folder (removed at exit), puts that folder first on ``sys.path``, checks that
@@ -30,7 +37,6 @@ and params gives the same bytes.
 from __future__ import annotations
 
 import ast
-import base64
 import hashlib
 import json
 import lzma
@@ -40,27 +46,45 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pgolf.errors import DataError
+from pgolf.submission.minify import minify_sources, strip_docstrings
 from pgolf.submission.size import counted_code_files
 
+__all__ = ["build_bundle", "read_bundle", "unpacked_sources", "requirements", "strip_docstrings"]
+
 FORMAT = "pgolf-bundle"
-VERSION = 1
+VERSION = 2
 DRIVER_MODULE = "pgolf.submission.driver"
 DRIVER_FILE = "pgolf/submission/driver.py"
 # The stub's first line: how `pgolf inspect` recognises a bundle.
 FIRST_LINE = "# pgolf submission bundle"
-_LINE_CHARS = 4096  # base85 in long lines: a newline costs a counted byte
+DIGITS = [c for c in range(1, 128) if c not in (13, 34, 92)]  # base-124 digits: no CR, quote or backslash
+_DIGITS_SOURCE = "(c for c in range(1, 128) if c not in (13, 34, 92))"  # the same, in the decoder
+BLOCK_BYTES, BLOCK_CHARS = 13, 15  # 124**15 >= 256**13
+LZMA2 = {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 22, "lc": 3, "lp": 0,
+         "pb": 0, "nice_len": 273}
+
+# Run by the stub and by read_bundle: ARCHIVE (base 124, NBYTES long) -> the archive's bytes.
+DECODER = """def blob():
+    digit = {{chr(c): i for i, c in enumerate({digits})}}
+    out = bytearray()
+    for i in range(0, len(ARCHIVE), {chars}):
+        n = 0
+        for c in ARCHIVE[i:i + {chars}]:
+            n = n * {base} + digit[c]
+        out += n.to_bytes({nbytes}, "big")
+    return lzma.decompress(bytes(out[:NBYTES]), lzma.FORMAT_RAW, filters=[{{"id": lzma.FILTER_LZMA2, "dict_size": {dict_size}}}])
+""".format(digits=_DIGITS_SOURCE, chars=BLOCK_CHARS, base=len(DIGITS), nbytes=BLOCK_BYTES, dict_size=LZMA2["dict_size"])
 
 STUB = '''{first_line} v{version}: the whole pgolf run (train, calibrate, quantise, evaluate) in one file.
-"""torchrun --standalone --nproc_per_node=8 train_gpt.py [--set section.key=value ...] in a records folder
-with the challenge's data layout. ARCHIVE = base85(xz(one JSON line: driver, params, file list; then the
-pgolf sources)), unpacked to a private temp folder and imported from there, never from an installed pgolf.
-Sources: python train_gpt.py --unpack DIR. Made by pgolf/submission/bundle.py."""
-import atexit, base64, json, lzma, os, shutil, sys, tempfile
+"""torchrun --standalone --nproc_per_node=8 train_gpt.py [--set section.key=value ...] in a records folder with the
+challenge's data. ARCHIVE: base124(raw LZMA2(JSON index + pgolf sources)); see --unpack DIR, pgolf/submission/bundle.py"""
+import atexit, json, lzma, os, shutil, sys, tempfile
 
+
+{decoder}
 
 def unpack(folder):
-    blob = lzma.decompress(base64.b85decode("".join(ARCHIVE.split())))
-    head, _, body = blob.partition(b"\\n")
+    head, _, body = blob().partition(b"\\n")
     index = json.loads(head)
     offset = 0
     for path, size in index["files"]:
@@ -74,8 +98,7 @@ def unpack(folder):
 
 def main():
     if sys.argv[1:2] == ["--unpack"]:
-        unpack(sys.argv[2])
-        return
+        return unpack(sys.argv[2])
     folder = tempfile.mkdtemp(prefix="pgolf_bundle_")
     atexit.register(shutil.rmtree, folder, True)
     index = unpack(folder)
@@ -88,9 +111,8 @@ def main():
     sys.exit(driver.main(index["params"], sys.argv[1:], os.path.abspath(__file__)))
 
 
-ARCHIVE = """
-{archive}
-"""
+NBYTES = {nbytes}
+ARCHIVE = """{archive}"""
 
 if __name__ == "__main__":
     main()
@@ -103,7 +125,7 @@ class Bundle:
     files: list[str]          # repository-relative paths of the packed modules
     source_bytes: int         # the modules' files as in the repository
     raw_bytes: int            # the archive uncompressed: packed sources + the index line with params
-    archive_bytes: int        # the xz stream
+    archive_bytes: int        # the raw LZMA2 stream
     params: dict[str, Any]
 
     @property
@@ -116,41 +138,46 @@ class Bundle:
 
     def metrics(self) -> dict[str, Any]:
         return {"counted_bytes": self.counted_bytes, "source_bytes": self.source_bytes, "raw_bytes": self.raw_bytes,
-                "archive_bytes": self.archive_bytes, "stub_bytes": self.counted_bytes - self.archive_b85_bytes,
+                "archive_bytes": self.archive_bytes, "stub_bytes": self.counted_bytes - self.archive_chars,
                 "num_modules": len(self.files), "modules": self.files, "driver": DRIVER_MODULE,
                 "sha256": self.sha256}
 
     @property
-    def archive_b85_bytes(self) -> int:
-        b85 = -(-self.archive_bytes // 4) * 5
-        return b85 + -(-b85 // _LINE_CHARS)  # one newline per wrapped line
+    def archive_chars(self) -> int:
+        return -(-self.archive_bytes // BLOCK_BYTES) * BLOCK_CHARS
 
 
-def strip_docstrings(source: bytes, where: str) -> bytes:
-    """The module's code without docstrings or comments (``ast.unparse``); same behaviour."""
-    try:
-        tree = ast.parse(source, filename=where)
-    except SyntaxError as exc:
-        raise DataError(f"{where}: cannot parse ({exc.msg}, line {exc.lineno})") from None
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return (ast.unparse(tree) + "\n").encode("utf-8")
+def encode_base124(data: bytes) -> str:
+    """``data`` as base-124 digits, 15 characters per 13 bytes (the last block zero-padded)."""
+    out = []
+    for i in range(0, len(data), BLOCK_BYTES):
+        n = int.from_bytes(data[i:i + BLOCK_BYTES].ljust(BLOCK_BYTES, b"\0"), "big")
+        block = []
+        for _ in range(BLOCK_CHARS):
+            n, d = divmod(n, len(DIGITS))
+            block.append(chr(DIGITS[d]))
+        out.append("".join(reversed(block)))
+    return "".join(out)
+
+
+def decode_archive(archive: str, nbytes: int) -> bytes:
+    """The archive's bytes from the ARCHIVE string and NBYTES of a bundle: the stub's own DECODER."""
+    scope: dict[str, Any] = {"lzma": lzma, "ARCHIVE": archive, "NBYTES": nbytes}
+    exec(DECODER, scope)  # our constant, the source the stub carries
+    return scope["blob"]()
 
 
 def pack_archive(root: Path, files: list[str], params: Mapping[str, Any], strip: bool) -> tuple[bytes, int]:
-    """(xz archive, its uncompressed size) of ``files`` under ``root`` and ``params``."""
+    """(raw LZMA2 archive, its uncompressed size) of ``files`` under ``root`` and ``params``."""
     sources = [(root / f).read_bytes() for f in files]
     if strip:
-        sources = [strip_docstrings(s, str(root / f)) for f, s in zip(files, sources)]
+        minified = minify_sources(dict(zip(files, sources)), keep=["main"])  # the stub calls driver.main
+        sources = [minified[f] for f in files]
     head = json.dumps({"format": FORMAT, "version": VERSION, "driver": DRIVER_MODULE, "params": params,
                        "files": [[f, len(s)] for f, s in zip(files, sources)]},
                       sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     raw = head + b"\n" + b"".join(sources)
-    return lzma.compress(raw, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME), len(raw)
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[LZMA2]), len(raw)
 
 
 def plain(value: Any) -> Any:
@@ -170,11 +197,24 @@ def build_bundle(root: str | Path, params: Mapping[str, Any], strip: bool = True
         raise DataError(f"{root / DRIVER_FILE}: driver module not found; cannot build the bundle")
     files = [f for f in counted_code_files(root, [DRIVER_FILE]) if f.startswith("pgolf/")]
     archive, raw_bytes = pack_archive(root, files, params, strip)
-    b85 = base64.b85encode(archive).decode("ascii")
-    wrapped = "\n".join(b85[i:i + _LINE_CHARS] for i in range(0, len(b85), _LINE_CHARS))
-    text = STUB.format(first_line=FIRST_LINE, version=VERSION, archive=wrapped)
+    text = STUB.format(first_line=FIRST_LINE, version=VERSION, decoder=DECODER, nbytes=len(archive),
+                       archive=encode_base124(archive))
     return Bundle(text=text, files=files, source_bytes=sum((root / f).stat().st_size for f in files),
                   raw_bytes=raw_bytes, archive_bytes=len(archive), params=params)
+
+
+def _archive_blob(path: Path, text: str) -> bytes:
+    """The decompressed archive of bundle ``text``; DataError if it is not one."""
+    if not text.startswith(FIRST_LINE):
+        raise DataError(f"{path}: not a pgolf bundle (first line is not '{FIRST_LINE} ...')")
+    start, end = text.find('\nARCHIVE = """'), text.rfind('"""')
+    size_at = text.rfind("\nNBYTES = ", 0, max(start, 0))
+    if start < 0 or end <= start or size_at < 0:
+        raise DataError(f"{path}: bundle has no ARCHIVE string")
+    try:
+        return decode_archive(text[start + 14:end], int(text[size_at + 10:start]))
+    except (ValueError, KeyError, OverflowError, lzma.LZMAError) as exc:
+        raise DataError(f"{path}: corrupt bundle archive ({type(exc).__name__})") from None
 
 
 def read_bundle(path: str | Path) -> dict[str, Any]:
@@ -184,17 +224,12 @@ def read_bundle(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the bundle ({type(exc).__name__})") from None
-    if not text.startswith(FIRST_LINE):
-        raise DataError(f"{path}: not a pgolf bundle (first line is not '{FIRST_LINE} ...')")
-    start, end = text.find('ARCHIVE = """'), text.rfind('"""')
-    if start < 0 or end <= start:
-        raise DataError(f"{path}: bundle has no ARCHIVE string")
+    blob = _archive_blob(path, text)
     try:
-        blob = lzma.decompress(base64.b85decode("".join(text[start + 13:end].split())))
         head, _, body = blob.partition(b"\n")
         index = json.loads(head)
         files = [(str(f), int(n)) for f, n in index["files"]]
-    except (ValueError, lzma.LZMAError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: corrupt bundle archive ({type(exc).__name__})") from None
     if index.get("format") != FORMAT or sum(n for _, n in files) != len(body):
         raise DataError(f"{path}: archive index does not match its contents")
@@ -207,10 +242,7 @@ def unpacked_sources(path: str | Path) -> dict[str, str]:
     """{module path: source text} of the modules a bundle file carries (for requirements and inspect)."""
     path = Path(path)
     index = read_bundle(path)
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find('ARCHIVE = """'), text.rfind('"""')
-    blob = lzma.decompress(base64.b85decode("".join(text[start + 13:end].split())))
-    body = blob.partition(b"\n")[2]
+    body = _archive_blob(path, path.read_text(encoding="utf-8")).partition(b"\n")[2]
     out, offset = {}, 0
     for name, size in index["files"]:
         out[name] = body[offset:offset + size].decode("utf-8")

@@ -6,8 +6,8 @@ for one process), in a records folder with the challenge's data layout
 
 1. train under the cap and choose the final weights (pgolf/train/loop.py);
 2. calibrate the GPTQ Hessians, all ranks together;
-3. quantise on rank 0, fitting ``16,000,000 − len(train_gpt.py) −
-   quantize.prune_margin_bytes`` when ``fit_to_limit`` / ``prune`` are on,
+3. quantise on rank 0, fitting ``16,000,000 − len(train_gpt.py) (rounded up
+   to bundle.reserve_quantum, as the pipeline) − quantize.prune_margin_bytes`` when ``fit_to_limit`` / ``prune`` are on,
    and write the artifact ``final_model.ptz``;
 4. evaluate it, all ranks: sliding windows, then legal score-first TTT on a
    fresh copy.
@@ -41,7 +41,7 @@ import yaml
 from pgolf.config import from_params
 from pgolf.data.bpb import build_byte_tables
 from pgolf.data.loader import TokenStream
-from pgolf.data.shards import challenge_sources
+from pgolf.data.shards import challenge_sources, load_tokens
 from pgolf.distributed import barrier, init_distributed, shutdown
 from pgolf.errors import ParamError, PgolfError
 from pgolf.eval.sliding import EvalSlidingConfig, evaluate_sliding, score_metrics
@@ -57,7 +57,7 @@ from pgolf.quant.grid import GridBits, grid_bits_from_params
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.submission import steps
 from pgolf.submission.budget import BudgetConfig, budget_lines, budget_report, over_budget_message
-from pgolf.submission.limits import LIMIT_BYTES
+from pgolf.submission.limits import LIMIT_BYTES, reserved_code_bytes
 from pgolf.train.config import TrainConfig
 from pgolf.train.loop import RunFiles, run_training
 from pgolf.train.optim import OptimConfig
@@ -73,7 +73,13 @@ class BundleConfig:
 
     data_dir: str        # folder of fineweb_{train,val}_NNNNNN.bin, relative to the records folder
     tokenizer_path: str  # the SentencePiece model of those shards
-    strip_docstrings: bool  # pack modules without docstrings and comments (pgolf/submission/bundle.py)
+    strip_docstrings: bool  # pack modules minified (pgolf/submission/minify.py)
+    reserve_quantum: int    # the fit sets aside the code bytes rounded up to this (limits.reserved_code_bytes)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reserve_quantum, bool) or not isinstance(self.reserve_quantum, int) \
+                or self.reserve_quantum < 1:
+            raise ParamError("bundle.reserve_quantum", f"must be an integer >= 1, got {self.reserve_quantum!r}")
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ def run(p: dict, code_path: Path, rank: int = 0, world_size: int = 1, local_rank
         log.line(f"hessians ({cfg.hessians.source}): {hs.num_tokens:,} tokens in "
                  f"{results['hessians']['seconds']:.1f} s")
 
-    target = byte_target(code_bytes, cfg.quantize)
+    target = byte_target(reserved_code_bytes(code_bytes, cfg.bundle.reserve_quantum), cfg.quantize)  # as quantize
     if main:
         with StageLog(LOGS / "quantize.log") as log:
             q = quantize_loaded(ckpt, hs, cfg.quantize, ctx.device, target, "the trained weights", "the Hessians",
@@ -171,7 +177,7 @@ def run(p: dict, code_path: Path, rank: int = 0, world_size: int = 1, local_rank
     barrier()
     results["seconds_to_artifact"] = time.perf_counter() - started
 
-    val = steps.load_val_tokens(data_dir, cfg.model.vocab_size)
+    val = load_tokens(val_paths, cfg.model.vocab_size)  # the challenge's val split, as load_split reads pgolf's
     source = str(val_paths[0].parent)
     with StageLog(LOGS / "eval_sliding.log", enabled=main) as log:
         model, tokens = steps.eval_inputs(folder / ARTIFACT, val, cfg.sliding, ctx, source)

@@ -5,11 +5,13 @@ The folder holds::
     train_gpt.py      the bundle (pgolf/submission/bundle.py): all the counted code and the params;
                       run there with the challenge's data layout, it redoes the whole run
     README.md         recipe, params that differ from the record profile, results per seed, bytes
-    submission.json   the challenge's fields (author, github_id, name, blurb, date, val_loss,
-                      val_bpb, bytes_total, bytes_code) and every other figure for machines
+    submission.json   exactly the challenge's fields (CHALLENGE_FIELDS: those of the challenge's
+                      example run, records/track_10min_16mb/2026-03-17_NaiveBaseline/submission.json)
+    pgolf_results.json  the same and every other figure, for machines (pgolf inspect reads it)
     requirements.txt  the third-party packages train_gpt.py imports
     model.ptz         the quantised artifact that was scored (its sha256 is in submission.json)
-    logs/...          every *.log under artifacts/ (train, hessians, quantize, evals), by its path there
+    logs/STAGE/...    every *.log under artifacts/: a stage's own logs by their path under its folder
+                      (logs/train/train.log), torchrun's launcher log of a stage as logs/STAGE/launcher.log
     params.yaml       the parameters, and dvc.lock when present (the exact recorded run)
 
 The headline score is the legal TTT eval when it ran, else the sliding-window
@@ -32,7 +34,7 @@ from typing import Any
 
 from pgolf.errors import DataError, PgolfError
 from pgolf.pipeline.paths import (ARTIFACT, BUDGET_JSON, BUNDLE, BUNDLE_METRICS, EVAL_SLIDING_DIR, EVAL_TTT_DIR,
-                                  PARAMS, QUANT_DIR, SIZE_JSON, TRAIN_DIR)
+                                  LAUNCH_LOG_DIR, PARAMS, QUANT_DIR, SIZE_JSON, TRAIN_DIR)
 
 BUDGET = BUDGET_JSON
 SLIDING_METRICS = EVAL_SLIDING_DIR / "metrics.json"
@@ -41,6 +43,10 @@ TRAIN_METRICS = TRAIN_DIR / "metrics.json"
 QUANT_METRICS = QUANT_DIR / "metrics.json"
 DVC_LOCK = Path("dvc.lock")
 LOGS_UNDER = Path("artifacts")
+# submission.json's keys, in order: those of the challenge's example run (openai/parameter-golf
+# records/track_10min_16mb/2026-03-17_NaiveBaseline/submission.json); the challenge reads these.
+CHALLENGE_FIELDS = ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code")
+RESULTS = "pgolf_results.json"  # not results.json: a run of train_gpt.py in the folder writes that one
 REQUIRED = (ARTIFACT, BUNDLE, BUNDLE_METRICS, SIZE_JSON, SLIDING_METRICS, TRAIN_METRICS, PARAMS)
 
 
@@ -100,7 +106,7 @@ def _params_summary(root: Path, model_config: dict, quant_meta: dict, num_parame
 def collect_submission(root: Path, allow_over_limit: bool = False, prequant_metrics: Path | None = None,
                        now: datetime.datetime | None = None, author: str | None = None,
                        github_id: str | None = None) -> dict:
-    """submission.json's content, after every check export makes (see the module docstring)."""
+    """pgolf_results.json's content (submission.json's fields first), after every check export makes."""
     from pgolf import __version__
     from pgolf.quant.artifact import read_artifact
 
@@ -270,7 +276,7 @@ def render_readme(s: dict) -> str:
              "## Counted bytes", "",
              f"`train_gpt.py` is {s['bytes_code']:,} bytes (the challenge's count: its UTF-8 length): a decoder stub "
              f"and {s['bundle_modules']} pgolf modules plus the resolved params, {s['bundle_raw_bytes']:,} bytes "
-             f"uncompressed, xz + base85. The model is {s['bytes_model']:,} bytes; total {s['bytes_total']:,}.", "",
+             f"uncompressed, minified, raw LZMA2 + base-124 ASCII. The model is {s['bytes_model']:,} bytes; total {s['bytes_total']:,}.", "",
              *budget_readme_lines(s.get("budget")),
              "## Params that differ from the record profile", "",
              *(["| key | this run | record |", "|---|---|---|",
@@ -280,10 +286,11 @@ def render_readme(s: dict) -> str:
              "- `train_gpt.py`: the whole run; `torchrun --standalone --nproc_per_node=8 train_gpt.py` in a "
              "records folder with the challenge's data layout (`python train_gpt.py --unpack DIR` shows the sources)",
              "- `requirements.txt`: the third-party packages it imports",
-             "- `model.ptz`: the quantised artifact every score above was computed on (sha256 in submission.json)",
-             "- `logs/`: the pipeline's logs (train, hessians, quantize, evals), by their path under `artifacts/`",
+             "- `model.ptz`: the quantised artifact every score above was computed on (sha256 in pgolf_results.json)",
+             "- `logs/STAGE/`: the pipeline's logs (train, hessians, quantize, evals) and torchrun's launcher log "
+             "of each distributed stage (`launcher.log`)",
              "- `params.yaml` (and `dvc.lock` when present): the exact parameters of the run",
-             "- `submission.json`: these numbers for machines", "",
+             "- `submission.json`: the challenge's fields; `pgolf_results.json`: every number above, for machines", "",
              "## Reproduce", "",
              "Run `train_gpt.py` as above, or check out the commit above, put `params.yaml` in the repository "
              "root and run `dvc repro`.", ""]
@@ -297,6 +304,20 @@ def budget_readme_lines(budget: dict | None) -> list[str]:
     return ["## Time budgets", "", *[f"- {line}" for line in budget_lines(budget)], ""]
 
 
+def exported_logs(root: Path, out: Path) -> dict[Path, Path]:
+    """{log under root: its path in the export folder} for every *.log under artifacts/ (module docstring)."""
+    out_r = out.resolve()
+    found = sorted(p for p in (root / LOGS_UNDER).rglob("*.log") if p.is_file() and out_r not in p.resolve().parents)
+    placed: dict[Path, Path] = {}
+    for log in found:
+        launcher = log.parent == root / LAUNCH_LOG_DIR
+        dest = Path("logs") / (Path(log.stem, "launcher.log") if launcher else log.relative_to(root / LOGS_UNDER))
+        if dest in placed.values():
+            raise DataError(f"{log}: would be exported as {dest}, like another log; rename one")
+        placed[log] = dest
+    return placed
+
+
 def _check_out_dir(out: Path, root: Path) -> None:
     """Refuse an ``out`` that holds the inputs, or a non-empty folder that is not an earlier export."""
     out_r, root_r = out.resolve(), root.resolve()
@@ -306,7 +327,7 @@ def _check_out_dir(out: Path, root: Path) -> None:
         raise PgolfError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         try:
-            earlier = json.loads((out / "submission.json").read_text(encoding="utf-8"))
+            earlier = json.loads((out / RESULTS).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             earlier = None
         if not (isinstance(earlier, dict) and "pgolf_version" in earlier):
@@ -317,14 +338,12 @@ def _check_out_dir(out: Path, root: Path) -> None:
 def export_submission(root: Path, out: Path, allow_over_limit: bool = False,
                       prequant_metrics: Path | None = None, author: str | None = None,
                       github_id: str | None = None) -> dict:
-    """Write the submission folder ``out`` from the outputs under ``root``; return submission.json."""
+    """Write the submission folder ``out`` from the outputs under ``root``; return pgolf_results.json."""
     from pgolf.io import atomic_dir
 
     _check_out_dir(out, root)
     submission = collect_submission(root, allow_over_limit, prequant_metrics, author=author, github_id=github_id)
-    out_r = out.resolve()
-    logs = sorted(p for p in (root / LOGS_UNDER).rglob("*.log")
-                  if p.is_file() and out_r not in p.resolve().parents)
+    logs = exported_logs(root, out)
     with atomic_dir(out) as tmp:
         shutil.copyfile(root / ARTIFACT, tmp / "model.ptz")
         shutil.copyfile(root / PARAMS, tmp / "params.yaml")
@@ -333,13 +352,14 @@ def export_submission(root: Path, out: Path, allow_over_limit: bool = False,
         from pgolf.submission.bundle import requirements
         shutil.copyfile(root / BUNDLE, tmp / "train_gpt.py")
         (tmp / "requirements.txt").write_text(requirements(root / BUNDLE), encoding="utf-8")
-        for log in logs:
-            dest = tmp / "logs" / log.relative_to(root / LOGS_UNDER)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log, dest)
+        for log, dest in logs.items():
+            (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, tmp / dest)
         submission["files"] = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        submission["files"] += ["README.md", "submission.json"]
-        (tmp / "submission.json").write_text(json.dumps(submission, indent=2) + "\n", encoding="utf-8")
+        submission["files"] += ["README.md", "submission.json", RESULTS]
+        challenge = {key: submission[key] for key in CHALLENGE_FIELDS}
+        (tmp / "submission.json").write_text(json.dumps(challenge, indent=2) + "\n", encoding="utf-8")
+        (tmp / RESULTS).write_text(json.dumps(submission, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(render_readme(submission), encoding="utf-8")
     return submission
 

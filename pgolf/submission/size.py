@@ -30,7 +30,7 @@ from typing import Sequence
 
 from pgolf.errors import DataError
 from pgolf.io import file_sha256
-from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+from pgolf.pipeline.paths import BUNDLE, BUNDLE_RESERVE
 from pgolf.submission.limits import LIMIT_BYTES
 
 EVAL_ENTRY_POINTS = ("stages/eval_sliding.py", "stages/eval_ttt.py")
@@ -124,16 +124,19 @@ def code_bytes(root: str | Path, files: Sequence[str]) -> int:
     return sum((root / f).stat().st_size for f in files)
 
 
-def bundle_counted_bytes(root: str | Path = ".") -> int:
-    """The bundle's counted bytes, from the bundle stage's ``counted_bytes.json``."""
-    path = Path(root) / BUNDLE_BYTES
+def bundle_reserved_bytes(root: str | Path = ".") -> int:
+    """The code bytes quantize's byte target sets aside for the bundle, from the bundle stage's
+    ``reserved_bytes.json``: its counted bytes rounded up (:func:`pgolf.submission.limits.reserved_code_bytes`)."""
+    path = Path(root) / BUNDLE_RESERVE
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))["counted_bytes"]
+        value = json.loads(path.read_text(encoding="utf-8"))["reserved_bytes"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: cannot read counted_bytes ({type(exc).__name__}); run the bundle stage") from None
+        raise DataError(f"{path}: cannot read reserved_bytes ({type(exc).__name__}); run the bundle stage") from None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise DataError(f"{path}: counted_bytes must be a positive integer, got {value!r}")
+        raise DataError(f"{path}: reserved_bytes must be a positive integer, got {value!r}")
     return value
+
+
 
 
 def size_report(model_path: str | Path, root: str | Path = ".", limit: int = LIMIT_BYTES,

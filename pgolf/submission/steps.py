@@ -7,10 +7,8 @@ calls in one process group: training (pgolf/train/loop.py), calibration
 (:func:`pgolf.eval.sliding.evaluate_sliding`, :func:`pgolf.eval.ttt.run_ttt`),
 so a bundle run and a pipeline run on the same data, params and seeds give
 the same bytes and the same scores. What is here: the checkpoint and the
-validation stream as the stages would have read them back from their files
-(the file round trip is exact: CPU tensors of the same dtype), in the
-challenge's data layout (``fineweb_{train,val}_NNNNNN.bin`` in one folder,
-:func:`pgolf.data.shards.challenge_sources`).
+validation stream on the device as the stages would have read them back from
+their files (the file round trip is exact: CPU tensors of the same dtype).
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.data.shards import challenge_sources, read_shard
 from pgolf.distributed import DistContext
 from pgolf.eval.sliding import EvalSlidingConfig, prepare_tokens
 from pgolf.model.checkpoint import Checkpoint
@@ -32,12 +29,6 @@ def checkpoint_in_memory(model_cfg, state_dict: dict[str, torch.Tensor], meta: d
     return Checkpoint(model_config=model_cfg,
                       state_dict={k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
                       meta=dict(meta))
-
-
-def load_val_tokens(data_dir: Path, vocab_size: int) -> np.ndarray:
-    """The challenge's val split as one array (what load_split gives for pgolf's own shard names)."""
-    parts = [np.asarray(read_shard(p, vocab_size)) for p in challenge_sources(data_dir, "val")]
-    return np.concatenate(parts)
 
 
 def eval_inputs(artifact: Path, val: np.ndarray, windows: EvalSlidingConfig, ctx: DistContext,

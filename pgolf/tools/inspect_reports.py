@@ -34,7 +34,7 @@ def _kind(kind: str, required: str, headline: str = "") -> JsonKind:
 
 # Order matters: more specific key sets first.
 OBJECT_KINDS = (
-    _kind("submission", "val_bpb bytes_total pgolf_version",
+    _kind("submission", "val_bpb bytes_total bytes_code github_id",  # submission.json or export's pgolf_results.json
           "val_bpb val_loss headline_eval bytes_total bytes_code bytes_model fits steps date git_commit"),
     _kind("bundle_metrics", "counted_bytes raw_bytes modules driver",
           "counted_bytes source_bytes raw_bytes archive_bytes num_modules driver sha256"),

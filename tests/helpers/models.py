@@ -82,13 +82,13 @@ def write_quant_root(root: Path) -> Path:
 
 
 def write_placeholder_bundle(root: Path, size: int = 54_321) -> None:
-    """The bundle stage's outputs that size_check and quantize read: a file of ``size`` bytes and its count."""
+    """The bundle stage's outputs that size_check and quantize read: a file of ``size`` bytes and its reserve (= size)."""
     import json
 
-    from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+    from pgolf.pipeline.paths import BUNDLE, BUNDLE_RESERVE
     (root / BUNDLE).parent.mkdir(parents=True, exist_ok=True)
     (root / BUNDLE).write_bytes(b"#" * size)
-    (root / BUNDLE_BYTES).write_text(json.dumps({"counted_bytes": size}))
+    (root / BUNDLE_RESERVE).write_text(json.dumps({"reserved_bytes": size}))
 
 
 def rtn_config():

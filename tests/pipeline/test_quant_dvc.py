@@ -22,7 +22,7 @@ from pgolf.quant.hessian_file import load_hessians
 from pgolf.quant.hessians import HessiansConfig
 from pgolf.quant.policy import QuantizeConfig
 from pgolf.submission.size import SizeConfig, counted_code_files
-from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+from pgolf.pipeline.paths import BUNDLE, BUNDLE_RESERVE
 from tests.helpers.models import (QUANT_PARAMS, quant_params, tiny_model, write_placeholder_bundle,
                                   write_quant_root)
 
@@ -157,8 +157,8 @@ def test_stage_code_deps_are_its_import_closure(stage):
     expected = set(counted_code_files(REPO, [f"stages/{stage}.py"]))
     deps = {d for d in dvc_stages()[stage]["deps"] if d.endswith(".py") and d.startswith(("pgolf/", "stages/"))}
     assert deps == expected
-    # The counted code is the bundle: quantize's byte target reads its size, size_check counts it.
-    bundle_dep = {"quantize": BUNDLE_BYTES.as_posix(), "size_check": BUNDLE.as_posix()}.get(stage)
+    # The counted code is the bundle: quantize's byte target reads its reserve, size_check counts it.
+    bundle_dep = {"quantize": BUNDLE_RESERVE.as_posix(), "size_check": BUNDLE.as_posix()}.get(stage)
     if bundle_dep is not None:
         assert bundle_dep in dvc_stages()[stage]["deps"]
 

@@ -18,7 +18,7 @@ from pgolf.quant.bit_allocation import (Option, code_entropy_bits, compressed_al
 from pgolf.config import from_params
 from pgolf.errors import ParamError
 from pgolf.quant.policy import QuantizeConfig, quantize_state_dict, tensor_class
-from pgolf.submission.size import LIMIT_BYTES, bundle_counted_bytes
+from pgolf.submission.size import LIMIT_BYTES, bundle_reserved_bytes
 from tests.helpers.models import quant_params as params, write_quant_root
 
 F64 = torch.float64
@@ -352,7 +352,7 @@ def test_stage_fits_the_artifact_and_reports_the_bits(tmp_path):
     stages.hessians.run(params(), root)
     off = stages.quantize.run(params(), root)
     off_bytes = (root / "artifacts/quant/model.ptz").read_bytes()
-    code = bundle_counted_bytes(root)
+    code = bundle_reserved_bytes(root)
     margin = LIMIT_BYTES - code - (off["model_bytes"] - 300)  # target: 300 bytes below the int6 artifact
     m = stages.quantize.run(params(quantize={"fit_to_limit": True, "prune_margin_bytes": margin}), root)
     assert m["fit_fits"] and 0 < m["fit_demoted"] and m["fit_rounds"] >= 1

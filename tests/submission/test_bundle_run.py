@@ -20,6 +20,7 @@ import yaml
 
 from tests.helpers import REPO, run_data_stages, tiny_data_params, tiny_train_params
 from pgolf.submission.bundle import read_bundle
+from pgolf.submission.limits import reserved_code_bytes
 from pgolf.tools.profiles import compose
 
 DATA_DIR = "data/datasets/fineweb10B_sp1024"
@@ -131,8 +132,11 @@ def test_bundle_reproduces_the_pipeline_exactly(pipeline, tmp_path):
     assert (folder / "final_model.ptz").read_bytes() == (root / "artifacts/quant/model.ptz").read_bytes()
     assert results["size"]["total_bytes"] == size["total_bytes"]
     quant = json.loads((root / "artifacts/quant/metrics.json").read_text())
+    # Both set aside the bundle's bytes rounded up to bundle.reserve_quantum (size_check adds the exact ones).
+    reserved = reserved_code_bytes(size["code_bytes"], p["bundle"]["reserve_quantum"])
+    assert size["code_bytes"] <= reserved < size["code_bytes"] + p["bundle"]["reserve_quantum"]
     assert results["quantize"]["target_bytes"] == quant["prune_target_bytes"] == quant["fit_target_bytes"] == (
-        16_000_000 - size["code_bytes"] - 20_000)
+        16_000_000 - reserved - 20_000)
     assert f"Total submission size: {size['total_bytes']} bytes" in proc.stdout
     assert re.search(r"^step 8/24 loss ", proc.stdout, re.MULTILINE)  # per-step train lines
     assert "budget training:" in proc.stdout and "budget eval:" in proc.stdout

@@ -41,14 +41,15 @@ def test_export_writes_the_submission_folder(root, tmp_path, capsys):
     code, stdout, err = export(capsys, root, out)
     assert code == 0, err
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == sorted(["README.md", "submission.json", "model.ptz", "params.yaml", "dvc.lock",
+    assert files == sorted(["README.md", "submission.json", "pgolf_results.json", "model.ptz", "params.yaml",
+                            "dvc.lock",
                             "logs/train/train.log", "logs/eval_ttt/ttt.log", "train_gpt.py", "requirements.txt"])
     assert (out / "train_gpt.py").read_bytes() == (root / BUNDLE).read_bytes()
     assert (out / "model.ptz").read_bytes() == (root / "artifacts/quant/model.ptz").read_bytes()
     assert (out / "params.yaml").read_text() == PARAMS_YAML
     assert (out / "logs/train/train.log").read_text() == "step 40/40 loss 4.0\n"
 
-    s = json.loads((out / "submission.json").read_text())
+    s = json.loads((out / "pgolf_results.json").read_text())
     size = json.loads((root / "artifacts/size.json").read_text())
     assert (s["val_bpb"], s["val_loss"], s["headline_eval"]) == (1.2, 2.4, "ttt")
     assert (s["val_bpb_sliding"], s["val_bpb_ttt"], s["val_bpb_nonoverlap"]) == (1.25, 1.2, 1.3)
@@ -83,7 +84,7 @@ def test_export_writes_the_submission_folder(root, tmp_path, capsys):
 def test_headline_is_sliding_when_ttt_did_not_run(root, tmp_path, capsys):
     (root / "artifacts/eval_ttt/metrics.json").unlink()
     assert export(capsys, root, tmp_path / "out")[0] == 0
-    s = json.loads((tmp_path / "out/submission.json").read_text())
+    s = json.loads((tmp_path / "out/pgolf_results.json").read_text())
     assert (s["val_bpb"], s["val_loss"], s["headline_eval"], s["val_bpb_ttt"]) == (1.25, 2.5, "sliding", None)
     assert "| val_bpb, legal score-first TTT | not run |" in (tmp_path / "out/README.md").read_text()
 
@@ -99,7 +100,7 @@ def test_over_limit_is_refused_unless_allowed(root, tmp_path, capsys):
                    "as over the limit)\n")
     code, _, err = export(capsys, root, out, "--allow-over-limit")
     assert code == 0, err
-    s = json.loads((out / "submission.json").read_text())
+    s = json.loads((out / "pgolf_results.json").read_text())
     assert s["fits"] is False and s["bytes_limit"] == 1000
     assert f"**OVER THE LIMIT by {over:,}**" in (out / "README.md").read_text()
 
@@ -116,7 +117,7 @@ def test_missing_required_input_is_refused(root, tmp_path, capsys, missing):
 
 
 def test_stale_size_report_and_bad_metrics_are_refused(root, tmp_path, capsys):
-    # other params, and surely another size: xz/base85 sizes come in steps, so a one-key edit alone can
+    # other params, and surely another size: compressed sizes come in 13-byte steps, so a one-key edit alone can
     # leave the file size (which is what size.json pairs with) unchanged
     write_bundle(root, PARAMS_YAML + "size: {enforce: true}\nnote: " + hashlib.sha256(b"x").hexdigest() * 4 + "\n")
     code, _, err = export(capsys, root, tmp_path / "out")
@@ -139,7 +140,7 @@ def test_stale_size_report_and_bad_metrics_are_refused(root, tmp_path, capsys):
 def test_quantisation_gap_from_an_unquantised_eval(root, tmp_path, capsys):
     write_json_atomic(tmp_path / "float.json", {"val_bpb": 1.24, "val_loss": 2.48})
     assert export(capsys, root, tmp_path / "out", "--prequant-metrics", str(tmp_path / "float.json"))[0] == 0
-    s = json.loads((tmp_path / "out/submission.json").read_text())
+    s = json.loads((tmp_path / "out/pgolf_results.json").read_text())
     assert s["quantization_gap_bpb"] == pytest.approx(1.25 - 1.24, abs=1e-15)
     assert "+0.010000 bpb (quantised − unquantised, sliding eval)" in (tmp_path / "out/README.md").read_text()
 
@@ -161,7 +162,7 @@ def test_out_folder_rules(root, tmp_path, capsys):
     write_eval(root, "eval_ttt", {**TTT, "val_bpb": 1.1})
     assert export(capsys, root, out)[0] == 0  # an earlier export is replaced whole
     assert not (out / "stray.txt").exists()
-    assert json.loads((out / "submission.json").read_text())["val_bpb"] == 1.1
+    assert json.loads((out / "pgolf_results.json").read_text())["val_bpb"] == 1.1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
 

@@ -18,14 +18,15 @@ from pgolf.io import write_json_atomic
 from pgolf.submission.budget import budget_lines, budget_report, over_budget_message
 from pgolf.submission.bundle import build_bundle, read_bundle, strip_docstrings, unpacked_sources
 from pgolf.io import file_sha256
-from pgolf.submission.size import bundle_counted_bytes, size_report
-from pgolf.pipeline.paths import BUNDLE, BUNDLE_BYTES
+from pgolf.submission.size import bundle_reserved_bytes, size_report
+from pgolf.pipeline.paths import BUNDLE, BUNDLE_RESERVE
 from pgolf.tools.cli import main as cli
 import stages.budget
 from tests.helpers.export_root import SLIDING, TTT, make_export_root, write_eval, write_size
 
 REPO = Path(__file__).resolve().parents[2]
-PARAMS = {"train": {"seed": 7}, "bundle": {"data_dir": "d", "tokenizer_path": "t.model", "strip_docstrings": True}}
+PARAMS = {"train": {"seed": 7}, "bundle": {"data_dir": "d", "tokenizer_path": "t.model", "strip_docstrings": True,
+                                          "reserve_quantum": 1024}}
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_corrupt_or_foreign_bundle_is_one_error(bundle, tmp_path):
     path.write_text("print('hello')\n")
     with pytest.raises(DataError, match="not a pgolf bundle"):
         read_bundle(path)
-    path.write_text(bundle.text.replace("ARCHIVE = \"\"\"\n", "ARCHIVE = \"\"\"\n!!", 1), encoding="utf-8")
+    path.write_text(bundle.text.replace('ARCHIVE = """', 'ARCHIVE = """!!', 1), encoding="utf-8")
     with pytest.raises(DataError, match="corrupt bundle archive"):
         read_bundle(path)
 
@@ -91,14 +92,14 @@ def test_size_counts_the_bundle_and_quantize_reads_its_count(tmp_path):
     model.write_bytes(b"m" * 1000)
     with pytest.raises(DataError, match="counted code file not found \\(run the bundle stage\\)"):
         size_report(model, tmp_path)
-    with pytest.raises(DataError, match="counted_bytes.json: cannot read counted_bytes"):
-        bundle_counted_bytes(tmp_path)
+    with pytest.raises(DataError, match="reserved_bytes.json: cannot read reserved_bytes"):
+        bundle_reserved_bytes(tmp_path)
     (tmp_path / BUNDLE).parent.mkdir(parents=True)
     (tmp_path / BUNDLE).write_bytes(b"#" * 777)
-    write_json_atomic(tmp_path / BUNDLE_BYTES, {"counted_bytes": 777})
+    write_json_atomic(tmp_path / BUNDLE_RESERVE, {"reserved_bytes": 777})
     report = size_report(model, tmp_path)
     assert (report.code_bytes, report.total_bytes, report.code_files) == (777, 1777, [BUNDLE.as_posix()])
-    assert report.artifact_sha256 == file_sha256(model) and bundle_counted_bytes(tmp_path) == 777
+    assert report.artifact_sha256 == file_sha256(model) and bundle_reserved_bytes(tmp_path) == 777
 
 
 # ------------------------------------------------------------------ budgets
@@ -200,7 +201,7 @@ def test_stale_bundle_or_budget_is_refused(root, tmp_path, capsys):  # noqa: F81
 def test_export_writes_challenge_fields_requirements_and_readme(root, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "out"
     assert cli(["export", "--root", str(root), "--out", str(out), "--author", "A. Golfer", "--github-id", "ag"]) == 0
-    s = json.loads((out / "submission.json").read_text())
+    s = json.loads((out / "pgolf_results.json").read_text())
     head = ["author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code"]
     assert list(s)[:len(head)] == head and (s["author"], s["github_id"]) == ("A. Golfer", "ag")
     assert s["artifact_sha256"] == file_sha256(root / "artifacts/quant/model.ptz")

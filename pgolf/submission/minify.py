@@ -1,0 +1,197 @@
+"""Smaller sources for the bundle, with the same behaviour: what ``bundle.strip_docstrings`` packs.
+
+Every rewrite works on the syntax tree (``ast``), so comments and layout go
+with the first ``ast.unparse``; none changes what runs:
+
+* **Docstrings** of modules, classes and functions are dropped (nothing packed
+  reads ``__doc__``).
+* **Annotations of function arguments and returns** are dropped, and an
+  annotated assignment with a value outside a class body becomes a plain
+  assignment. Class-body annotations stay: they define dataclass fields, and
+  :func:`pgolf.config.from_params` reads their types.
+* **Dead top-level definitions**: a module-level function or class whose name
+  occurs nowhere in the packed code (as a name, an attribute, an imported name
+  or a string constant: ``getattr(module, "name")`` keeps it) is dropped, to a
+  fixed point. Decorated definitions and classes with bases or keywords always
+  stay (a decorator or metaclass may register them); so do dunder names and the
+  names in ``keep`` (the driver's entry point, called from the stub).
+* **Indentation** of one space per level instead of four, and **no spaces
+  between tokens** but those that keep two words apart (``a=b+1``, ``x if y``);
+  each checked by parsing the result again: the tree must equal the unparsed
+  one, else that module keeps the previous form. (f-strings are copied whole:
+  Python 3.12+ tokenises their insides.)
+
+The bundle runs only the driver (pgolf/submission/driver.py), so code that only
+the stages, tools or tests call is dead inside it, though alive in the repository.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import tokenize
+from typing import Iterable, Mapping
+
+from pgolf.errors import DataError
+
+
+def parse(source: bytes | str, where: str) -> ast.Module:
+    try:
+        return ast.parse(source, filename=where)
+    except SyntaxError as exc:
+        raise DataError(f"{where}: cannot parse ({exc.msg}, line {exc.lineno})") from None
+
+
+def drop_docstrings(tree: ast.Module) -> None:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+
+
+def strip_docstrings(source: bytes, where: str) -> bytes:
+    """The module's code without docstrings or comments (``ast.unparse``); same behaviour."""
+    tree = parse(source, where)
+    drop_docstrings(tree)
+    return (ast.unparse(tree) + "\n").encode("utf-8")
+
+
+def drop_annotations(tree: ast.Module) -> None:
+    """Function argument/return annotations; ``x: T = v`` → ``x = v`` outside class bodies."""
+    class_bodies = {id(s) for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for s in node.body}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
+            if not isinstance(node, ast.Lambda):
+                node.returns = None
+        for field in ("body", "orelse", "finalbody"):
+            statements = getattr(node, field, None)
+            if not isinstance(statements, list):
+                continue
+            for i, s in enumerate(statements):
+                # A bare ``x: T`` in a function makes x local: it stays, as do all class-body ones.
+                if isinstance(s, ast.AnnAssign) and s.value is not None and s.simple and id(s) not in class_bodies:
+                    statements[i] = ast.copy_location(ast.Assign(targets=[s.target], value=s.value), s)
+    ast.fix_missing_locations(tree)
+
+
+def _names_used(node: ast.AST) -> set[str]:
+    used: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            used.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            used.add(n.attr)
+        elif isinstance(n, ast.alias):
+            used.add(n.name.rpartition(".")[2])
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+            used.add(n.value)
+    return used
+
+
+def _removable(node: ast.stmt) -> bool:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return not node.decorator_list and not node.name.startswith("__")
+    if isinstance(node, ast.ClassDef):
+        return not (node.decorator_list or node.bases or node.keywords or node.name.startswith("__"))
+    return False
+
+
+def drop_dead_definitions(trees: Mapping[str, ast.Module], keep: Iterable[str]) -> list[str]:
+    """Drop unreferenced top-level functions/classes from ``trees`` in place; ``["path:name", ...]`` dropped."""
+    dropped: list[str] = []
+    uses = {id(top): _names_used(top) - ({top.name} if _removable(top) else set())
+            for tree in trees.values() for top in tree.body}
+    while True:
+        used = set(keep).union(*(uses.get(id(top), set()) for tree in trees.values() for top in tree.body))
+        changed = False
+        for path, tree in trees.items():
+            alive = [top for top in tree.body if not (_removable(top) and top.name not in used)]
+            dropped += [f"{path}:{top.name}" for top in tree.body if top not in alive]
+            changed |= len(alive) < len(tree.body)
+            tree.body = alive or [ast.Pass()]
+        if not changed:
+            return dropped
+
+
+def narrow_indent(text: str, where: str) -> str:
+    """One space per indentation level (``ast.unparse`` writes four and no multi-line literals)."""
+    lines = []
+    for line in text.split("\n"):
+        body = line.lstrip(" ")
+        lines.append(" " * ((len(line) - len(body)) // 4) + body)
+    narrow = "\n".join(lines)
+    if ast.dump(parse(narrow, where)) != ast.dump(parse(text, where)):
+        return text  # a literal spanning lines: keep this module's four spaces
+    return narrow
+
+
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_SKIP = {tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+_FSTRING_START = getattr(tokenize, "FSTRING_START", None)  # Python 3.12+
+_FSTRING_END = getattr(tokenize, "FSTRING_END", None)
+
+
+def _pieces(text: str) -> Iterable[tuple[int, str] | None]:
+    """(column, source text) of each token of one-line logical lines, None at each line end."""
+    lines = text.split("\n")
+    depth, start = 0, (0, 0)
+    for t in tokenize.generate_tokens(io.StringIO(text).readline):
+        if t.type == _FSTRING_START:
+            depth, start = depth + 1, (start if depth else t.start)
+            continue
+        if depth:  # inside an f-string: emit it whole at its end
+            if t.type == _FSTRING_END:
+                depth -= 1
+                if not depth:
+                    if start[0] != t.end[0]:
+                        raise ValueError("multi-line f-string")
+                    yield start[1], lines[t.end[0] - 1][start[1]:t.end[1]]
+            continue
+        if t.type == tokenize.NEWLINE:
+            yield None
+        elif t.type not in _SKIP:
+            if t.start[0] != t.end[0]:
+                raise ValueError("multi-line token")
+            yield t.start[1], lines[t.start[0] - 1][t.start[1]:t.end[1]]
+
+
+def squeeze_spaces(text: str, where: str) -> str:
+    """``text`` without the spaces between tokens that no two words need (same tree, else ``text``)."""
+    out: list[str] = []
+    line: list[str] = []
+    try:
+        for piece in _pieces(text):
+            if piece is None:
+                out.append("".join(line))
+                line = []
+                continue
+            column, token = piece
+            if not line:
+                line.append(" " * column)
+            elif line[-1][-1] in _WORD and token[0] in _WORD:
+                line.append(" ")
+            line.append(token)
+    except (ValueError, tokenize.TokenError, SyntaxError):
+        return text
+    squeezed = "\n".join(out)
+    try:
+        same = ast.dump(ast.parse(squeezed)) == ast.dump(parse(text, where))
+    except SyntaxError:
+        same = False
+    return squeezed if same else text
+
+
+def minify_sources(sources: Mapping[str, bytes], keep: Iterable[str]) -> dict[str, bytes]:
+    """{path: minified source} of the packed modules ``sources`` (the module docstring's rewrites)."""
+    trees = {path: parse(source, path) for path, source in sources.items()}
+    for tree in trees.values():
+        drop_docstrings(tree)
+        drop_annotations(tree)
+    drop_dead_definitions(trees, keep)
+    return {path: (squeeze_spaces(narrow_indent(ast.unparse(tree), path), path) + "\n").encode("utf-8")
+            for path, tree in trees.items()}

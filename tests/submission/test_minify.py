@@ -1,0 +1,110 @@
+"""pgolf/submission/minify.py: every rewrite keeps behaviour, and drops what it says it drops."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import sys
+import types
+
+import pytest
+
+from pgolf.errors import DataError
+from pgolf.submission.minify import minify_sources, narrow_indent, squeeze_spaces
+
+MOD_A = b'''"""doc"""
+from __future__ import annotations
+import dataclasses
+
+@dataclasses.dataclass
+class Cfg:
+    """fields are annotations"""
+    lr: float
+    steps: int = 3
+
+class Unused:
+    pass
+
+class Based(Exception):
+    pass
+
+def helper(x: int, *a: str, k: float = 1.0, **kw: int) -> int:
+    y: int = x * 2
+    z: int
+    z = y + 1
+    return z
+
+def dead(x: int) -> int:
+    return dead_too(x)
+
+def dead_too(x):
+    return x
+
+def by_string():
+    return 5
+
+@dataclasses.dataclass
+class Registered:
+    pass
+
+def main():
+    return helper(Cfg(0.5).steps) + getattr(__import__("sys").modules[__name__], "by_string")()
+'''
+MOD_B = b'''from a import helper
+
+def loop(n):
+    total = 0
+    for i in range(n):
+        if i % 2:
+            total += helper(i)
+        else:
+            total -= 1
+    return total
+'''
+
+
+def test_minified_modules_keep_behaviour_and_drop_dead_code():
+    out = minify_sources({"a.py": MOD_A, "b.py": MOD_B}, keep=["main", "loop"])
+    assert "loop" not in minify_sources({"a.py": MOD_A, "b.py": MOD_B}, keep=["main"])["b.py"].decode()
+    for source, source_b in ((MOD_A, MOD_B), (out["a.py"], out["b.py"])):
+        module = types.ModuleType("a")
+        sys.modules["a"] = module
+        try:
+            exec(compile(source, "a", "exec"), module.__dict__)
+            assert module.main() == 7 + 5
+            assert [f.name for f in dataclasses.fields(module.Cfg)] == ["lr", "steps"]
+            scope_b: dict = {}
+            exec(compile(source_b, "b", "exec"), scope_b)
+            assert scope_b["loop"](5) == sum(2 * i + 1 for i in (1, 3)) - 3
+        finally:
+            del sys.modules["a"]
+    tree = ast.parse(out["a.py"])
+    names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert names == {"Cfg", "Based", "helper", "by_string", "Registered", "main"}  # dead, dead_too, Unused gone
+    text = out["a.py"].decode()
+    assert '"""' not in text and "-> int" not in text and "x: int" not in text
+    assert "lr:float" in text and "z:int" in text  # class fields and a bare local declaration stay
+    assert "\n return z" in text  # one space per level
+
+
+def test_narrow_indent_keeps_a_module_whose_literals_span_lines():
+    text = 'def f():\n    return """a\n    b"""'
+    assert narrow_indent(text, "x") == text
+    assert narrow_indent("def f():\n    if 1:\n        return 2", "x") == "def f():\n if 1:\n  return 2"
+
+
+def test_unparsable_module_is_one_error():
+    with pytest.raises(DataError, match="bad.py: cannot parse"):
+        minify_sources({"bad.py": b"def (:\n"}, keep=[])
+
+
+def test_squeeze_keeps_words_apart_and_f_strings_whole():
+    text = 'def f(a, b=1):\n if a is not None and b in (1, 2):\n  return f"{a!r} = {b:>4} {{x}}" + str(1 if a else 2)'
+    out = squeeze_spaces(text, "x")
+    assert out == 'def f(a,b=1):\n if a is not None and b in(1,2):\n  return f"{a!r} = {b:>4} {{x}}"+str(1 if a else 2)'
+    scope_a: dict = {}
+    scope_b: dict = {}
+    exec(text, scope_a)
+    exec(out, scope_b)
+    assert scope_a["f"]("s", 2) == scope_b["f"]("s", 2) == "'s' =    2 {x}1"
+    multi = 'x = """a\n  b"""'
+    assert squeeze_spaces(multi, "x") == multi  # a token over two lines: left as it is

@@ -118,8 +118,8 @@ def stable_order(keys: np.ndarray, key_bits: int) -> np.ndarray:
 
 
 def _group_by_context(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index, group): the indices of ``h`` whose hash occurs again, ordered by (hash, index);
-    ``group`` numbers their equal-hash runs 0, 1, ... . Singletons never give a hint."""
+    """(index, group): indices of ``h`` ordered by (hash, index), ``group`` numbering the equal-hash
+    runs 0, 1, ... . Hashes alone in their high bits are left out: a context seen once gives no hint."""
     n = h.shape[0]
     index_bits = max(1, int(n).bit_length())
     high = (h >> np.uint64(index_bits)).astype(np.int64)

@@ -168,3 +168,16 @@ def test_stage_with_the_tilt_scores_the_same_targets_and_records_it(tiny_data, t
     assert json.loads((tmp_path / "artifacts/eval_sliding/metrics.json").read_text()) == on
     assert on["scored_tokens"] == off["scored_tokens"] and on["bytes"] == off["bytes"]
     assert on["ngram_gated"] > 0 and on["val_bpb"] != off["val_bpb"] and "ngram_gated" not in off
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_tilted_scoring_is_close_to_cpu_fp32():
+    tokens = repetitive(301, VOCAB, seed=13)
+    tables = make_tables(VOCAB)
+    cfg = dataclasses.replace(TILTED, seq_len=32, stride=8, batch_windows=4)
+    cpu = score_sliding_windows(TinyBankLM(VOCAB, seed=14), tokens, tables, cfg)
+    gpu = score_sliding_windows(TinyBankLM(VOCAB, seed=14).cuda(), tokens.cuda(), tables,
+                                dataclasses.replace(cfg, compile=True), warmup=True)
+    assert (gpu.sums.scored_tokens, gpu.sums.byte_sum) == (cpu.sums.scored_tokens, cpu.sums.byte_sum)
+    assert gpu.tilt.gated == cpu.tilt.gated > 0
+    assert gpu.sums.nll_sum == pytest.approx(cpu.sums.nll_sum, rel=2e-2)

@@ -19,16 +19,16 @@ tie rule never changes a gated hint.
 
 How it is computed: the state before ``p`` is a function of the earlier
 (context, next token) pairs only, so instead of a sequential hash table
-(a Python loop over 47.9 M targets is minutes; bench/ngram_tilt.py times
-both) every state is computed at once by sorting. Contexts are identified
+(a Python loop, an order of magnitude slower: bench/ngram_tilt.py times
+both, docs/LOG.md) every state is computed at once by sorting. Contexts are identified
 by a 64-bit hash (one odd multiplier per context slot, then a splitmix64
 finaliser; distinct contexts collide with probability about n²/2⁶⁴). One
 value sort of ``(hash high bits, position)`` groups the targets by context
 in stream order; the rare groups whose full hashes differ are re-split.
 Inside a group, a stable sort by next token gives each target the count of
-earlier equal targets, a segmented running maximum of ``count + 1`` the
-top count after each target, and a forward fill of the positions where it
-grew the top token. A target's hint is its group predecessor's state.
+its next token so far (itself included), a running maximum of those counts
+the top count after each target, and a forward fill of the positions where
+it grew the top token. A target's hint is its group predecessor's state.
 
 **Tilt** (scoring only; TTT trains on the untilted loss). With model
 distribution p and a gated hint h, the scored distribution is
@@ -42,7 +42,8 @@ Users: the sliding eval and the chunked TTT take :class:`NgramTilt` (params
 per-document TTT) takes ``make_score_adjust(hint, has_hint, beta)``: a
 callable ``(logits [..., V], targets [...], positions [...]) -> NLL' [...]``
 where ``positions`` are stream target positions; positions outside the
-stream are never tilted.
+stream are never tilted. Hints follow stream order whatever order a scorer
+visits the targets in (docs/FRONTIER.md §5.7 on what that means for TTT).
 """
 from __future__ import annotations
 

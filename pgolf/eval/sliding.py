@@ -12,10 +12,14 @@ float64 accumulator on the device; nothing is read back until the end, so the
 GPU never waits on the host (an optional ``progress`` is told each batch's
 windows and targets from the host copy of the plan). Under ``torchrun`` each
 rank scores a contiguous share of the windows and the three sums are
-all-reduced (SUM) once.
+all-reduced (SUM) once. With the n-gram tilt on (pgolf/eval/ngram_tilt.py)
+the scores come from ``model.forward_logits`` tilted toward each target's
+hint; the hint pass runs once per evaluation and its seconds count in the
+scoring time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.precision import autocast, compile_enabled, maybe_compile, synchronize
 from pgolf.progress import Progress
+from pgolf.eval.ngram_tilt import NgramTilt, NgramTiltConfig
 from pgolf.eval.windows import WindowPlan, eval_target_count, plan_nonoverlapping, plan_sliding
 
 # observer(target_positions, context_tokens, nll): CPU tensors of the targets a
@@ -36,11 +41,13 @@ from pgolf.eval.windows import WindowPlan, eval_target_count, plan_nonoverlappin
 Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 # forward(ids [B, T], targets [B, T]) -> NLL [B, T]: model.token_nll, maybe compiled.
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# tilted(ids, targets, target positions [B, T]) -> tilted NLL [B, T]: NgramTilt.forward.
+TiltedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class EvalSlidingConfig:
-    """``eval_sliding`` params; ``eval_ttt`` scores with the same windows."""
+class EvalSlidingConfig(NgramTiltConfig):
+    """``eval_sliding`` params; ``eval_ttt`` scores with the same windows (its own tilt keys)."""
 
     seq_len: int            # tokens per window
     stride: int             # targets scored per window after the first
@@ -49,6 +56,7 @@ class EvalSlidingConfig:
     compile: bool           # torch.compile the forward (CUDA only; CPU stays eager)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.seq_len >= 1, "seq_len", "must be >= 1")
         check(1 <= self.stride <= self.seq_len, "stride", f"must be in [1, seq_len={self.seq_len}]")
         check(self.batch_windows >= 1, "batch_windows", "must be >= 1")
@@ -82,6 +90,7 @@ class EvalResult:
     windows: int         # windows in the plan (all ranks)
     seconds: float       # wall clock of the scoring (after the warm-up, when one ran)
     compile_seconds: float = 0.0  # the untimed-by-``seconds`` warm-up batch (compilation)
+    tilt: NgramTilt | None = None  # the n-gram tilt applied, if any (its hint pass is in ``seconds``)
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,10 +99,14 @@ class EvalResult:
 
 def score_metrics(result: "EvalResult") -> dict:
     """The metrics both eval stages report of a scoring run (sliding or TTT)."""
-    return {"val_loss": result.sums.val_loss, "val_bpb": result.sums.val_bpb,
-            "scored_tokens": result.sums.scored_tokens, "bytes": result.sums.byte_sum,
-            "seconds": round(result.seconds, 3), "compile_seconds": round(result.compile_seconds, 3),
-            "tokens_per_s": round(result.tokens_per_s, 1), "windows": result.windows}
+    metrics = {"val_loss": result.sums.val_loss, "val_bpb": result.sums.val_bpb,
+               "scored_tokens": result.sums.scored_tokens, "bytes": result.sums.byte_sum,
+               "seconds": round(result.seconds, 3), "compile_seconds": round(result.compile_seconds, 3),
+               "tokens_per_s": round(result.tokens_per_s, 1), "windows": result.windows}
+    if result.tilt is not None:
+        metrics.update(ngram_seconds=round(result.tilt.seconds, 3), ngram_gated=result.tilt.gated,
+                       ngram_gated_fraction=result.tilt.gated / max(1, result.tilt.hint.numel()))
+    return metrics
 
 
 def prepare_tokens(stream: np.ndarray, seq_len: int, trim_to_seq_len: bool, device: torch.device,
@@ -127,7 +140,7 @@ class WindowScorer:
 
     def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
                  batch_windows: int, forward: Forward, observer: Observer | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, tilted: TiltedForward | None = None):
         if tokens.ndim != 1 or tokens.numel() < 2:
             raise ValueError(f"tokens must be a 1-D stream of >= 2 ids, got shape {tuple(tokens.shape)}")
         self.model = model
@@ -138,6 +151,7 @@ class WindowScorer:
         self.batch_windows = batch_windows
         self.observer = observer
         self.forward = forward
+        self.tilted = tilted  # scores instead of ``forward`` when the n-gram tilt is on
         self.progress = progress
 
     def upload(self, plan: WindowPlan) -> DevicePlan:
@@ -198,7 +212,10 @@ class WindowScorer:
         window = self.tokens[index]
         ids, targets = window[:, :-1].contiguous(), window[:, 1:].contiguous()
         with autocast(self.device):
-            nll = self.forward(ids, targets)
+            if self.tilted is None:
+                nll = self.forward(ids, targets)
+            else:
+                nll = self.tilted(ids, targets, index[:, :-1])
         col = cols[:-1]
         scored = (col >= offsets[:, None]) & (col < lengths[:, None])
         nll_sum = torch.where(scored, nll.double(), 0.0).sum()
@@ -211,10 +228,11 @@ class WindowScorer:
 
 
 def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: int,
-               task: str = "windows", warmup: bool = False) -> EvalResult:
+               task: str = "windows", warmup: bool = False, tilt: NgramTilt | None = None) -> EvalResult:
     """Score every window of ``plan`` (this rank's contiguous share) and all-reduce.
 
     ``warmup`` first scores (and discards) one batch, timed as ``compile_seconds``.
+    ``tilt`` (already the scorer's) is recorded and its hint pass added to ``seconds``.
     """
     dplan = scorer.upload(plan)
     compile_seconds = scorer.warm_up(dplan) if warmup and plan.num_windows else 0.0
@@ -226,44 +244,64 @@ def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: in
     sums = all_reduce_sum_(scorer.score(dplan, lo, hi))
     result = EvalSums.from_tensor(sums)
     synchronize(scorer.device)
-    return EvalResult(result, plan.num_windows, time.perf_counter() - began, compile_seconds)
+    seconds = time.perf_counter() - began + (tilt.seconds if tilt is not None else 0.0)
+    return EvalResult(result, plan.num_windows, seconds, compile_seconds, tilt)
+
+
+def tilt_for(model: torch.nn.Module, tokens: torch.Tensor, use_compile: bool, cfg: NgramTiltConfig,
+             tilt: NgramTilt | None) -> tuple[NgramTilt | None, TiltedForward | None]:
+    """(tilt, its scoring forward): ``tilt`` if given, else built from ``cfg`` (None when off)."""
+    tilt = tilt if tilt is not None else NgramTilt.build(tokens, cfg)
+    if tilt is None:
+        return None, None
+    return tilt, tilt.forward(model, compile_enabled(use_compile, tokens.device))
 
 
 def score_sliding_windows(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
                           cfg: EvalSlidingConfig, *, rank: int = 0, world_size: int = 1,
                           forward: Forward | None = None, observer: Observer | None = None,
-                          progress: Progress | None = None, warmup: bool = False) -> EvalResult:
+                          progress: Progress | None = None, warmup: bool = False,
+                          tilt: NgramTilt | None = None) -> EvalResult:
     """Exact sliding-window eval: every target of ``tokens`` scored once (docs/RECIPE.md §5.2, §6.1).
 
     ``forward`` defaults to ``nll_forward(model, cfg.compile, tokens.device)``;
     ``warmup`` scores one discarded batch first (see :meth:`WindowScorer.warm_up`).
+    With ``cfg.ngram_tilt`` the scores are tilted by ``tilt`` (built here when
+    None), and its hint pass counts in ``seconds``.
     """
     forward = forward or nll_forward(model, cfg.compile, tokens.device)
-    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress)
+    tilt, tilted = tilt_for(model, tokens, cfg.compile, cfg, tilt)
+    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress, tilted)
     plan = plan_sliding(scorer.num_targets, cfg.seq_len, cfg.stride)
-    return score_plan(scorer, plan, rank, world_size, "sliding windows", warmup)
+    return score_plan(scorer, plan, rank, world_size, "sliding windows", warmup, tilt)
 
 
 def score_nonoverlapping(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
                          cfg: EvalSlidingConfig, *, rank: int = 0, world_size: int = 1,
                          forward: Forward | None = None, observer: Observer | None = None,
-                         progress: Progress | None = None) -> EvalResult:
-    """Diagnostic: consecutive seq_len windows, each scored in full (docs/RECIPE.md §5.1)."""
+                         progress: Progress | None = None, tilt: NgramTilt | None = None) -> EvalResult:
+    """Diagnostic: consecutive seq_len windows, each scored in full (docs/RECIPE.md §5.1).
+
+    Tilted like :func:`score_sliding_windows`, but the hint pass is not added to ``seconds``.
+    """
     forward = forward or nll_forward(model, cfg.compile, tokens.device)
-    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress)
+    tilt, tilted = tilt_for(model, tokens, cfg.compile, cfg, tilt)
+    scorer = WindowScorer(model, tokens, tables, cfg.batch_windows, forward, observer, progress, tilted)
     plan = plan_nonoverlapping(scorer.num_targets, cfg.seq_len)
-    return score_plan(scorer, plan, rank, world_size, "non-overlapping windows")
+    result = score_plan(scorer, plan, rank, world_size, "non-overlapping windows")
+    return dataclasses.replace(result, tilt=tilt)
 
 
 def evaluate_sliding(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: EvalSlidingConfig,
                      *, rank: int = 0, world_size: int = 1, progress: Progress | None = None) -> dict:
     """The eval_sliding stage's scores: exact sliding windows, then non-overlapping windows as a diagnostic.
 
-    Both share one forward; a compiled one is built on one discarded batch
-    first, timed apart (``compile_seconds``).
+    Both share one forward (and one tilt); a compiled one is built on one
+    discarded batch first, timed apart (``compile_seconds``).
     """
     forward = nll_forward(model, cfg.compile, tokens.device)
-    shared = dict(rank=rank, world_size=world_size, progress=progress, forward=forward)
+    tilt = NgramTilt.build(tokens, cfg)
+    shared = dict(rank=rank, world_size=world_size, progress=progress, forward=forward, tilt=tilt)
     sliding = score_sliding_windows(model, tokens, tables, cfg, **shared,
                                     warmup=compile_enabled(cfg.compile, tokens.device))
     plain = score_nonoverlapping(model, tokens, tables, cfg, **shared)

@@ -9,7 +9,9 @@ The targets are cut into chunks of ``chunk_tokens``. For chunk c, in order:
    cut into sequences of ``seq_len``.
 
 So no weight ever saw a target before that target was scored. With learning
-rate 0 the weights never move and the result equals ``eval_sliding``.
+rate 0 the weights never move and the result equals ``eval_sliding``. The
+n-gram tilt (``eval_ttt.ngram_*``, pgolf/eval/ngram_tilt.py) changes only the
+scores; training always uses the untilted loss.
 
 Distributed: each rank scores a contiguous share of each chunk's windows;
 for training, each optimizer step's sequences are shared out and every rank
@@ -34,15 +36,17 @@ from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import ParamError
 from pgolf.model.layout import block_index
 from pgolf.eval.lora import LORA_TARGETS
-from pgolf.eval.sliding import EvalSums, Forward, Observer, EvalSlidingConfig, WindowScorer, nll_forward
+from pgolf.eval.ngram_tilt import NgramTilt, NgramTiltConfig
+from pgolf.eval.sliding import (EvalSums, Forward, Observer, EvalSlidingConfig, WindowScorer, nll_forward,
+                                tilt_for)
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
 from pgolf.eval.windows import chunk_sequences, chunk_window_bounds, plan_sliding
 
 
 @dataclass(frozen=True)
-class EvalTTTConfig:
-    """``eval_ttt`` params (the windows are ``eval_sliding``'s)."""
+class EvalTTTConfig(NgramTiltConfig):
+    """``eval_ttt`` params (the windows are ``eval_sliding``'s; the tilt keys are its own)."""
 
     chunk_tokens: int     # targets per chunk: scored, then trained on
     epochs: int           # passes over each chunk's sequences
@@ -75,6 +79,7 @@ class EvalTTTConfig:
     global_chunk_tokens: int = 32768
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.chunk_tokens >= 1, "chunk_tokens", "must be >= 1")
         check(self.epochs >= 0, "epochs", "must be >= 0")
         check(self.lr >= 0 and math.isfinite(self.lr), "lr", "must be finite and >= 0")
@@ -275,6 +280,7 @@ class TTTResult:
     num_chunks: int
     chunks: list[dict]        # {chunk, running_bpb, chunk_bpb} for chunks that scored bytes
     compile_seconds: float = 0.0  # warm-up: one discarded scoring batch + one zeroed backward
+    tilt: NgramTilt | None = None  # the n-gram tilt of the scores, if any (its hint pass is in ``seconds``)
 
     @property
     def tokens_per_s(self) -> float:
@@ -295,7 +301,8 @@ def chunk_series(per_chunk: np.ndarray) -> list[dict]:
 def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
             windows: EvalSlidingConfig, cfg: EvalTTTConfig, *, rank: int = 0, world_size: int = 1,
             forward: Forward | None = None, observer: Observer | None = None,
-            progress: Progress | None = None, warmup: bool = False) -> TTTResult:
+            progress: Progress | None = None, warmup: bool = False, tilt: NgramTilt | None = None
+            ) -> TTTResult:
     """Score-first TTT over ``tokens``; ``model`` is trained in place.
 
     One ``forward`` (default ``nll_forward(model, windows.compile, …)``) serves
@@ -304,10 +311,13 @@ def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
     targets over all ranks. ``warmup`` first runs one discarded scoring batch
     and one backward whose gradients are zeroed (no weight moves), so a
     compiled forward's two graphs exist before the timed run; its seconds are
-    ``compile_seconds``.
+    ``compile_seconds``. With ``cfg.ngram_tilt`` the scores (not the training
+    loss) are tilted by ``tilt`` (built here when None); its hint pass counts
+    in ``seconds``.
     """
     forward = forward or nll_forward(model, windows.compile, tokens.device)
-    scorer = WindowScorer(model, tokens, tables, windows.batch_windows, forward, observer)
+    tilt, tilted = tilt_for(model, tokens, windows.compile, cfg, tilt)
+    scorer = WindowScorer(model, tokens, tables, windows.batch_windows, forward, observer, tilted=tilted)
     plan = plan_sliding(scorer.num_targets, windows.seq_len, windows.stride)
     bounds = chunk_window_bounds(plan, cfg.chunk_tokens)
     chunks = bounds.size - 1
@@ -338,11 +348,11 @@ def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
         all_reduce_sum_(per_chunk)
         rows = per_chunk.cpu().numpy()
         synchronize(scorer.device)
-        seconds = time.perf_counter() - began
+        seconds = time.perf_counter() - began + (tilt.seconds if tilt is not None else 0.0)
     finally:
         frozen.remove()
     return TTTResult(EvalSums.from_tensor(per_chunk.sum(0)), plan.num_windows, seconds,
-                     trainer.steps, chunks, chunk_series(rows), compile_seconds)
+                     trainer.steps, chunks, chunk_series(rows), compile_seconds, tilt)
 
 
 def untrained_reason(result: "TTTResult", cfg: EvalTTTConfig, targets: int) -> str | None:

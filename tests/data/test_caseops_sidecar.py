@@ -28,6 +28,7 @@ from pgolf.eval.sliding import EvalSlidingConfig, score_nonoverlapping, score_sl
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt
 
 from tests.helpers import run_data_stages, tiny_data_params
+from tests.helpers.eval_lm import TILT_OFF
 
 REPO = Path(__file__).resolve().parents[2]
 CASEOPS_MODEL = REPO / "tests" / "fixtures" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
@@ -235,11 +236,11 @@ def test_both_eval_stages_charge_the_sidecar(caseops_data, tmp_path):
         (tmp_path / sub).symlink_to(caseops_data / sub, target_is_directory=True)
     params = {"launch": {"nproc_per_node": 1, "device": "cpu"},
               "eval_sliding": {"seq_len": 128, "stride": 128, "batch_windows": 64, "trim_to_seq_len": True,
-                               "compile": False},
+                               "compile": False, **TILT_OFF},
               # one chunk: TTT scores everything and never trains (fast; the byte path is the same)
               "eval_ttt": to_dict(EvalTTTConfig(**{"chunk_tokens": 65536, "epochs": 1, "optimizer": "sgd", "lr": 0.001,
                            "lr_schedule": "cosine", "momentum": 0.9, "beta2": 0.999, "weight_decay": 0.0,
-                           "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32}))}
+                           "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32, **TILT_OFF}))}
     sidecar = load_sidecar(caseops_data / "data" / "shards")
     targets = (sidecar.size - 1) // 128 * 128
     expected = int(sidecar[1:targets + 1].sum(dtype=np.int64))

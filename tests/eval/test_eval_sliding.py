@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers.eval_lm import (ProbeLM, TinyBankLM, decode_probe, make_stream,
+from tests.helpers.eval_lm import (TILT_OFF, ProbeLM, TinyBankLM, decode_probe, make_stream,
                               make_tables)
 
 from pgolf.data.bpb import ByteTables, stream_bytes
@@ -186,7 +186,8 @@ def test_prepare_tokens_trims_to_whole_sequences():
 
 @pytest.mark.parametrize("key,value", [("stride", 0), ("stride", 17), ("batch_windows", 0), ("seq_len", 0)])
 def test_config_range_errors_name_the_key(key, value):
-    section = {"seq_len": 16, "stride": 4, "batch_windows": 2, "trim_to_seq_len": True, "compile": True}
+    section = {"seq_len": 16, "stride": 4, "batch_windows": 2, "trim_to_seq_len": True, "compile": True,
+               **TILT_OFF}
     section[key] = value
     with pytest.raises(ParamError, match=f"eval_sliding.{key}"):
         from_params(EvalSlidingConfig, {"eval_sliding": section}, "eval_sliding")
@@ -206,7 +207,7 @@ def test_cuda_bf16_compiled_scoring_is_close_to_cpu_fp32():
 # ---------------------------------------------------------------- the stage
 EVAL_PARAMS = {"launch": {"nproc_per_node": 1, "device": "cpu"},
                "eval_sliding": {"seq_len": 32, "stride": 8, "batch_windows": 16, "trim_to_seq_len": True,
-                                "compile": True}}   # compile is ignored on CPU
+                                "compile": True, **TILT_OFF}}   # compile is ignored on CPU
 
 
 @pytest.fixture(scope="module")

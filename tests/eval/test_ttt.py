@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.eval_lm import ProbeLM, TinyBankLM, decode_probe, make_stream, make_tables
+from tests.helpers.eval_lm import TILT_OFF, ProbeLM, TinyBankLM, decode_probe, make_stream, make_tables
 
 from pgolf.config import from_params, to_dict
 from pgolf.errors import ParamError
@@ -267,7 +267,7 @@ def test_cuda_compiled_ttt_scores_with_its_updated_weights():
 # ---------------------------------------------------------------- the stage
 STAGE_PARAMS = {"launch": {"nproc_per_node": 1, "device": "cpu"},
                 "eval_sliding": {"seq_len": 32, "stride": 8, "batch_windows": 16, "trim_to_seq_len": True,
-                                 "compile": False},
+                                 "compile": False, **TILT_OFF},
                 "eval_ttt": {**to_dict(SGD),
                              "chunk_tokens": 4096, "epochs": 1, "batch_seqs": 32, "lr": 0.002,
                              "freeze_blocks": 1}}

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.data.bpb import ByteTables
+from pgolf.config import to_dict
+from pgolf.eval.ngram_tilt import NgramTiltConfig
 from pgolf.eval.sliding import EvalSlidingConfig, score_nonoverlapping, score_sliding_windows
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt
 
@@ -50,6 +52,10 @@ class TinyBankLM(nn.Module):
         self.blocks = nn.ModuleList(TinyBlock(dim) for _ in range(num_layers))
 
     def token_nll(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.forward_logits(ids)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
         L = len(self.blocks)
         h = self.tok_emb(ids)
         counts = torch.arange(1, ids.shape[1] + 1, device=ids.device, dtype=h.dtype)[:, None]
@@ -60,8 +66,7 @@ class TinyBankLM(nn.Module):
                 mix = mix + (h.cumsum(1) / counts) @ self.pair_bank[L + i].T
             h = h + block.gain * torch.tanh(mix)
             h = h + torch.tanh(h @ self.mlp_bank[i].T)
-        logits = h @ self.tok_emb.weight.T
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        return h @ self.tok_emb.weight.T
 
 
 class ProbeLM(nn.Module):
@@ -113,6 +118,8 @@ TTT_ADAMW = EvalTTTConfig(chunk_tokens=80, epochs=1, optimizer="adamw", lr=0.01,
                       momentum=0.9, beta2=0.99, weight_decay=0.01, freeze_blocks=0, grad_clip=0.0,
                       batch_seqs=3)
 VOCAB = 16
+# The n-gram tilt keys of an eval section, tilt off (for tests that write eval sections by hand).
+TILT_OFF = to_dict(NgramTiltConfig())
 
 
 def run_all(rank: int, world_size: int) -> dict:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from tests.helpers import link_data, tiny_train_params
+from tests.helpers.eval_lm import TILT_OFF
 
 import stages.eval_sliding
 import stages.eval_ttt
@@ -46,10 +47,10 @@ PARAMS.update({
                  "prune": False, "prune_margin_bytes": 0, "fit_to_limit": False,
                  "fit_min_bits": 5},
     "eval_sliding": {"seq_len": 32, "stride": 16, "batch_windows": 32, "trim_to_seq_len": True,
-                     "compile": False},
+                     "compile": False, **TILT_OFF},
     "eval_ttt": to_dict(EvalTTTConfig(**{"chunk_tokens": 8192, "epochs": 1, "optimizer": "sgd", "lr": 0.002,
                  "lr_schedule": "cosine", "momentum": 0.9, "beta2": 0.999, "weight_decay": 0.0,
-                 "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32})),
+                 "freeze_blocks": 0, "grad_clip": 1.0, "batch_seqs": 32, **TILT_OFF})),
 })
 
 

@@ -16,8 +16,8 @@ from pgolf.config import from_params
 from pgolf.distributed import barrier, init_distributed
 from pgolf.eval.inputs import load_eval_inputs, read_sliding_bpb
 from pgolf.eval.sliding import EvalSlidingConfig, score_metrics
-from pgolf.eval.doc_ttt import doc_ttt_metrics, run_doc_ttt
-from pgolf.eval.ttt import EvalTTTConfig, run_ttt, untrained_reason
+from pgolf.eval.test_time import run_eval_ttt
+from pgolf.eval.ttt import EvalTTTConfig
 from pgolf.io import write_json_atomic
 from pgolf.pipeline.launch import launch_config, run_distributed, stage_main
 from pgolf.pipeline.paths import EVAL_TTT_DIR as OUT
@@ -42,7 +42,11 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         inputs = load_eval_inputs(root, windows, ctx.device)
         log.line(f"eval_ttt: {inputs.tokens.numel() - 1:,} targets, {cfg.mode} {cfg.optimizer} lr {cfg.lr:g}, "
                  f"world {ctx.world_size}, device {ctx.device.type}")
-        result, extra = _score(inputs, windows, cfg, ctx, log)
+        result, extra, why = run_eval_ttt(inputs.model, inputs.tokens, inputs.byte_source, windows, cfg,
+                                          rank=ctx.rank, world_size=ctx.world_size, progress=log,
+                                          warmup=compile_enabled(windows.compile, ctx.device))
+        if why is not None:
+            log.warning(why)
         metrics = {**score_metrics(result), **extra, "sliding_val_bpb": baseline,
                    "gain_vs_sliding": baseline - result.sums.val_bpb, "world_size": ctx.world_size,
                    "device": ctx.device.type}
@@ -56,22 +60,6 @@ def run(p: dict, root: Path = Path("."), rank: int = 0, world_size: int = 1, loc
         log.line(summary(metrics))
     barrier()
     return metrics
-
-
-def _score(inputs, windows: EvalSlidingConfig, cfg: EvalTTTConfig, ctx, log: StageLog):
-    """(result, the mode's own metrics): chunked TTT, or per-document LoRA TTT."""
-    if cfg.mode == "doc_lora":
-        result = run_doc_ttt(inputs.model, inputs.tokens, inputs.byte_source, windows.seq_len, cfg, rank=ctx.rank,
-                             world_size=ctx.world_size, progress=log)
-        extra = doc_ttt_metrics(result)
-        return result, {**extra, "chunks": result.windows, "train_steps": extra["lora_steps"],
-                        "ttt_trained": extra["lora_steps"] > 0}
-    result = run_ttt(inputs.model, inputs.tokens, inputs.byte_source, windows, cfg, rank=ctx.rank,
-                     world_size=ctx.world_size, progress=log, warmup=compile_enabled(windows.compile, ctx.device))
-    if (why := untrained_reason(result, cfg, inputs.tokens.numel() - 1)) is not None:
-        log.warning(why)
-    return result, {"chunks": result.num_chunks, "train_steps": result.train_steps,
-                    "ttt_trained": result.train_steps > 0}
 
 
 def summary(m: dict) -> str:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ class DocTTTResult:
     global_sgd_chunks: list[int] = field(default_factory=list)
     chunks: list[dict] = field(default_factory=list)  # running bpb per batch: {chunk: batch, ...}
     compile_seconds: float = 0.0
+    tilt: Any = None          # the n-gram tilt of the scores (pgolf.eval.ngram_tilt.NgramTilt), if any
 
     @property
     def tokens_per_s(self) -> float:

@@ -45,7 +45,8 @@ from pgolf.data.shards import challenge_sources, load_tokens
 from pgolf.distributed import barrier, init_distributed, shutdown
 from pgolf.errors import ParamError, PgolfError
 from pgolf.eval.sliding import EvalSlidingConfig, evaluate_sliding, score_metrics
-from pgolf.eval.ttt import EvalTTTConfig, run_ttt
+from pgolf.eval.test_time import run_eval_ttt
+from pgolf.eval.ttt import EvalTTTConfig
 from pgolf.io import write_bytes_atomic, write_json_atomic
 from pgolf.model.gpt import ModelConfig
 from pgolf.progress import StageLog
@@ -188,10 +189,12 @@ def run(p: dict, code_path: Path, rank: int = 0, world_size: int = 1, local_rank
         log.line(challenge_line("final_int6_sliding_window_exact", sliding))
     with StageLog(LOGS / "eval_ttt.log", enabled=main) as log:
         model, tokens = steps.eval_inputs(folder / ARTIFACT, val, cfg.sliding, ctx, source)
-        result = run_ttt(model, tokens, tables, cfg.sliding, cfg.ttt, rank=ctx.rank, world_size=ctx.world_size,
-                         progress=log, warmup=compile_enabled(cfg.sliding.compile, ctx.device))
-        results["eval_ttt"] = ttt = {**score_metrics(result), "chunks": result.num_chunks,
-                                     "train_steps": result.train_steps, "world_size": ctx.world_size}
+        result, extra, why = run_eval_ttt(model, tokens, tables, cfg.sliding, cfg.ttt, rank=ctx.rank,
+                                          world_size=ctx.world_size, progress=log,
+                                          warmup=compile_enabled(cfg.sliding.compile, ctx.device))
+        if why is not None:
+            log.warning(why)
+        results["eval_ttt"] = ttt = {**score_metrics(result), **extra, "world_size": ctx.world_size}
         log.line(challenge_line("legal_ttt_exact", ttt))
 
     budget = budget_report(results["train"], results["hessians"], sliding, ttt)

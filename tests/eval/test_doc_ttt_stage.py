@@ -10,17 +10,21 @@ import pytest
 from pgolf.config import to_dict
 from tests.helpers import REPO
 from tests.helpers.doc_ttt_ref import doc_config
+from tests.helpers.eval_lm import TILT_OFF
 
 STAGE_PARAMS = {"launch": {"nproc_per_node": 1, "device": "cpu"},
                 "eval_sliding": {"seq_len": 32, "stride": 8, "batch_windows": 16, "trim_to_seq_len": True,
-                                 "compile": False},
+                                 "compile": False, **TILT_OFF},
                 "eval_ttt": {**to_dict(doc_config(chunk_tokens=16, batch_docs=1, lora_rank=4, lora_alpha=8.0,
                                                   prefix_docs=1, phases=1, global_chunk_tokens=256)),
                              "lr": 0.001}}
+# A short context and a low gate so that the tiny val split has hints to tilt by.
+TILT_ON = {"ngram_tilt": True, "ngram_order": 3, "ngram_threshold": 0.5, "ngram_beta": 2.625}
 
 
 @pytest.mark.slow
-def test_doc_lora_stage_scores_every_target_once(tiny_data, tmp_path):
+@pytest.mark.parametrize("tilt", [False, True], ids=["untilted", "tilted"])
+def test_doc_lora_stage_scores_every_target_once(tiny_data, tmp_path, tilt):
     import stages.eval_sliding
     import stages.eval_ttt
     from tests.helpers import TINY_TRAIN_PARAMS
@@ -37,8 +41,11 @@ def test_doc_lora_stage_scores_every_target_once(tiny_data, tmp_path):
     val.unlink()
     write_shard(val, tokens)
     write_eval_root(tmp_path, tiny_data, TINY_TRAIN_PARAMS["model"])
-    sliding = stages.eval_sliding.run(STAGE_PARAMS, tmp_path)
-    metrics = stages.eval_ttt.run(STAGE_PARAMS, tmp_path)
+    params = {**STAGE_PARAMS, "eval_ttt": {**STAGE_PARAMS["eval_ttt"], **(TILT_ON if tilt else {})}}
+    sliding = stages.eval_sliding.run(params, tmp_path)
+    metrics = stages.eval_ttt.run(params, tmp_path)
+    # the doc_lora pass tilts its scores through the same stream hints as the sliding eval would
+    assert ("ngram_gated" in metrics) == tilt and (not tilt or metrics["ngram_gated"] > 0)
     assert json.loads((tmp_path / "artifacts/eval_ttt/metrics.json").read_text()) == metrics
     # the same targets and bytes as the sliding eval, each scored once
     assert (metrics["scored_tokens"], metrics["bytes"]) == (sliding["scored_tokens"], sliding["bytes"])

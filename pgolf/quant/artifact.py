@@ -24,7 +24,9 @@ and either ``bits`` + ``q`` + ``scale`` (a quantised tensor: int8 integers
 ``[rows, cols]`` on the ``pgolf.quant.grid`` grid and one fp16 scale per row)
 or ``raw`` (a passthrough tensor). Each array reference is ``{"dtype",
 "offset", "nbytes"}`` into the data section, where each tensor's arrays lie
-together (integers then scales, or the raw data).
+together (integers then scales, or the raw data). A quantised entry may carry ``lqer``: low-rank
+factors whose arrays follow the scales (pgolf/quant/lqer_factors.py). Version 3 packs the same
+payload by role group instead of by tensor (pgolf/quant/grouped.py).
 
 Why a frame per tensor (version 1 compressed one stream): the file's size is
 then exactly the index frame plus the sum of the tensors' own frames, so the
@@ -58,13 +60,16 @@ import zstandard
 
 from pgolf.errors import DataError
 from pgolf.io import write_bytes_atomic
+from pgolf.quant import grouped
 from pgolf.quant.grid import dequantize_grid
+from pgolf.quant.lqer_factors import LqerFactors, parse_factors
 
 MAGIC = b"PGOLFQZ\n"
 FORMAT_VERSION = 2
+GROUPED_VERSION = 3  # the same logical payload packed by role group (pgolf/quant/grouped.py)
 _HEADER = struct.Struct("<8sHBBQQ32s")
 HEADER_BYTES = _HEADER.size
-COMPRESSORS = {"zstd": 1, "lzma": 2}
+COMPRESSORS = {"zstd": 1, "lzma": 2, "brotli": 3, "zpaq": 4}  # 3 and 4: version 3 only
 _COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
 # Bounds on the decompressed payload a header may declare, checked before anything
 # is decompressed, so a crafted file (a decompression bomb) cannot make the reader
@@ -101,6 +106,7 @@ class StoredTensor:
     q: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     raw: torch.Tensor | None = None
+    lqer: LqerFactors | None = None  # low-rank correction (pgolf/quant/lqer.py), index key "lqer"
 
     @property
     def quantized(self) -> bool:
@@ -108,7 +114,8 @@ class StoredTensor:
 
     def stored_bytes(self) -> int:
         if self.quantized:
-            return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
+            extra = self.lqer.stored_bytes() if self.lqer is not None else 0
+            return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size() + extra
         return self.raw.numel() * self.raw.element_size()
 
 
@@ -120,6 +127,7 @@ class Artifact:
     # Compressed bytes in the file: the index frame, and each tensor's own frame.
     index_frame_bytes: int = 0
     frame_bytes: tuple[int, ...] = ()
+    frames: tuple[dict, ...] = ()  # version 3: each frame's record (pgolf/quant/grouped.py)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -137,7 +145,8 @@ def _array_bytes(t: torch.Tensor) -> tuple[str, bytes]:
 def stored_arrays_bytes(t: "StoredTensor") -> bytes:
     """One tensor's stored arrays as the payload holds them: integers then scales, or the raw data."""
     if t.quantized:
-        return _array_bytes(t.q)[1] + _array_bytes(t.scale)[1]
+        extra = b"".join(_array_bytes(a)[1] for a in t.lqer.arrays()) if t.lqer is not None else b""
+        return _array_bytes(t.q)[1] + _array_bytes(t.scale)[1] + extra
     return _array_bytes(t.raw)[1]
 
 
@@ -163,11 +172,11 @@ def tensor_frames(tensors: Sequence[StoredTensor], compressor: str, level: int) 
 
 
 def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
-           compressor: str, level: int, frames: Sequence[bytes] | None = None) -> bytes:
+           compressor: str, level: int, frames: Sequence[bytes] | None = None, grouping: grouped.Grouping | None = None) -> bytes:
     """The complete file bytes for ``tensors`` (see the module docstring).
 
     ``frames``: the tensors' ``tensor_frame`` bytes when the caller has them
-    (``pgolf.quant.policy.EncodeCache``); computed here otherwise.
+    (``pgolf.quant.encode_cache.EncodeCache``); computed here otherwise.
     """
     entries, offset = [], 0
 
@@ -182,12 +191,19 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
         entry = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "method": t.method}
         if t.quantized:
             entry.update(bits=t.bits, q=ref(t.q), scale=ref(t.scale))
+            if t.lqer is not None:
+                entry["lqer"] = t.lqer.entry(ref)
         else:
             entry["raw"] = ref(t.raw)
         entries.append(entry)
     index = json.dumps({"model_config": model_config, "meta": meta, "tensors": entries},
                        sort_keys=True, separators=(",", ":")).encode("utf-8")
     head = struct.pack("<I", len(index)) + index
+    if grouping is not None:  # format version 3
+        data = b"".join(stored_arrays_bytes(t) for t in tensors)
+        packed, _ = grouped.pack(entries, head, data, compressor, level, grouping)
+        return _HEADER.pack(MAGIC, GROUPED_VERSION, COMPRESSORS[compressor], 0, len(packed), len(head) + offset,
+                            hashlib.sha256(packed).digest()) + packed
     if frames is None:
         frames = tensor_frames(tensors, compressor, level)
     if len(frames) != len(tensors):
@@ -301,7 +317,8 @@ def _parse_tensor(entry: Any, data: memoryview, where: str) -> StoredTensor:
             raise DataError(f"{at}: integers exceed ±{qmax} for {bits} bits")
         require_finite(scale, at, "scale")
         q = q.reshape(shape) if len(shape) == 2 else q.reshape(1, numel)
-        return StoredTensor(**common, bits=bits, q=q, scale=scale)
+        lqer = parse_factors(entry["lqer"], lambda r: _read_array(data, r, at), shape, at) if "lqer" in entry else None
+        return StoredTensor(**common, bits=bits, q=q, scale=scale, lqer=lqer)
     raw = _read_array(data, entry.get("raw"), at)
     if raw.numel() != numel:
         raise DataError(f"{at}: {raw.numel()} stored values for shape {shape}")
@@ -316,7 +333,7 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     magic, version, comp_id, _, packed_len, raw_len, digest = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise DataError(f"{where}: not a pgolf quantised artifact (bad magic {magic!r})")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, GROUPED_VERSION):
         raise DataError(f"{where}: artifact format version {version} is not supported (this code reads {FORMAT_VERSION})")
     if comp_id not in _COMPRESSOR_NAMES:
         raise DataError(f"{where}: unknown compressor id {comp_id}")
@@ -328,7 +345,10 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     packed = blob[HEADER_BYTES:]
     if hashlib.sha256(packed).digest() != digest:
         raise DataError(f"{where}: checksum mismatch, the file is corrupted")
-    raw, frame_sizes = _decompress(packed, comp_id, raw_len, where)
+    if version == GROUPED_VERSION:
+        raw, records = grouped.unpack(packed, _COMPRESSOR_NAMES[comp_id], raw_len, where)
+    else:
+        raw, frame_sizes = _decompress(packed, comp_id, raw_len, where)
     payload = memoryview(raw)
     if len(payload) < 4:
         raise DataError(f"{where}: payload too short for its index")
@@ -347,6 +367,9 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise DataError(f"{where}: duplicate tensor names")
+    if version == GROUPED_VERSION:
+        return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"],
+                        frames=tuple(records))
     if len(frame_sizes) != 1 + len(tensors):
         raise DataError(f"{where}: {len(frame_sizes)} compressed frames for {len(tensors)} tensors "
                         f"(format {FORMAT_VERSION} has the index's frame and one per tensor)")
@@ -364,6 +387,8 @@ def read_artifact(path: str | Path) -> Artifact:
 def dequantize_tensor(t: StoredTensor) -> torch.Tensor:
     """Float tensor of the original shape and dtype (``q·s`` per row, or the passthrough)."""
     value = dequantize_grid(t.q, t.scale) if t.quantized else t.raw
+    if t.lqer is not None:
+        value = value + t.lqer.dense()
     return value.reshape(t.shape).to(_RESTORE_DTYPES[t.dtype])
 
 

@@ -28,7 +28,9 @@ from typing import Callable, Literal, Mapping
 
 import torch
 
-from pgolf.quant.artifact import StoredTensor, dtype_name, encode, tensor_frames
+from pgolf.quant.artifact import StoredTensor, dtype_name
+from pgolf.quant.compression import check_compression
+from pgolf.quant.lqer_factors import check_lqer
 from pgolf.config import check
 from pgolf.errors import DataError
 from pgolf.quant.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
@@ -53,7 +55,7 @@ class QuantizeConfig:
     embed_bits: int
     embed_clip_quantile: float
     passthrough_numel: int  # tensors with at most this many values stay fp16
-    compressor: Literal["zstd", "lzma"]
+    compressor: Literal["zstd", "lzma", "brotli", "zpaq"]  # brotli/zpaq: grouped only, optional packages
     zstd_level: int
     lzma_preset: int
     prune: bool  # selective ±1 pruning down to the byte target (docs/RECIPE.md §4.6)
@@ -61,6 +63,10 @@ class QuantizeConfig:
     # Defaults only serve direct construction; params.yaml must still name both keys.
     fit_to_limit: bool = False  # over the target: demote block matrices a bit at a time (pgolf/quant/bit_allocation.py)
     fit_min_bits: int = 5  # no block matrix is demoted below this many bits
+    lqer_top_k: int = 0  # LQER on this many worst tensors (pgolf/quant/lqer.py); 0 = off
+    lqer_rank: int = 4
+    lqer_group: int = 64  # B's INT4 group
+    compression: Literal["plain", "grouped"] = "plain"  # grouped: format 3 (pgolf/quant/grouped.py)
 
     def __post_init__(self) -> None:
         check(self.damp >= 0, "damp", "must be >= 0")
@@ -75,6 +81,8 @@ class QuantizeConfig:
         check(0 <= self.lzma_preset <= 9, "lzma_preset", "must be in 0..9")
         check(self.prune_margin_bytes >= 0, "prune_margin_bytes", "must be >= 0")
         check(2 <= self.fit_min_bits <= 8, "fit_min_bits", "must be in 2..8")
+        check_lqer(self.lqer_top_k, self.lqer_rank, self.lqer_group)
+        check_compression(self.compression, self.compressor)
         check(not self.fit_to_limit or self.fit_min_bits < max(self.attn_bits, self.mlp_bits), "fit_min_bits",
               f"must be below attn_bits ({self.attn_bits}) or mlp_bits ({self.mlp_bits}) when fit_to_limit "
               "is on, else no matrix could be demoted")
@@ -369,31 +377,3 @@ def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
         interpolate = enough - too_few <= width // 2
     return PruneOutcome(_zero_cheapest(tensors, owner, flat, enough), total, enough, target_bytes,
                         enough_size, True, probes)
-
-
-class EncodeCache:
-    """``encode`` with memory. Each tensor's compressed frame is kept (keyed by
-    the identity of the immutable StoredTensor, which is held so the id cannot
-    be reused), so a fit round, a pruning probe or the final write compresses
-    only the tensors it has not seen; the latest few whole blobs are kept too."""
-
-    def __init__(self, model_config: dict, meta: dict, cfg: QuantizeConfig, keep: int = 2):
-        self.model_config, self.meta, self.cfg, self.keep = model_config, meta, cfg, keep
-        self._frames: dict[int, tuple[StoredTensor, bytes]] = {}
-        self._blobs: dict[tuple[int, ...], tuple[list, bytes]] = {}
-
-    def frames(self, tensors: list) -> list[bytes]:
-        new = [t for t in dict.fromkeys(tensors, None) if id(t) not in self._frames]
-        for t, frame in zip(new, tensor_frames(new, self.cfg.compressor, self.cfg.compression_level)):
-            self._frames[id(t)] = (t, frame)
-        return [self._frames[id(t)][1] for t in tensors]
-
-    def encode(self, tensors: list) -> bytes:
-        key = tuple(id(t) for t in tensors)
-        if key not in self._blobs:
-            blob = encode(tensors, self.model_config, self.meta, self.cfg.compressor, self.cfg.compression_level,
-                          frames=self.frames(tensors))
-            if len(self._blobs) >= self.keep:
-                self._blobs.pop(next(iter(self._blobs)))
-            self._blobs[key] = (list(tensors), blob)
-        return self._blobs[key][1]

@@ -15,7 +15,9 @@ from pgolf.quant.grouped import Grouping
 EMBED_ROLE = "tok_emb"
 EMBED_NAME = "tok_emb.weight"
 GROUP_ROLES = (EMBED_ROLE,) + tuple(m.module for m in BLOCK_MATRICES)
-SORTED_ROLES = (EMBED_ROLE, "attn.c_q", "mlp.fc")
+# F1855 sorts the rows of tok_emb, Q (the lower slice of qo_bank) and the MLP up-projection.
+_SORTED_SLICES = {("qo_bank", False), ("mlp_up_bank", False)}
+SORTED_ROLES = (EMBED_ROLE,) + tuple(m.module for m in BLOCK_MATRICES if (m.bank, m.upper) in _SORTED_SLICES)
 
 
 def role_of(name: str) -> str | None:

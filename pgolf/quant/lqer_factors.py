@@ -89,12 +89,12 @@ def _fp16_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
 
 
 def _grid(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale.float()), lo, hi).to(torch.int8)
+    return torch.clamp(torch.round(x.double() / scale.double()), lo, hi).to(torch.int8)
 
 
 def quantize_factors(a: torch.Tensor, b: torch.Tensor, group: int) -> LqerFactors:
     """A [rows, r] and B [r, cols] (float) on the module docstring's grids."""
-    a, b = a.float(), b.float()
+    a, b = a.double(), b.double()
     if b.numel() % group == 0:
         a_scale = _fp16_scale(a.abs().max().reshape(1), A_DIVISOR)
         groups = b.reshape(-1, group)

@@ -15,16 +15,9 @@ from pgolf.quant.lqer import apply_lqer, lqer_candidates, lqer_step
 from pgolf.quant.lqer_factors import quantize_factors
 from pgolf.quant.policy import QuantizeConfig
 from tests.helpers.models import quant_params
+from tests.helpers.quantized import rtn_stored as stored
 
 F64 = np.float64
-
-
-def stored(name: str, w: torch.Tensor, bits: int = 6) -> StoredTensor:
-    """Round-to-nearest per row (the test needs a quantised tensor, not a good one)."""
-    qmax = (1 << (bits - 1)) - 1
-    s = (w.abs().amax(1) / qmax).to(torch.float16)
-    q = torch.clamp(torch.round(w / s.float().unsqueeze(1)), -qmax, qmax).to(torch.int8)
-    return StoredTensor(name, tuple(w.shape), "float32", "rtn", bits, q, s)
 
 
 def fp16(x: np.ndarray) -> np.ndarray:

@@ -165,3 +165,18 @@ def test_optional_compressors_round_trip_when_installed(name):
     blob = encode(ts, {}, {}, name, 9, grouping=ROLE_GROUPING)
     assert {r["compressor"] for r in decode(blob).frames} == {name}
     assert all(torch.equal(x.q, y.q) for x, y in zip(ts, decode(blob).tensors) if x.quantized)
+
+
+def test_inspect_shows_the_groups_their_compressor_and_the_lqer_tensors(tmp_path):
+    from pgolf.tools.inspect_model import summarise_artifact
+    ts = model_tensors(seed=5, layers=1, lqer=2)
+    path = tmp_path / "model.ptz"
+    path.write_bytes(encode(ts, {}, {}, "lzma", 6, grouping=ROLE_GROUPING))
+    summary = summarise_artifact(path)
+    assert [f["frame"] for f in summary.facts["frames"]] == ["layout", "remainder", *GROUP_ROLES]
+    assert all(f["compressor"] == "lzma" for f in summary.facts["frames"])
+    corrected = {r["name"]: r["lqer"] for r in summary.facts["tensors"] if r["lqer"]}
+    assert corrected == {t.name: {"mode": t.lqer.mode, "rank": 4, "group": 64, "bytes": t.lqer.stored_bytes()}
+                         for t in ts if t.lqer is not None} and len(corrected) == 2
+    text = "\n".join(summary.lines)
+    assert "LQER on 2 tensors" in text and "mlp.fc" in text and "grouped layout" in text

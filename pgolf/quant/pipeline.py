@@ -43,6 +43,22 @@ from pgolf.submission.size import LIMIT_BYTES, bundle_counted_bytes
 # each tensor record their outcome, and a fit that demotes nothing then gives
 # the same bytes as fit_to_limit: false.
 UNRECORDED_KEYS = ("fit_to_limit", "fit_min_bits")
+# Keys added after format 2 enter the meta only when switched on, so with them off the artifact is
+# byte-identical to the one written before they existed.
+OFF_VALUES = {"lqer_top_k": 0, "compression": "plain"}
+LQER_DETAIL_KEYS = ("lqer_rank", "lqer_group")
+
+
+def recorded_params(cfg: QuantizeConfig) -> dict:
+    """The quantize params the artifact's meta records (the comments above say which are left out)."""
+    out = {k: v for k, v in to_dict(cfg).items() if k not in UNRECORDED_KEYS}
+    for key, off in OFF_VALUES.items():
+        if out[key] == off:
+            del out[key]
+    if cfg.lqer_top_k == 0:
+        for key in LQER_DETAIL_KEYS:
+            del out[key]
+    return out
 
 
 @dataclass(frozen=True)
@@ -109,7 +125,7 @@ def quantize_loaded(ckpt: Checkpoint, hs: HessianSet, cfg: QuantizeConfig, devic
     synchronize(device)
     quantized = time.perf_counter()
 
-    meta = {"quantize": {k: v for k, v in to_dict(cfg).items() if k not in UNRECORDED_KEYS}}
+    meta = {"quantize": recorded_params(cfg)}
     blobs = EncodeCache(ckpt.model_config.to_dict(), meta, cfg)
     with_lqer = lqer_step(state, cfg.lqer_top_k, cfg.lqer_rank, cfg.lqer_group)
     tensors, report, budget_metrics = result.tensors, result.report, {}

@@ -21,6 +21,7 @@ import importlib
 import lzma
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import zstandard
 
@@ -113,24 +114,41 @@ def decompress(data: bytes, name: str, limit: int) -> bytes:
     return part
 
 
-def l1_chain(rows: torch.Tensor) -> torch.Tensor:
-    """Greedy L1 nearest-neighbour order of the rows of ``rows`` [n, c] (module docstring): int64 [n]."""
+def l1_chain(rows: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Greedy L1 nearest-neighbour order of the rows of ``rows`` [n, c] (module docstring): int64 [n].
+
+    n steps of n·c work: F1855's 36,352 sorted rows of 512 take ~60 G element operations, so it runs
+    on the GPU when there is one (``device`` None), else in NumPy int16 (on 2 loaded cores 7x faster
+    than torch's threads). Sums of |int8 differences| are exact (int32; float32 below 2^24) and
+    both argmins take the first minimum, so every device gives the same order."""
     n = rows.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.int64)
-    x = rows.to(torch.float32)  # |differences| of int8 values sum exactly in float32 below 2^24
-    used = torch.zeros(n, dtype=torch.bool)
-    order = torch.empty(n, dtype=torch.int64)
-    last = 0
-    for i in range(n):
-        order[i] = last
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        return torch.from_numpy(_l1_chain_numpy(rows.numpy().astype(np.int16)))
+    x = rows.to(device=device, dtype=torch.float32)
+    used = torch.zeros(n, dtype=torch.bool, device=device)
+    order = [0]
+    for _ in range(n - 1):
+        last = order[-1]
         used[last] = True
-        if i == n - 1:
-            break
-        dist = (x - x[last]).abs().sum(dim=1)
-        dist[used] = float("inf")
-        last = int(torch.argmin(dist))
-    return order
+        dist = (x - x[last]).abs().sum(dim=1).masked_fill_(used, float("inf"))
+        order.append(int(torch.argmin(dist)))
+    return torch.tensor(order, dtype=torch.int64)
+
+
+def _l1_chain_numpy(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    used = np.zeros(n, dtype=bool)
+    order = [0]
+    for _ in range(n - 1):
+        used[order[-1]] = True
+        dist = np.abs(x - x[order[-1]]).sum(axis=1, dtype=np.int32)
+        dist[used] = np.iinfo(np.int32).max
+        order.append(int(dist.argmin()))
+    return np.asarray(order, dtype=np.int64)
 
 
 _CHAINS: OrderedDict[bytes, torch.Tensor] = OrderedDict()

@@ -164,7 +164,10 @@ def layout_report(report: list[dict], tensors: list[StoredTensor], blob: bytes, 
         frames = [dict(f) for f in decode(blob, "encoded artifact").frames]  # also proves the round trip
         # A quantised matrix with a role lies in its role's frame (its scales in the remainder).
         grouped = {t.name: role_of(t.name) for t in tensors if t.quantized and len(t.shape) == 2}
-        report = [{**r, "compressed_bytes": None, "group": grouped.get(r["name"]) or "remainder"} for r in report]
+        frame_of = {f["frame"]: f for f in frames}
+        report = [{**r, "compressed_bytes": None, "group": (g := grouped.get(r["name"]) or "remainder"),
+                   "group_compressor": frame_of[g]["compressor"], "group_frame_bytes": frame_of[g]["bytes"]}
+                  for r in report]
         metrics.update(compression="grouped", compressor=cfg.compressor, frames=frames)
     if lqer_records:
         by_name = {rec["name"]: {k: v for k, v in rec.items() if k != "name"} for rec in lqer_records}

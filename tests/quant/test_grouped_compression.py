@@ -182,7 +182,7 @@ def test_inspect_shows_the_groups_their_compressor_and_the_lqer_tensors(tmp_path
     assert "LQER on 2 tensors" in text and "mlp.fc" in text and "grouped layout" in text
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu: needs CUDA")
+@pytest.mark.gpu
 def test_l1_chain_on_the_gpu_equals_the_cpu_order():
     rows = torch.randint(-3, 4, (300, 16), generator=torch.Generator().manual_seed(6)).to(torch.int8)
     assert torch.equal(compression.l1_chain(rows, torch.device("cuda")), compression.l1_chain(rows, torch.device("cpu")))

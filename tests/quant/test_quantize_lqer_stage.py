@@ -33,6 +33,8 @@ def test_stage_with_lqer_and_grouped_fits_the_target_and_reports_its_choices(tmp
     assert [f["bytes"] for f in free["frames"]] == [f["bytes"] for f in art.frames]
     assert free["model_bytes"] == len((root / "artifacts/quant/model.ptz").read_bytes())
     assert {r["group"] for r in report if r["bits"] is not None} >= {"tok_emb", "mlp.fc", "attn.c_q"}
+    frame_bytes = {f["frame"]: f["bytes"] for f in art.frames}
+    assert all(r["group_compressor"] == "lzma" and r["group_frame_bytes"] == frame_bytes[r["group"]] for r in report)
     model = load_dequantized_model(root / "artifacts/quant/model.ptz", "cpu")  # LQER and groups restore
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

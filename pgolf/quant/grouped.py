@@ -147,6 +147,8 @@ def _layout(frame: bytes, compressor: str, where: str) -> dict:
                    [Member(str(n), int(o), int(r), int(c), bool(s)) for n, o, r, c, s in g["members"]])
                   for g in layout["groups"]]
         rem = layout["remainder"]
+        if any(min(m.offset, m.rows, m.cols) < 0 for _, _, _, ms in groups for m in ms):
+            raise ValueError("a member has a negative offset or shape")
         return {"groups": groups, "remainder": (rem["compressor"], int(rem["raw_bytes"]))}
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, DataError):
@@ -218,5 +220,7 @@ def _rebuild(remainder: bytes, members: list[Member], stored: dict[str, np.ndarr
         out[start:start + m.rows * m.cols] = q.tobytes()
         p = m.offset + m.rows * m.cols
     out[head_len + p:] = remainder[r:r + data_len - p]
+    if len(out) != raw_len:
+        raise DataError(f"{where}: grouped members and remainder rebuild {len(out)} bytes, header says {raw_len}")
     return out
 

@@ -20,23 +20,19 @@ The decompressed payload is a uint32 index length ``L``, ``L`` bytes of UTF-8
 JSON (the index), then a data section of raw little-endian arrays. The index
 is ``{"model_config": {...}, "meta": {...}, "tensors": [...]}``; each tensor
 entry has ``name``, ``shape``, ``dtype`` (the dtype to restore), ``method``
-and either ``bits`` + ``q`` + ``scale`` (a quantised tensor: int8 integers
-``[rows, cols]`` on the ``pgolf.quant.grid`` grid and one fp16 scale per row)
-or ``raw`` (a passthrough tensor). A quantised entry may add ``protect``
-(AWQ-lite, docs/FRONTIER.md §4.5): ``{"size", "starts", "scale"}``, int16
-group starts and one fp16 scale per row for the columns ``[start, start+size)``
-of each group, whose integers lie in [-127, 127] on that finer grid. Each array reference is ``{"dtype",
-"offset", "nbytes"}`` into the data section, where each tensor's arrays lie
-together (integers then scales, or the raw data).
+and either ``bits`` + ``q`` + ``scale`` (int8 integers ``[rows, cols]`` on the
+``pgolf.quant.grid`` grid, one fp16 scale per row) or ``raw`` (passthrough).
+Each array reference is ``{"dtype", "offset", "nbytes"}`` into the data section,
+where a tensor's arrays lie together in ``StoredTensor.arrays`` order. Optional
+on a quantised entry: ``protect`` (AWQ-lite, docs/FRONTIER.md §4.5; int16 group
+starts and an fp16 scale per row for columns ``[start, start+size)``, integers
+in [-127, 127]) and ``lqer`` (low-rank factors, pgolf/quant/lqer_factors.py).
+Version 3 packs the same payload by role group (pgolf/quant/grouped.py).
 
-Why a frame per tensor (version 1 compressed one stream): the file's size is
-then exactly the index frame plus the sum of the tensors' own frames, so the
-byte-budget fit knows the size of every choice of widths without encoding the
-whole model again, and frames compress on threads. One stream was erratic: on
-an H200 run whose fit mixed int5 and int6 matrices, its size moved by up to 7 %
-against the per-tensor sum from one mix to the next, and by 1.2 MB when a single
-matrix changed width. On the tensors a fit settles on, one stream is ~0.05 %
-smaller than the frames (docs/LOG.md, 2026-11-25).
+A frame per tensor (not one stream) makes the file's size exactly the index
+frame plus the tensors' own frames, so the byte-budget fit knows the size of
+every choice of widths without encoding the whole model again (docs/LOG.md,
+2026-11-25, for what one stream did), and frames compress on threads.
 
 Nothing in the file is ever unpickled: the reader parses JSON and copies
 bytes into tensors. Encoding is deterministic (sorted JSON, fixed array
@@ -61,41 +57,34 @@ import zstandard
 
 from pgolf.errors import DataError
 from pgolf.io import write_bytes_atomic
+from pgolf.quant import grouped
 from pgolf.quant.grid import dequantize_grid
 from pgolf.quant.protected import ProtectedColumns, parse_protected
+from pgolf.quant.lqer_factors import LqerFactors, parse_factors
 
 MAGIC = b"PGOLFQZ\n"
 FORMAT_VERSION = 2
+GROUPED_VERSION = 3  # the same logical payload packed by role group (pgolf/quant/grouped.py)
 _HEADER = struct.Struct("<8sHBBQQ32s")
 HEADER_BYTES = _HEADER.size
-COMPRESSORS = {"zstd": 1, "lzma": 2}
+COMPRESSORS = {"zstd": 1, "lzma": 2, "brotli": 3, "zpaq": 4}  # 3 and 4: version 3 only
 _COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
-# Bounds on the decompressed payload a header may declare, checked before anything
-# is decompressed, so a crafted file (a decompression bomb) cannot make the reader
-# allocate more than max(MIN_PAYLOAD_LIMIT, MAX_EXPANSION x its compressed size),
-# and never more than MAX_PAYLOAD_BYTES. zstd's own ceiling is ~32,000x (RLE blocks),
-# far past any model: quantised weights compress ~1.5x (1.45-1.47 on the tests'
-# trained artifacts); the floor keeps tiny test files with regular data readable.
+# Bounds on the decompressed size a header may declare, checked before decompressing, so a crafted file
+# cannot make the reader allocate more than max(MIN_PAYLOAD_LIMIT, MAX_EXPANSION x its compressed size) or
+# MAX_PAYLOAD_BYTES (quantised weights compress ~1.5x; the floor keeps tiny test files readable).
 MAX_PAYLOAD_BYTES = 1 << 30
 MAX_EXPANSION = 32
 MIN_PAYLOAD_LIMIT = 64 << 20
-_STORED_DTYPES = {
-    "int8": (torch.int8, "<i1"), "uint8": (torch.uint8, "<u1"), "int16": (torch.int16, "<i2"),
-    "int32": (torch.int32, "<i4"), "int64": (torch.int64, "<i8"), "bool": (torch.bool, "|b1"),
-    "float16": (torch.float16, "<f2"), "float32": (torch.float32, "<f4"),
-    "float64": (torch.float64, "<f8"),
-}
+_STORED_DTYPES = {"int8": (torch.int8, "<i1"), "uint8": (torch.uint8, "<u1"), "int16": (torch.int16, "<i2"),
+                  "int32": (torch.int32, "<i4"), "int64": (torch.int64, "<i8"), "bool": (torch.bool, "|b1"),
+                  "float16": (torch.float16, "<f2"), "float32": (torch.float32, "<f4"), "float64": (torch.float64, "<f8")}
 _RESTORE_DTYPES = {name: dtype for name, (dtype, _) in _STORED_DTYPES.items()}
 _RESTORE_DTYPES["bfloat16"] = torch.bfloat16
 
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """One state-dict entry as the artifact holds it.
-
-    Quantised: ``q`` int8 [rows, cols] and ``scale`` fp16 [rows] (2-D tensors
-    per row; other shapes as one row). Passthrough: ``raw`` (floats as fp16).
-    """
+    """One state-dict entry as stored: ``q`` int8 [rows, cols] + ``scale`` fp16 [rows] (non-2-D: one row), or ``raw``."""
 
     name: str
     shape: tuple[int, ...]
@@ -106,17 +95,18 @@ class StoredTensor:
     scale: torch.Tensor | None = None
     raw: torch.Tensor | None = None
     protect: ProtectedColumns | None = None
+    lqer: LqerFactors | None = None  # low-rank correction (pgolf/quant/lqer.py), index key "lqer"
 
     @property
     def quantized(self) -> bool:
         return self.q is not None
 
     def arrays(self) -> list[torch.Tensor]:
-        """The stored arrays in file order: integers, scales (, group starts, protected scales), or raw."""
+        """Stored arrays in file order: integers, scales, [AWQ starts, scales], [LQER factors]; or raw."""
         if not self.quantized:
             return [self.raw]
         extra = [self.protect.starts, self.protect.scale] if self.protect is not None else []
-        return [self.q, self.scale, *extra]
+        return [self.q, self.scale, *extra, *(self.lqer.arrays() if self.lqer is not None else [])]
 
     def stored_bytes(self) -> int:
         return sum(a.numel() * a.element_size() for a in self.arrays())
@@ -130,6 +120,7 @@ class Artifact:
     # Compressed bytes in the file: the index frame, and each tensor's own frame.
     index_frame_bytes: int = 0
     frame_bytes: tuple[int, ...] = ()
+    frames: tuple[dict, ...] = ()  # version 3: each frame's record (pgolf/quant/grouped.py)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -171,11 +162,11 @@ def tensor_frames(tensors: Sequence[StoredTensor], compressor: str, level: int) 
 
 
 def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
-           compressor: str, level: int, frames: Sequence[bytes] | None = None) -> bytes:
+           compressor: str, level: int, frames: Sequence[bytes] | None = None, grouping: grouped.Grouping | None = None) -> bytes:
     """The complete file bytes for ``tensors`` (see the module docstring).
 
     ``frames``: the tensors' ``tensor_frame`` bytes when the caller has them
-    (``pgolf.quant.policy.EncodeCache``); computed here otherwise.
+    (``pgolf.quant.encode_cache.EncodeCache``); computed here otherwise.
     """
     entries, offset = [], 0
 
@@ -193,12 +184,19 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
             if t.protect is not None:
                 entry["protect"] = {"size": t.protect.size, "starts": ref(t.protect.starts),
                                     "scale": ref(t.protect.scale)}
+            if t.lqer is not None:
+                entry["lqer"] = t.lqer.entry(ref)
         else:
             entry["raw"] = ref(t.raw)
         entries.append(entry)
     index = json.dumps({"model_config": model_config, "meta": meta, "tensors": entries},
                        sort_keys=True, separators=(",", ":")).encode("utf-8")
     head = struct.pack("<I", len(index)) + index
+    if grouping is not None:  # format version 3
+        data = b"".join(stored_arrays_bytes(t) for t in tensors)
+        packed, _ = grouped.pack(entries, head, data, compressor, level, grouping)
+        return _HEADER.pack(MAGIC, GROUPED_VERSION, COMPRESSORS[compressor], 0, len(packed), len(head) + offset,
+                            hashlib.sha256(packed).digest()) + packed
     if frames is None:
         frames = tensor_frames(tensors, compressor, level)
     if len(frames) != len(tensors):
@@ -316,7 +314,8 @@ def _parse_tensor(entry: Any, data: memoryview, where: str) -> StoredTensor:
         if coarse.numel() and int(coarse.abs().max()) > qmax:
             raise DataError(f"{at}: integers exceed ±{qmax} for {bits} bits")
         require_finite(scale, at, "scale")
-        return StoredTensor(**common, bits=bits, q=q, scale=scale, protect=protect)
+        lqer = parse_factors(entry["lqer"], lambda r: _read_array(data, r, at), shape, at) if "lqer" in entry else None
+        return StoredTensor(**common, bits=bits, q=q, scale=scale, protect=protect, lqer=lqer)
     raw = _read_array(data, entry.get("raw"), at)
     if raw.numel() != numel:
         raise DataError(f"{at}: {raw.numel()} stored values for shape {shape}")
@@ -331,7 +330,7 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     magic, version, comp_id, _, packed_len, raw_len, digest = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise DataError(f"{where}: not a pgolf quantised artifact (bad magic {magic!r})")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, GROUPED_VERSION):
         raise DataError(f"{where}: artifact format version {version} is not supported (this code reads {FORMAT_VERSION})")
     if comp_id not in _COMPRESSOR_NAMES:
         raise DataError(f"{where}: unknown compressor id {comp_id}")
@@ -343,7 +342,10 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     packed = blob[HEADER_BYTES:]
     if hashlib.sha256(packed).digest() != digest:
         raise DataError(f"{where}: checksum mismatch, the file is corrupted")
-    raw, frame_sizes = _decompress(packed, comp_id, raw_len, where)
+    if version == GROUPED_VERSION:
+        raw, records = grouped.unpack(packed, _COMPRESSOR_NAMES[comp_id], raw_len, where)
+    else:
+        raw, frame_sizes = _decompress(packed, comp_id, raw_len, where)
     payload = memoryview(raw)
     if len(payload) < 4:
         raise DataError(f"{where}: payload too short for its index")
@@ -362,6 +364,9 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise DataError(f"{where}: duplicate tensor names")
+    if version == GROUPED_VERSION:
+        return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"],
+                        frames=tuple(records))
     if len(frame_sizes) != 1 + len(tensors):
         raise DataError(f"{where}: {len(frame_sizes)} compressed frames for {len(tensors)} tensors "
                         f"(format {FORMAT_VERSION} has the index's frame and one per tensor)")
@@ -382,6 +387,8 @@ def dequantize_tensor(t: StoredTensor) -> torch.Tensor:
     value = dequantize_grid(t.q, t.scale) if t.quantized else t.raw
     if t.quantized and t.protect is not None:
         value = t.protect.dequantize(t.q, value)
+    if t.lqer is not None:
+        value = value + t.lqer.dense()
     return value.reshape(t.shape).to(_RESTORE_DTYPES[t.dtype])
 
 

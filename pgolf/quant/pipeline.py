@@ -4,11 +4,16 @@ In order: unbank the checkpoint (pgolf/model/layout.py); quantise every tensor
 (pgolf/quant/policy.py, GPTQ in pgolf/quant/gptq.py); with
 ``quantize.fit_to_limit``, demote block matrices over the byte target a bit at
 a time (pgolf/quant/bit_allocation.py); with ``quantize.prune``, the ±1
-pruning takes what is left (pgolf/quant/pruning.py); encode (pgolf/quant/artifact.py).
+pruning takes what is left (pgolf/quant/pruning.py); with ``quantize.lqer_top_k``,
+LQER factors on the realised weights (pgolf/quant/lqer.py); encode
+(pgolf/quant/artifact.py, pgolf/quant/grouped.py with ``compression: grouped``).
 Both aim at the byte target ``16,000,000 − code bytes − prune_margin_bytes``,
 code bytes = the ``train_gpt.py`` bundle's counted bytes under ``code_root``
 (pgolf/submission/bundle.py); the
-size_check stage is the gate either way.
+size_check stage is the gate either way. LQER and the target: every probe of
+the fit and the pruning encodes its tensors *with* the factors LQER fits to
+them (the same deterministic function as the final step), so the factors'
+bytes are counted exactly and the chosen tensors, corrected, meet the target.
 """
 from __future__ import annotations
 
@@ -25,12 +30,15 @@ from pgolf.model.gpt import unbank_state_dict
 from pgolf.model.layout import BLOCK_CLASSES
 from pgolf.precision import synchronize
 from pgolf.progress import StageLog
-from pgolf.quant.artifact import StoredTensor, require_finite
+from pgolf.quant.artifact import StoredTensor, decode, require_finite
 from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
+from pgolf.quant.encode_cache import EncodeCache
 from pgolf.quant.hessian_file import HessianSet, load_hessians
-from pgolf.quant.policy import EncodeCache, QuantizeConfig, QuantizeResult, quantize_state_dict
+from pgolf.quant.lqer import lqer_step
+from pgolf.quant.policy import QuantizeConfig, QuantizeResult, quantize_state_dict
 from pgolf.quant.pruning import prune_to_target
 from pgolf.quant.quant_config import frontier_defaults
+from pgolf.quant.roles import role_of
 from pgolf.submission.size import LIMIT_BYTES, bundle_reserved_bytes
 
 # Search settings of the byte budget stay out of the artifact's meta: the bits of
@@ -128,14 +136,14 @@ def quantize_loaded(ckpt: Checkpoint, hs: HessianSet, cfg: QuantizeConfig, devic
 
     meta = {"quantize": recorded_settings(cfg)}
     blobs = EncodeCache(ckpt.model_config.to_dict(), meta, cfg)
+    with_lqer = lqer_step(state, cfg.lqer_top_k, cfg.lqer_rank, cfg.lqer_group)
     tensors, report, budget_metrics = result.tensors, result.report, {}
     if cfg.fit_to_limit or cfg.prune:
         tensors, report, budget_metrics = _meet_byte_target(result, state, hs, cfg, device, target, blobs,
-                                                            hessian_source, log)
+                                                            hessian_source, log, with_lqer)
+    tensors, lqer_records = with_lqer(tensors)
     blob = blobs.encode(tensors)
-    # Each tensor's exact share of the file: its own compressed frame (format v2).
-    frame_bytes = {t.name: len(f) for t, f in zip(tensors, blobs.frames(tensors))}
-    report = [{**r, "compressed_bytes": frame_bytes.get(r["name"])} for r in report]
+    report, layout_metrics = layout_report(report, tensors, blob, blobs, cfg, lqer_records)
     finished = time.perf_counter()
 
     quantized_rows = [r for r in report if r["bits"] is not None]
@@ -149,8 +157,32 @@ def quantize_loaded(ckpt: Checkpoint, hs: HessianSet, cfg: QuantizeConfig, devic
         "hessian_error_total": sum(r["hessian_error"] or 0.0 for r in quantized_rows),
         "calibration_tokens": hs.num_tokens, "device": device.type,
         "seconds": round(finished - started, 3), "seconds_quantize": round(quantized - started, 3),
-        **routing_summary(report), **budget_metrics, "params": to_dict(cfg)}
+        **routing_summary(report), **budget_metrics, **layout_metrics, "params": to_dict(cfg)}
     return QuantizeOutcome(blob, report, metrics)
+
+
+def layout_report(report: list[dict], tensors: list[StoredTensor], blob: bytes, blobs: EncodeCache,
+                  cfg: QuantizeConfig, lqer_records: list[dict]) -> tuple[list[dict], dict]:
+    """The report rows with each tensor's compressed bytes (plain: its own frame; grouped: None, and
+    its ``group``) and LQER record, and the metrics of the layout: frames (grouped) and LQER choices."""
+    metrics: dict = {}
+    if cfg.compression == "plain":
+        frame_bytes = {t.name: len(f) for t, f in zip(tensors, blobs.frames(tensors))}
+        report = [{**r, "compressed_bytes": frame_bytes.get(r["name"])} for r in report]
+    else:
+        frames = [dict(f) for f in decode(blob, "encoded artifact").frames]  # also proves the round trip
+        # A quantised matrix with a role lies in its role's frame (its scales in the remainder).
+        grouped = {t.name: role_of(t.name) for t in tensors if t.quantized and len(t.shape) == 2}
+        frame_of = {f["frame"]: f for f in frames}
+        report = [{**r, "compressed_bytes": None, "group": (g := grouped.get(r["name"]) or "remainder"),
+                   "group_compressor": frame_of[g]["compressor"], "group_frame_bytes": frame_of[g]["bytes"]}
+                  for r in report]
+        metrics.update(compression="grouped", compressor=cfg.compressor, frames=frames)
+    if lqer_records:
+        by_name = {rec["name"]: {k: v for k, v in rec.items() if k != "name"} for rec in lqer_records}
+        report = [{**r, "lqer": by_name[r["name"]]} if r["name"] in by_name else r for r in report]
+        metrics.update(lqer=lqer_records, lqer_bytes=sum(rec["factor_bytes"] for rec in lqer_records))
+    return report, metrics
 
 
 def _warn_if_trained_on_another_grid(meta: Mapping, cfg: QuantizeConfig, log: StageLog) -> None:
@@ -168,7 +200,7 @@ def _warn_if_trained_on_another_grid(meta: Mapping, cfg: QuantizeConfig, log: St
 def _meet_byte_target(result: QuantizeResult, state: Mapping[str, torch.Tensor], hs: HessianSet,
                       cfg: QuantizeConfig,
                       device: torch.device, target: int, blobs: EncodeCache, hessian_source: str,
-                      log: StageLog) -> tuple[list[StoredTensor], list[dict], dict]:
+                      log: StageLog, with_lqer: Callable) -> tuple[list[StoredTensor], list[dict], dict]:
     """fit_to_limit, then prune, as ``cfg`` says: (tensors, report, their ``fit_*``/``prune_*`` metrics)."""
     code = LIMIT_BYTES - cfg.prune_margin_bytes - target
     log.line(f"byte target {target:,} (code {code:,}, margin {cfg.prune_margin_bytes:,})")
@@ -176,7 +208,7 @@ def _meet_byte_target(result: QuantizeResult, state: Mapping[str, torch.Tensor],
     def probe(what: str) -> Callable[[list[StoredTensor]], int]:
         def encoded_size(ts: list[StoredTensor]) -> int:
             began = time.perf_counter()
-            size = len(blobs.encode(ts))
+            size = len(blobs.encode(with_lqer(ts)[0]))  # the factors' bytes count
             log.line(f"{what} probe: {size:,} bytes ({size - target:+,} vs target) in "
                      f"{time.perf_counter() - began:.1f} s")
             return size

@@ -34,7 +34,7 @@ from pgolf.quant.quant_config import QuantizeConfig
 from pgolf.quant.routing import GATE_BITS, hessian_key_of, sdclip_k, solved_bits, tensor_class
 
 __all__ = ["QuantizeConfig", "QuantizeResult", "candidate_scales", "row_quantiles", "tensor_class",
-           "quantize_state_dict", "quantize_block_matrices", "realised_weights", "EncodeCache"]
+           "quantize_state_dict", "quantize_block_matrices", "realised_weights"]
 
 
 @dataclass(frozen=True)
@@ -272,31 +272,3 @@ def realised_weights(state: Mapping[str, torch.Tensor], tensors: list[StoredTens
             w = state[t.name].detach().float().cpu().reshape(t.q.shape)
             out[t.name] = (w, dequantize_tensor(dataclasses.replace(t, dtype="float32")).reshape(t.q.shape))
     return out
-
-
-class EncodeCache:
-    """``encode`` with memory. Each tensor's compressed frame is kept (keyed by
-    the identity of the immutable StoredTensor, which is held so the id cannot
-    be reused), so a fit round, a pruning probe or the final write compresses
-    only the tensors it has not seen; the latest few whole blobs are kept too."""
-
-    def __init__(self, model_config: dict, meta: dict, cfg: QuantizeConfig, keep: int = 2):
-        self.model_config, self.meta, self.cfg, self.keep = model_config, meta, cfg, keep
-        self._frames: dict[int, tuple[StoredTensor, bytes]] = {}
-        self._blobs: dict[tuple[int, ...], tuple[list, bytes]] = {}
-
-    def frames(self, tensors: list) -> list[bytes]:
-        new = [t for t in dict.fromkeys(tensors, None) if id(t) not in self._frames]
-        for t, frame in zip(new, tensor_frames(new, self.cfg.compressor, self.cfg.compression_level)):
-            self._frames[id(t)] = (t, frame)
-        return [self._frames[id(t)][1] for t in tensors]
-
-    def encode(self, tensors: list) -> bytes:
-        key = tuple(id(t) for t in tensors)
-        if key not in self._blobs:
-            blob = encode(tensors, self.model_config, self.meta, self.cfg.compressor, self.cfg.compression_level,
-                          frames=self.frames(tensors))
-            if len(self._blobs) >= self.keep:
-                self._blobs.pop(next(iter(self._blobs)))
-            self._blobs[key] = (list(tensors), blob)
-        return self._blobs[key][1]

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pgolf.config import check
+from pgolf.quant.compression import check_compression
 from pgolf.quant.grid import GridBits
+from pgolf.quant.lqer_factors import check_lqer
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class QuantizeConfig:
     embed_bits: int
     embed_clip_quantile: float
     passthrough_numel: int  # tensors with at most this many values stay fp16
-    compressor: Literal["zstd", "lzma"]
+    compressor: Literal["zstd", "lzma", "brotli", "zpaq"]  # brotli/zpaq: grouped only, optional packages
     zstd_level: int
     lzma_preset: int
     prune: bool  # selective ±1 pruning down to the byte target (docs/RECIPE.md §4.6)
@@ -47,6 +49,10 @@ class QuantizeConfig:
     gate_int8: bool = False  # attention gates int8 per row instead of fp16 passthrough
     awq_top_k: int = 0  # AWQ-lite: column groups kept at int8 model-wide (0 = off; needs hessians.activation_rms)
     awq_group_size: int = 64
+    lqer_top_k: int = 0  # LQER on this many worst tensors (pgolf/quant/lqer.py); 0 = off
+    lqer_rank: int = 4
+    lqer_group: int = 64  # B's INT4 group
+    compression: Literal["plain", "grouped"] = "plain"  # grouped: format 3 (pgolf/quant/grouped.py)
 
     def __post_init__(self) -> None:
         check(self.damp >= 0, "damp", "must be >= 0")
@@ -73,6 +79,8 @@ class QuantizeConfig:
         check(self.awq_top_k == 0 or self.clip == "sdclip", "awq_top_k",
               "needs clip: sdclip (the protected columns' range is k·std(row), docs/FRONTIER.md §4.5)")
         check(self.awq_top_k == 0 or self.method == "gptq", "awq_top_k", "needs method: gptq")
+        check_lqer(self.lqer_top_k, self.lqer_rank, self.lqer_group)
+        check_compression(self.compression, self.compressor)
 
     @property
     def grid_bits(self) -> GridBits:
@@ -87,7 +95,7 @@ class QuantizeConfig:
 # The frontier keys: recorded in the artifact's meta only when set away from their
 # default, so a run with them off writes the same bytes as before they existed.
 FRONTIER_KEYS = ("clip", "sdclip_k_attn", "sdclip_k_mlp", "sdclip_k_embed", "embed_method", "gate_int8",
-                 "awq_top_k", "awq_group_size")
+                 "awq_top_k", "awq_group_size", "lqer_top_k", "lqer_rank", "lqer_group", "compression")
 
 
 def frontier_defaults() -> dict:

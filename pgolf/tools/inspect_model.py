@@ -195,6 +195,21 @@ def _report_rows(path: Path) -> tuple[dict[str, dict], str | None]:
     return {r["name"]: r for r in rows}, None
 
 
+def _layout_lines(art: artifact_format.Artifact) -> list[str]:
+    """Format 2: the index frame; format 3: each group's frame and compressor. Then the LQER factors."""
+    lines = ([f"index frame {art.index_frame_bytes:,} bytes; \"in file\" = each tensor's own compressed frame"]
+             if not art.frames else
+             ["grouped layout: one frame per role group (\"in file\" lies in the groups)",
+              *["  " + row for row in table(["frame", "compressor", "raw bytes", "bytes"], [
+                  [f["frame"], f["compressor"], f["raw_bytes"], f["bytes"]] for f in art.frames])]])
+    corrected = [t for t in art.tensors if t.lqer is not None]
+    if corrected:
+        lines.append(f"LQER on {len(corrected)} tensors:")
+        lines += ["  " + row for row in table(["name", "mode", "rank", "group", "factor bytes"], [
+            [t.name, t.lqer.mode, t.lqer.rank, t.lqer.group, t.lqer.stored_bytes()] for t in corrected])]
+    return lines
+
+
 def summarise_artifact(path: Path) -> Summary:
     """Header (format, compressor, sizes), per-tensor storage and, with report.json beside it, errors."""
     blob = path.read_bytes()
@@ -203,9 +218,12 @@ def summarise_artifact(path: Path) -> Summary:
     compressor = {v: k for k, v in artifact_format.COMPRESSORS.items()}[comp_id]
     report, report_note = _report_rows(path)
     tensors = []
-    for t, in_file in zip(art.tensors, art.frame_bytes):
+    own_frames = list(art.frame_bytes) or [None] * len(art.tensors)  # format 3: the groups' frames instead
+    for t, in_file in zip(art.tensors, own_frames):
         row = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "method": t.method,
-               "bits": t.bits, "stored_bytes": t.stored_bytes(), "file_bytes": in_file, "numel": math.prod(t.shape)}
+               "bits": t.bits, "stored_bytes": t.stored_bytes(), "file_bytes": in_file, "numel": math.prod(t.shape),
+               "lqer": None if t.lqer is None else {"mode": t.lqer.mode, "rank": t.lqer.rank,
+                                                   "group": t.lqer.group, "bytes": t.lqer.stored_bytes()}}
         extra = report.get(t.name, {})
         row.update({k: extra.get(k) for k in ("weight_mse", "hessian_error", "clip", "fallback")})
         if t.protect is not None:  # AWQ-lite's int8 column groups, as the file stores them
@@ -218,10 +236,10 @@ def summarise_artifact(path: Path) -> Summary:
         group["tensors"] += 1
         group["values"] += row["numel"]
         group["stored_bytes"] += row["stored_bytes"]
-        group["file_bytes"] += row["file_bytes"]
+        group["file_bytes"] += row["file_bytes"] or 0
     facts = {"format_version": version, "compressor": compressor, "file_bytes": len(blob),
              "compressed_payload_bytes": packed_len, "payload_bytes": raw_len,
-             "index_frame_bytes": art.index_frame_bytes,
+             "index_frame_bytes": art.index_frame_bytes, "frames": [dict(f) for f in art.frames],
              "num_parameters": sum(r["numel"] for r in tensors), "by_storage": by_storage,
              "model_config": art.model_config, "meta": art.meta, "tensors": tensors,
              "report": str(path.parent / "report.json") if report else None, "report_note": report_note}
@@ -233,9 +251,10 @@ def summarise_artifact(path: Path) -> Summary:
              f"file {len(blob):,} bytes (payload {raw_len:,} bytes compressed to {packed_len:,}, "
              f"ratio {raw_len / max(packed_len, 1):.2f})",
              f"{len(tensors)} tensors, {facts['num_parameters']:,} values: "
-             + ", ".join(f"{k} {v['tensors']} ({v['stored_bytes']:,} bytes stored, {v['file_bytes']:,} in the file)"
+             + ", ".join(f"{k} {v['tensors']} ({v['stored_bytes']:,} bytes stored, "
+                         + (f"{v['file_bytes']:,} in the file)" if not art.frames else "in the group frames)")
                          for k, v in sorted(by_storage.items())),
-             f"index frame {art.index_frame_bytes:,} bytes; \"in file\" = each tensor's own compressed frame",
+             *_layout_lines(art),
              *["  " + row for row in table(headers, [
                  [r["name"], "x".join(map(str, r["shape"])) or "scalar", r["method"], r["bits"], r["stored_bytes"],
                   r["file_bytes"]]

@@ -48,7 +48,8 @@ QUANT_PARAMS = {
                  "prune_margin_bytes": 0, "fit_to_limit": False,
                  "fit_min_bits": 5, "clip": "search", "sdclip_k_attn": 13.0, "sdclip_k_mlp": 11.5,
                  "sdclip_k_embed": 14.0, "embed_method": "rtn", "gate_int8": False, "awq_top_k": 0,
-                 "awq_group_size": 64},
+                 "awq_group_size": 64, "lqer_top_k": 0, "lqer_rank": 4, "lqer_group": 64,
+                 "compression": "plain"},
     "size": {"enforce": True},
 }
 

@@ -45,7 +45,7 @@ PARAMS.update({
                  "mlp_bits": 6, "embed_bits": 8, "embed_clip_quantile": 0.9999,
                  "passthrough_numel": 256, "compressor": "zstd", "zstd_level": 3, "lzma_preset": 6,
                  "prune": False, "prune_margin_bytes": 0, "fit_to_limit": False,
-                 "fit_min_bits": 5},
+                 "fit_min_bits": 5, "lqer_top_k": 0, "lqer_rank": 4, "lqer_group": 64, "compression": "plain"},
     "eval_sliding": {"seq_len": 32, "stride": 16, "batch_windows": 32, "trim_to_seq_len": True,
                      "compile": False, **TILT_OFF},
     "eval_ttt": to_dict(EvalTTTConfig(**{"chunk_tokens": 8192, "epochs": 1, "optimizer": "sgd", "lr": 0.002,

@@ -207,11 +207,11 @@ def one_thread_module():
 
 
 def test_fit_through_the_stage_cache_compresses_each_tensor_once(sizes, monkeypatch):
-    import pgolf.quant.policy as quantize_mod
+    import pgolf.quant.encode_cache as encode_cache_mod
     compressed = []
-    real_frames = quantize_mod.tensor_frames
-    monkeypatch.setattr(quantize_mod, "tensor_frames", lambda ts, *a: compressed.extend(ts) or real_frames(ts, *a))
-    cache = quantize_mod.EncodeCache({}, {}, cfg())
+    real_frames = encode_cache_mod.tensor_frames
+    monkeypatch.setattr(encode_cache_mod, "tensor_frames", lambda ts, *a: compressed.extend(ts) or real_frames(ts, *a))
+    cache = encode_cache_mod.EncodeCache({}, {}, cfg())
     target = (sizes["six"] + sizes["five"]) // 2
     out = fit_to_limit(sizes["result6"], STATE, HESSIANS, TOKENS, cfg(), CPU, target,
                        lambda ts: len(cache.encode(ts)), "h.pt",

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import pgolf.quant.encode_cache as encode_cache_mod
 import pgolf.quant.policy as quantize_mod
 from pgolf.quant.artifact import encode
 from pgolf.errors import DataError
@@ -262,9 +263,9 @@ def test_config_validation_names_the_key():
 def test_encode_cache_compresses_each_tensor_once(monkeypatch):
     tensors = quantize_state_dict(STATE, HESSIANS, TOKENS, BASE, CPU).tensors
     compressed = []
-    real_frames = quantize_mod.tensor_frames
-    monkeypatch.setattr(quantize_mod, "tensor_frames", lambda ts, *a: compressed.extend(ts) or real_frames(ts, *a))
-    cache = quantize_mod.EncodeCache({"d": 1}, {"m": 2}, BASE)
+    real_frames = encode_cache_mod.tensor_frames
+    monkeypatch.setattr(encode_cache_mod, "tensor_frames", lambda ts, *a: compressed.extend(ts) or real_frames(ts, *a))
+    cache = encode_cache_mod.EncodeCache({"d": 1}, {"m": 2}, BASE)
     first = cache.encode(tensors)
     assert first == encode(tensors, {"d": 1}, {"m": 2}, BASE.compressor, BASE.compression_level)
     assert cache.encode(list(tensors)) is first and len(compressed) == len(tensors)  # same objects, new list

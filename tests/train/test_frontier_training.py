@@ -28,7 +28,8 @@ QUANT = {"hessians": {"source": "train", "seq_len": 32, "train_batches": 2, "tra
                       "clip_candidates": [0.999, 1.0], "clip_metric": "weight_mse", "attn_bits": 6,
                       "mlp_bits": 6, "embed_bits": 8, "embed_clip_quantile": 0.9999, "passthrough_numel": 256,
                       "compressor": "zstd", "zstd_level": 10, "lzma_preset": 6, "prune": False,
-                      "prune_margin_bytes": 0, "fit_to_limit": False, "fit_min_bits": 5}}
+                      "prune_margin_bytes": 0, "fit_to_limit": False, "fit_min_bits": 5,
+                      "lqer_top_k": 0, "lqer_rank": 4, "lqer_group": 64, "compression": "plain"}}
 
 
 def test_recurrence_switch_point_by_steps_and_by_clock():

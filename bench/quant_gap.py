@@ -16,7 +16,8 @@ every variant is compared at full width) and the variants change only:
 - ``search``: ``clip: search``, ``embed_method: rtn``, ``awq_top_k: 0`` (today's quantiser);
 - ``sdclip``: ``clip: sdclip`` with the run's (or default) k per class (docs/FRONTIER.md §4.3);
 - ``sdclip_embed7``: + the tied embedding through GPTQ at int7 (docs/FRONTIER.md §4.1);
-- ``sdclip_embed7_awq``: + AWQ-lite, one 64-column group model-wide (docs/FRONTIER.md §4.5).
+- ``sdclip_embed7_lqer``: + LQER on the 3 worst tensors at the run's rank and group (docs/FRONTIER.md §4.4);
+- ``sdclip_embed7_lqer_awq``: + AWQ-lite, one 64-column group model-wide (docs/FRONTIER.md §4.5).
 
 ``gate_int8`` stays as the run's params say. Scoring uses the first
 ``--val-tokens`` validation tokens (all by default) in non-overlapping
@@ -56,10 +57,12 @@ from pgolf.quant.pipeline import quantize_loaded  # noqa: E402
 from pgolf.quant.policy import QuantizeConfig  # noqa: E402
 
 VARIANTS = {
-    "search": dict(clip="search", embed_method="rtn", awq_top_k=0),
-    "sdclip": dict(clip="sdclip", embed_method="rtn", awq_top_k=0),
-    "sdclip_embed7": dict(clip="sdclip", embed_method="gptq", embed_bits=7, awq_top_k=0),
-    "sdclip_embed7_awq": dict(clip="sdclip", embed_method="gptq", embed_bits=7, awq_top_k=1, awq_group_size=64),
+    "search": dict(clip="search", embed_method="rtn", awq_top_k=0, lqer_top_k=0),
+    "sdclip": dict(clip="sdclip", embed_method="rtn", awq_top_k=0, lqer_top_k=0),
+    "sdclip_embed7": dict(clip="sdclip", embed_method="gptq", embed_bits=7, awq_top_k=0, lqer_top_k=0),
+    "sdclip_embed7_lqer": dict(clip="sdclip", embed_method="gptq", embed_bits=7, awq_top_k=0, lqer_top_k=3),
+    "sdclip_embed7_lqer_awq": dict(clip="sdclip", embed_method="gptq", embed_bits=7, awq_top_k=1,
+                                   awq_group_size=64, lqer_top_k=3),
 }
 CHECKPOINT = Path("artifacts/train/model.pt")
 HESSIANS = Path("artifacts/hessians/hessians.pt")

@@ -29,8 +29,12 @@ from pgolf.quant.lqer_factors import LqerFactors, quantize_factors
 
 
 def quantization_error(t: StoredTensor, weight: torch.Tensor) -> torch.Tensor:
-    """E = W − q·s in float64, shaped like the matrix."""
-    return weight.detach().cpu().double().reshape(t.q.shape) - dequantize_grid(t.q, t.scale).double()
+    """E = W − Ŵ in float64, shaped like the matrix; Ŵ = q·s with AWQ-lite's protected columns at their own
+    scale (docs/FRONTIER.md §4.5: LQER is fitted on the realised weight)."""
+    realised = dequantize_grid(t.q, t.scale)
+    if t.protect is not None:
+        realised = t.protect.dequantize(t.q, realised)
+    return weight.detach().cpu().double().reshape(t.q.shape) - realised.double()
 
 
 def lqer_candidates(tensors: Sequence[StoredTensor], state: Mapping[str, torch.Tensor]) -> list[str]:

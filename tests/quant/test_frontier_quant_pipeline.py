@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from pgolf.io import write_json_atomic
@@ -92,3 +93,33 @@ def test_frontier_keys_off_leave_the_artifact_meta_as_before():
     meta = decode(out.blob).meta["quantize"]
     assert not {"clip", "embed_method", "gate_int8", "awq_top_k", "sdclip_k_attn"} & set(meta)
     assert json.dumps(out.metrics["awq"]) == "[]"
+
+
+@pytest.mark.parametrize("LAYOUT", ["plain", "grouped"])
+def test_awq_lqer_and_grouped_layout_together(tmp_path, LAYOUT):
+    """All of docs/FRONTIER.md §4.1-§4.6 at once: LQER is fitted on the realised weight, AWQ-lite's protected
+    columns included (§4.5), and the grouped file restores both exactly."""
+    model = gated_recurrent_model()
+    ids = torch.randint(64, (4, 32), generator=torch.Generator().manual_seed(2))
+    hs = collect_hessians(model, [ids[:2], ids[2:]], CPU, lambda: torch.autocast("cpu", enabled=False),
+                          head=True, activation_rms=True)
+    ckpt = Checkpoint(model_config=model.cfg, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
+                      meta={})
+    cfg = dataclasses.replace(CFG, lqer_top_k=3, lqer_rank=2, lqer_group=16, compression=LAYOUT)
+    with StageLog(None, enabled=False) as log:
+        out = quantize_loaded(ckpt, hs, cfg, CPU, None, "model.pt", "hessians.pt", log)
+    art = decode(out.blob)
+    corrected = {t.name: t for t in art.tensors if t.lqer is not None}
+    assert len(corrected) == 3 and any(t.protect is not None for t in art.tensors)
+    path = tmp_path / "model.ptz"
+    path.write_bytes(out.blob)
+    restored = unbank_state_dict(load_dequantized_model(path, CPU).state_dict(), model.cfg)
+    original = unbank_state_dict(ckpt.state_dict, model.cfg)
+    plain = [dataclasses.replace(t, lqer=None) for t in art.tensors]
+    for name, (w, w_hat) in realised_weights(original, plain).items():
+        got = restored[name].float().reshape(w_hat.shape)
+        if name in corrected:  # q·s (protected columns at their own scale) + Â·B̂, and closer to W than q·s alone
+            assert torch.allclose(got, w_hat + corrected[name].lqer.dense(), atol=1e-6), name
+            assert float((w - got).norm()) < float((w - w_hat).norm()), name
+        else:
+            assert torch.equal(got, w_hat), name

@@ -44,12 +44,12 @@ def test_every_variant_on_two_runs(tmp_path, tiny_data):
                            "--val-tokens", "640"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
-    assert r["variants"] == ["search", "sdclip", "sdclip_embed7", "sdclip_embed7_awq"]
+    assert r["variants"] == ["search", "sdclip", "sdclip_embed7", "sdclip_embed7_lqer", "sdclip_embed7_lqer_awq"]
     for run in r["runs"]:
         assert run["hessians"] == "collected" and run["float"]["scored_tokens"] == 640
         for name, v in run["variants"].items():
             assert v["scored_tokens"] == 640
             assert abs(v["gap_bpb"] - (v["val_bpb"] - run["float"]["val_bpb"])) < 1e-12
         assert run["variants"]["sdclip_embed7"]["model_bytes"] < run["variants"]["sdclip"]["model_bytes"]
-        assert len(run["variants"]["sdclip_embed7_awq"]["awq"]) == 1 and not run["variants"]["sdclip"]["awq"]
-    assert "sdclip_embed7_awq" in proc.stdout.splitlines()[-1]
+        assert len(run["variants"]["sdclip_embed7_lqer_awq"]["awq"]) == 1 and not run["variants"]["sdclip"]["awq"]
+    assert "sdclip_embed7_lqer_awq" in proc.stdout.splitlines()[-1]

@@ -52,12 +52,13 @@ def _cmd_significance(args: argparse.Namespace) -> int:
         print(f"candidate {args.metric}: mean {r.candidate_mean:.6f}  std {r.candidate_std:.6f}  (n={len(cand)})")
         print(f"baseline  {args.metric}: mean {r.baseline_mean:.6f}  std {r.baseline_std:.6f}  (n={len(base)})")
         bpb = report["improvement_bpb"]
-        print(f"improvement: {r.improvement:+.6f} nats" + (f", {bpb:+.6f} bpb" if bpb is not None else ""))
+        unit = "bpb" if args.metric.endswith("bpb") else "nats"  # the margin is in the metric's own unit
+        print(f"improvement: {r.improvement:+.6f} {unit}" + (f", {bpb:+.6f} bpb" if bpb is not None and unit == "nats" else ""))
         df = "inf" if math.isinf(r.df) else f"{r.df:.2f}"
         print(f"Welch t = {r.t_stat:.4f}, df = {df}, one-sided p = {r.p_value:.3g} "
-              f"for improvement >= {r.margin} nats")
+              f"for improvement >= {r.margin} {unit}")
         verdict = "SIGNIFICANT" if r.significant else "NOT significant"
-        print(f"verdict: {verdict} at alpha {r.alpha} (needs improvement > {r.margin} nats and p < {r.alpha})")
+        print(f"verdict: {verdict} at alpha {r.alpha} (needs improvement > {r.margin} {unit} and p < {r.alpha})")
     return 0
 
 

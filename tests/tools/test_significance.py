@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -83,3 +84,18 @@ def test_experiment_lookup_from_exp_show_json():
     from pgolf.errors import DataError
     with _pytest.raises(DataError, match="not found"):
         dvc_experiment_metrics("seed-9", show)
+
+
+def test_a_bpb_metric_is_reported_in_bpb(tmp_path, capsys):
+    from pgolf.tools.cli import main
+    paths = {}
+    for side, values in (("c", (1.430, 1.432, 1.431)), ("b", (1.440, 1.441, 1.442))):
+        paths[side] = []
+        for i, v in enumerate(values):
+            f = tmp_path / f"{side}{i}.json"
+            f.write_text(json.dumps({"val_bpb": v, "val_loss": 3.0}))
+            paths[side].append(str(f))
+    assert main(["significance", "--candidate", *paths["c"], "--baseline", *paths["b"], "--metric", "val_bpb",
+                 "--margin", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "improvement: +0.010000 bpb\n" in out and "nats" not in out

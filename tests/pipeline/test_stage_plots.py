@@ -27,6 +27,7 @@ import stages.quantize
 import stages.train
 from pgolf.config import to_dict
 from pgolf.eval.ttt import EvalTTTConfig
+from pgolf.quant.quant_config import QuantizeConfig
 from pgolf.model.checkpoint import load_checkpoint
 from pgolf.model.gpt import unbank_state_dict
 
@@ -39,13 +40,15 @@ BLOCK_MATRIX = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|pro
 PARAMS = tiny_train_params(train={"max_steps": 12, "warmdown_steps": 6, "log_every": 4})
 PARAMS.update({
     "hessians": {"source": "train", "seq_len": 32, "train_batches": 3, "train_batch_seqs": 4,
-                 "ar_num_seqs": 4, "ar_batch_seqs": 2, "ar_temperature": 0.8, "seed": 0},
-    "quantize": {"method": "gptq", "damp": 0.01, "block_size": 16, "act_order": True,
-                 "clip_candidates": [0.999, 1.0], "clip_metric": "weight_mse", "attn_bits": 6,
+                 "ar_num_seqs": 4, "ar_batch_seqs": 2, "ar_temperature": 0.8, "seed": 0,
+                 "head": False, "activation_rms": False},
+    "quantize": to_dict(QuantizeConfig(**{"method": "gptq", "damp": 0.01, "block_size": 16, "act_order": True,
+                 "clip_candidates": (0.999, 1.0), "clip_metric": "weight_mse", "attn_bits": 6,
                  "mlp_bits": 6, "embed_bits": 8, "embed_clip_quantile": 0.9999,
                  "passthrough_numel": 256, "compressor": "zstd", "zstd_level": 3, "lzma_preset": 6,
                  "prune": False, "prune_margin_bytes": 0, "fit_to_limit": False,
-                 "fit_min_bits": 5, "lqer_top_k": 0, "lqer_rank": 4, "lqer_group": 64, "compression": "plain"},
+                 "fit_min_bits": 5, "lqer_top_k": 0, "lqer_rank": 4, "lqer_group": 64,
+                 "compression": "plain"})),  # every frontier key at its default (off)
     "eval_sliding": {"seq_len": 32, "stride": 16, "batch_windows": 32, "trim_to_seq_len": True,
                      "compile": False, **TILT_OFF},
     "eval_ttt": to_dict(EvalTTTConfig(**{"chunk_tokens": 8192, "epochs": 1, "optimizer": "sgd", "lr": 0.002,

@@ -5,7 +5,8 @@ with the first ``ast.unparse``; none changes what runs:
 
 * **Docstrings** of modules, classes and functions are dropped (nothing packed
   reads ``__doc__``).
-* **Annotations of function arguments and returns** are dropped, and an
+* **Annotations of function arguments and returns** are dropped (not of decorated
+  functions: ``custom_op`` and ``triton.jit`` read them), and an
   annotated assignment with a value outside a class body becomes a plain
   assignment. Class-body annotations stay: they define dataclass fields, and
   :func:`pgolf.config.from_params` reads their types.
@@ -61,7 +62,10 @@ def drop_annotations(tree: ast.Module) -> None:
     """Function argument/return annotations; ``x: T = v`` → ``x = v`` outside class bodies."""
     class_bodies = {id(s) for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for s in node.body}
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        # A decorator may read them: torch.library.custom_op builds the op's schema from them and
+        # triton.jit reads ``tl.constexpr``, so decorated functions keep theirs.
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and not getattr(
+                node, "decorator_list", None):
             a = node.args
             for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
                 if arg is not None:

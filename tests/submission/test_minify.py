@@ -108,3 +108,13 @@ def test_squeeze_keeps_words_apart_and_f_strings_whole():
     assert scope_a["f"]("s", 2) == scope_b["f"]("s", 2) == "'s' =    2 {x}1"
     multi = 'x = """a\n  b"""'
     assert squeeze_spaces(multi, "x") == multi  # a token over two lines: left as it is
+
+
+def test_decorated_functions_keep_their_annotations():
+    """torch.library.custom_op builds its schema from them; triton.jit reads tl.constexpr."""
+    from pgolf.submission.minify import drop_annotations
+    tree = ast.parse("@op('x')\ndef f(a: int, b: 'T') -> int:\n    return a\ndef g(a: int) -> int:\n    return a\n")
+    drop_annotations(tree)
+    f, g = tree.body
+    assert [x.annotation is not None for x in f.args.args] == [True, True] and f.returns is not None
+    assert g.args.args[0].annotation is None and g.returns is None

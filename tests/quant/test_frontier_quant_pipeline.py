@@ -97,8 +97,8 @@ def test_frontier_keys_off_leave_the_artifact_meta_as_before():
 
 @pytest.mark.parametrize("LAYOUT", ["plain", "grouped"])
 def test_awq_lqer_and_grouped_layout_together(tmp_path, LAYOUT):
-    """All of docs/FRONTIER.md §4.1-§4.6 at once: LQER is fitted on the realised weight, AWQ-lite's protected
-    columns included (§4.5), and the grouped file restores both exactly."""
+    """docs/FRONTIER.md §4.4, docs/FRONTIER.md §4.5 and docs/FRONTIER.md §4.6 at once: LQER is fitted on the
+    realised weight, AWQ-lite's protected columns included, and the grouped file restores both exactly."""
     model = gated_recurrent_model()
     ids = torch.randint(64, (4, 32), generator=torch.Generator().manual_seed(2))
     hs = collect_hessians(model, [ids[:2], ids[2:]], CPU, lambda: torch.autocast("cpu", enabled=False),

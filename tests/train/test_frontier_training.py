@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers.models import QUANT_PARAMS
 from tests.helpers import link_data, tiny_train_params
 
 import stages.hessians
@@ -22,14 +23,8 @@ FRONTIER_MODEL = {"num_layers": 4, "xsa_layers": [0, 1, 2, 3], "ve_layers": [], 
                   "recur_end": 2, "recur_loops": 1, "parallel_start_layer": 3, "attn_gate_window": 4,
                   "input_smear_window": 4, "doc_attention": True, "doc_attention_impl": "dense"}
 FRONTIER_OPTIM = {"muon_orthogonalizer": "polar_express", "muon_row_norm": True, "embed_wd": 0.085}
-QUANT = {"hessians": {"source": "train", "seq_len": 32, "train_batches": 2, "train_batch_seqs": 4,
-                      "ar_num_seqs": 4, "ar_batch_seqs": 2, "ar_temperature": 0.8, "seed": 0},
-         "quantize": {"method": "gptq", "damp": 0.01, "block_size": 16, "act_order": True,
-                      "clip_candidates": [0.999, 1.0], "clip_metric": "weight_mse", "attn_bits": 6,
-                      "mlp_bits": 6, "embed_bits": 8, "embed_clip_quantile": 0.9999, "passthrough_numel": 256,
-                      "compressor": "zstd", "zstd_level": 10, "lzma_preset": 6, "prune": False,
-                      "prune_margin_bytes": 0, "fit_to_limit": False, "fit_min_bits": 5,
-                      "lqer_top_k": 0, "lqer_rank": 4, "lqer_group": 64, "compression": "plain"}}
+# The shared hessians/quantize sections (every frontier switch off), at this test's sequence length.
+QUANT = {"hessians": {**QUANT_PARAMS["hessians"], "seq_len": 32}, "quantize": dict(QUANT_PARAMS["quantize"])}
 
 
 def test_recurrence_switch_point_by_steps_and_by_clock():

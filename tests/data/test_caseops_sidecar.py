@@ -153,6 +153,7 @@ def table_sidecar(tables: ByteTables, stream: np.ndarray) -> SidecarBytes:
     return SidecarBytes(np.concatenate([[0], per_target]).astype(np.uint16))
 
 
+@pytest.mark.slow  # > 1 s: kept out of the fast lane
 def test_evals_with_a_sidecar_equal_evals_with_tables_when_the_transform_is_off(plain_data):
     stream = load_split(plain_data / "data" / "shards", "val")[:2001]
     tables = build_byte_tables(plain_data / "data" / "tokenizer" / "tokenizer.model", 512)

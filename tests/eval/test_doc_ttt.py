@@ -149,6 +149,7 @@ def test_matches_the_one_document_at_a_time_float64_reference(spied):
     np.testing.assert_allclose(nll, reference, rtol=0, atol=1e-11)
 
 
+@pytest.mark.slow  # > 0.7 s: kept out of the fast lane
 def test_adapters_and_phases_change_the_scores():
     tokens = doc_stream(LENGTHS, seed=1)
     _, adapted, _ = run_spied(tokens)
@@ -242,6 +243,7 @@ def test_config_keys_and_their_checks():
             from_params(EvalTTTConfig, bad, "eval_ttt")
 
 
+@pytest.mark.slow  # > 0.7 s: kept out of the fast lane
 def test_reference_with_two_ranks_differs_from_one_only_in_order():
     """Two simulated ranks: each keeps its own warm A and pauses come after rounds of two batches."""
     tokens = doc_stream(LENGTHS[:6], seed=1)

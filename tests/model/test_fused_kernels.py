@@ -114,6 +114,7 @@ def test_fused_loss_keeps_fp32_for_bf16_inputs():
     assert nll.dtype == torch.float32
 
 
+@pytest.mark.slow  # > 1 s: kept out of the fast lane
 def test_fused_ops_compile_in_one_graph():
     """fullgraph=True: dynamo traces both custom ops (fake shapes + autograd) without a break."""
     x, w_up, w_down, weight = leaves((2, 3, 8), (12, 8), (8, 12), (11, 8), seed=9)

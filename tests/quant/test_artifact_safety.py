@@ -48,6 +48,7 @@ def test_same_tensors_saved_to_different_paths_have_the_same_bytes(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.slow  # > 0.7 s: kept out of the fast lane
 def test_two_tiny_training_runs_write_byte_identical_checkpoints(tmp_path, tiny_data):
     import stages.train
     params = tiny_train_params(train={"max_steps": 6, "warmdown_steps": 3, "log_every": 3})

@@ -36,6 +36,7 @@ def export(capsys, root: Path, out: Path, *extra: str) -> tuple[int, str, str]:
     return code, o, e
 
 
+@pytest.mark.slow  # > 0.7 s: kept out of the fast lane
 def test_export_writes_the_submission_folder(root, tmp_path, capsys):
     out = tmp_path / "submission"
     code, stdout, err = export(capsys, root, out)
@@ -89,6 +90,7 @@ def test_headline_is_sliding_when_ttt_did_not_run(root, tmp_path, capsys):
     assert "| val_bpb, legal score-first TTT | not run |" in (tmp_path / "out/README.md").read_text()
 
 
+@pytest.mark.slow  # > 0.7 s: kept out of the fast lane
 def test_over_limit_is_refused_unless_allowed(root, tmp_path, capsys):
     size = write_size(root, limit=1000)
     out = tmp_path / "out"
@@ -116,6 +118,7 @@ def test_missing_required_input_is_refused(root, tmp_path, capsys, missing):
     assert err == f"error: {root / missing}: required input missing (run the pipeline: dvc repro)\n"
 
 
+@pytest.mark.slow  # > 1 s: kept out of the fast lane
 def test_stale_size_report_and_bad_metrics_are_refused(root, tmp_path, capsys):
     # other params, and surely another size: compressed sizes come in 13-byte steps, so a one-key edit alone can
     # leave the file size (which is what size.json pairs with) unchanged

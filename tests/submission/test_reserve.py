@@ -26,6 +26,7 @@ def test_reserve_rounds_up_to_the_quantum():
     assert reserved_code_bytes(58_973, 1) == 58_973  # quantum 1: the exact bytes
 
 
+@pytest.mark.slow  # > 1 s: kept out of the fast lane
 def test_eval_only_edit_leaves_the_quantize_input_unchanged(tmp_path):
     a, b = compose("cpu", ["eval_ttt.lr=0.004"]), compose("cpu", ["eval_ttt.lr=0.0041"])
     ma, mb = stages.bundle.run(a, tmp_path / "a"), stages.bundle.run(b, tmp_path / "b")

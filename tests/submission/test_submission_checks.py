@@ -40,6 +40,7 @@ def bundle():
 
 
 # ------------------------------------------------------------------ bundle
+@pytest.mark.slow  # > 1 s: kept out of the fast lane
 def test_bundle_is_deterministic_and_carries_the_driver_closure(bundle, tmp_path):
     again = build_bundle(REPO, PARAMS)
     assert again.text == bundle.text and again.sha256 == bundle.sha256

@@ -83,6 +83,7 @@ def test_qat_and_swa_stay_off_when_disabled(tmp_path, tiny_data):
     assert m["swa_count"] == 0 and m["holdout_loss_swa"] is None and m["final_weights"] in ("live", "ema")
 
 
+@pytest.mark.slow  # > 0.7 s: kept out of the fast lane
 def test_forced_final_weights_are_written(tmp_path, tiny_data):
     m = train_in(tmp_path, tiny_data, train={"max_steps": 12, "warmdown_steps": 12, "final_weights": "ema"})
     assert m["final_weights"] == "ema"

@@ -82,6 +82,7 @@ def test_crash_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_data, monke
     assert state is None and "already finished at step 24" in why
 
 
+@pytest.mark.slow  # > 0.7 s: kept out of the fast lane
 def test_resume_state_of_another_config_is_ignored(tmp_path, tiny_data, monkeypatch):
     root = link_data(tmp_path, tiny_data)
     real_step = Trainer.train_step

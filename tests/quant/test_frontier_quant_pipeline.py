@@ -42,13 +42,19 @@ def gated_recurrent_model() -> GPT:
     return model.eval()
 
 
-def test_frontier_switches_end_to_end(tmp_path, capsys):
+def calibrated_model():
+    """(model, its calibration ids, Hessians with the head and activation RMS, a checkpoint of it)."""
     model = gated_recurrent_model()
     ids = torch.randint(64, (4, 32), generator=torch.Generator().manual_seed(2))
     hs = collect_hessians(model, [ids[:2], ids[2:]], CPU, lambda: torch.autocast("cpu", enabled=False),
                           head=True, activation_rms=True)
     ckpt = Checkpoint(model_config=model.cfg, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
                       meta={})
+    return model, ids, hs, ckpt
+
+
+def test_frontier_switches_end_to_end(tmp_path, capsys):
+    model, ids, hs, ckpt = calibrated_model()
     with StageLog(tmp_path / "q.log", stream=open(tmp_path / "out.txt", "w")) as log:
         out = quantize_loaded(ckpt, hs, CFG, CPU, None, "model.pt", "hessians.pt", log)
     rows = {r["name"]: r for r in out.report}
@@ -99,12 +105,7 @@ def test_frontier_keys_off_leave_the_artifact_meta_as_before():
 def test_awq_lqer_and_grouped_layout_together(tmp_path, LAYOUT):
     """docs/FRONTIER.md §4.4, docs/FRONTIER.md §4.5 and docs/FRONTIER.md §4.6 at once: LQER is fitted on the
     realised weight, AWQ-lite's protected columns included, and the grouped file restores both exactly."""
-    model = gated_recurrent_model()
-    ids = torch.randint(64, (4, 32), generator=torch.Generator().manual_seed(2))
-    hs = collect_hessians(model, [ids[:2], ids[2:]], CPU, lambda: torch.autocast("cpu", enabled=False),
-                          head=True, activation_rms=True)
-    ckpt = Checkpoint(model_config=model.cfg, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
-                      meta={})
+    model, ids, hs, ckpt = calibrated_model()
     cfg = dataclasses.replace(CFG, lqer_top_k=3, lqer_rank=2, lqer_group=16, compression=LAYOUT)
     with StageLog(None, enabled=False) as log:
         out = quantize_loaded(ckpt, hs, cfg, CPU, None, "model.pt", "hessians.pt", log)

@@ -381,14 +381,16 @@ def read_artifact(path: str | Path) -> Artifact:
     return decode(path.read_bytes(), str(path))
 
 
+def grid_value(t: StoredTensor) -> torch.Tensor:
+    """A quantised tensor's integers on their grids: ``q·s`` per row, protected columns at their own scale."""
+    value = dequantize_grid(t.q, t.scale)
+    return t.protect.dequantize(t.q, value) if t.protect is not None else value
+
+
 def dequantize_tensor(t: StoredTensor) -> torch.Tensor:
-    """Float tensor of the original shape and dtype (``q·s`` per row, protected columns
-    with their own scale, or the passthrough)."""
-    value = dequantize_grid(t.q, t.scale) if t.quantized else t.raw
-    if t.quantized and t.protect is not None:
-        value = t.protect.dequantize(t.q, value)
-    if t.lqer is not None:
-        value = value + t.lqer.dense()
+    """Float tensor of the original shape and dtype (``grid_value`` + the LQER correction, or the passthrough)."""
+    value = grid_value(t) if t.quantized else t.raw
+    value = value + t.lqer.dense() if t.lqer is not None else value
     return value.reshape(t.shape).to(_RESTORE_DTYPES[t.dtype])
 
 

@@ -23,18 +23,14 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from pgolf.quant.artifact import StoredTensor
-from pgolf.quant.grid import dequantize_grid
+from pgolf.quant.artifact import StoredTensor, grid_value
 from pgolf.quant.lqer_factors import LqerFactors, quantize_factors
 
 
 def quantization_error(t: StoredTensor, weight: torch.Tensor) -> torch.Tensor:
     """E = W − Ŵ in float64, shaped like the matrix; Ŵ = q·s with AWQ-lite's protected columns at their own
     scale (docs/FRONTIER.md §4.5: LQER is fitted on the realised weight)."""
-    realised = dequantize_grid(t.q, t.scale)
-    if t.protect is not None:
-        realised = t.protect.dequantize(t.q, realised)
-    return weight.detach().cpu().double().reshape(t.q.shape) - realised.double()
+    return weight.detach().cpu().double().reshape(t.q.shape) - grid_value(t).double()
 
 
 def lqer_candidates(tensors: Sequence[StoredTensor], state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -11,16 +11,21 @@ mean (47,851,520 targets / 50,000 documents ≈ 957) and a long tail, so the
 batches mix short documents with window-capped long ones as the real val
 set does.
 
-One process measures the work of rank 0 of ``--world`` ranks (default 8): it
-scores rank 0's batches (every world-th batch of the run order), exactly as
-under torchrun but with no process group (the final all-reduce is a no-op).
-Per-GPU throughput is rank 0's scored targets per second; the projected
-LoRA-TTT time is ``47,851,520 / (world × per-GPU tok/s)``. Global SGD is
-timed on rank 0's share of ``--sgd-chunks`` 32,768-token chunks (2 of 16
-sequences at world 8) and projected for the phase chunk counts of F1855's
-seed-42 log (131 / 219 / 289, ``--phase-chunks``); its gradient all-reduce
-is not modelled. Nothing is compiled (the doc_lora path runs eager); the
-first batch is a discarded warm-up. The eval timer of the records covers both
+One process measures a systematic sample of the work of rank 0 of
+``--world`` ranks (default 8): with ``--sample-stride K`` it runs as rank 0
+of ``world × K`` ranks, so it scores every (world·K)-th batch of the run
+order (longest first), exactly as under torchrun but with no process group
+(the final all-reduce is a no-op). The batches are sorted by length, so the
+sample spans the whole length range, from the longest batch down (K = 1 is
+rank 0's full share; with few ``--docs`` rank 0's share is dominated by the
+longest batch and overstates the cost per target). Per-GPU throughput is the
+sample's scored targets per second; the projected LoRA-TTT time is
+``47,851,520 / (world × per-GPU tok/s)``. Global SGD is timed on rank 0's
+share of ``--sgd-chunks`` 32,768-token chunks (2 of 16 sequences at world 8)
+after one untimed warm-up chunk, and projected for the phase chunk counts of
+F1855's seed-42 log (131 / 219 / 289, ``--phase-chunks``); its gradient
+all-reduce is not modelled. Nothing is compiled (the doc_lora path runs
+eager); one discarded batch warms up first. The eval timer of the records covers both
 parts (docs/FRONTIER.md §5.5); their 8×H100 times were 455–509 s (F1855).
 """
 from __future__ import annotations
@@ -85,6 +90,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=2048, help="synthetic documents (all ranks)")
     ap.add_argument("--mean-doc", type=float, default=CHALLENGE_TARGETS / CHALLENGE_DOCS)
     ap.add_argument("--sgd-chunks", type=int, default=4, help="global SGD chunks timed")
+    ap.add_argument("--sample-stride", type=int, default=1,
+                    help="time every K-th of rank 0's batches (run as rank 0 of world x K)")
     ap.add_argument("--phase-chunks", default=",".join(map(str, F1855_PHASE_CHUNKS)))
     ap.add_argument("--set", nargs="*", default=[], help="eval_ttt overrides KEY=VALUE (yaml values)")
     args = ap.parse_args()
@@ -108,11 +115,12 @@ def main() -> None:
     warm = synthetic_documents(doc_cfg.batch_docs, cfg.vocab_size, args.mean_doc, 2).to(device)
     _, warm_s = timed(lambda: run_doc_ttt(model, warm, sidecar, seq_len, doc_cfg), device)
     result, seconds = timed(lambda: run_doc_ttt(model, tokens, sidecar, seq_len, doc_cfg, rank=0,
-                                                world_size=args.world), device)
+                                                world_size=args.world * args.sample_stride), device)
     per_gpu = result.sums.scored_tokens / seconds
     lora_projected = CHALLENGE_TARGETS / (args.world * per_gpu)
     sgd = GlobalSGDSettings(doc_cfg.global_lr, doc_cfg.global_momentum, doc_cfg.global_grad_clip,
                             doc_cfg.global_chunk_tokens, seq_len)
+    global_sgd(model, tokens[:2 * sgd.chunk_tokens + 1], sgd, rank=0, world_size=args.world)  # warm-up
     stream = tokens[:min(tokens.numel(), (args.sgd_chunks + 1) * sgd.chunk_tokens + 1)]
     done = global_sgd(model, stream, sgd, rank=0, world_size=args.world)
     per_chunk = done["seconds"] / max(done["steps"], 1)
@@ -124,7 +132,8 @@ def main() -> None:
         "world": args.world, "seq_len": seq_len, "chunk_tokens": doc_cfg.chunk_tokens,
         "batch_docs": doc_cfg.batch_docs, "lora_rank": doc_cfg.lora_rank, "lora_targets": list(doc_cfg.lora_targets),
         "docs": args.docs, "rank0_targets": result.sums.scored_tokens,
-        "rank0_batches": -(-result.batches // args.world),
+        "sample_stride": args.sample_stride,
+        "sampled_batches": -(-result.batches // (args.world * args.sample_stride)),
         "lora_steps": result.lora_steps, "warmup_seconds": round(warm_s, 2), "seconds": round(seconds, 2),
         "per_gpu_tokens_per_s": round(per_gpu, 1), "projected_8gpu_seconds_no_phases": round(lora_projected, 1),
         "global_sgd_seconds_per_chunk_rank0": round(per_chunk, 4), "phase_chunks": phase_chunks,

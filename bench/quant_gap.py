@@ -100,10 +100,11 @@ def score(model: torch.nn.Module, tokens: torch.Tensor, byte_source, cfg: EvalSl
             "scored_tokens": result.sums.scored_tokens}
 
 
-def measure_run(run: Path, variants: list[str], device: torch.device, val_tokens: int, stride: int | None) -> dict:
+def measure_run(run: Path, variants: list[str], device: torch.device, val_tokens: int, stride: int | None,
+                overrides: dict | None = None) -> dict:
     params = yaml.safe_load((run / "params.yaml").read_text())
     ckpt = load_checkpoint(run / CHECKPOINT)
-    base = section(params, "quantize", QuantizeConfig, {"fit_to_limit": False, "prune": False})
+    base = section(params, "quantize", QuantizeConfig, {"fit_to_limit": False, "prune": False, **(overrides or {})})
     eval_cfg = section(params, "eval_sliding", EvalSlidingConfig, {"compile": False})
     if stride is not None:
         eval_cfg = dataclasses.replace(eval_cfg, stride=stride)
@@ -155,6 +156,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--val-tokens", type=int, default=0, help="score only the first N val targets (0 = all)")
     parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="quantize overrides for every variant (yaml values), e.g. compression=plain")
+    parser.add_argument("--per-seed-dir", type=Path,
+                        help="also write <variant>_s<N>.json (val_loss, val_bpb of the quantised model, gap_bpb) "
+                             "per run N (1-based) for `pgolf significance --metric val_bpb`")
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -162,11 +168,25 @@ def main() -> None:
         parser.error(f"unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
     device = init_distributed(0, 1, 0, args.device).device
     configure_backends(device)
-    results = [measure_run(run, variants, device, args.val_tokens, args.stride) for run in args.runs]
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    results = []
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "variants": variants, "runs": results}
+               "torch": torch.__version__, "variants": variants, "quantize_overrides": overrides, "runs": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    for i, run in enumerate(args.runs, 1):
+        results.append(measure_run(run, variants, device, args.val_tokens, args.stride, overrides))
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")  # after every run: a timeout keeps the rest
+        if args.per_seed_dir is not None:
+            args.per_seed_dir.mkdir(parents=True, exist_ok=True)
+            for name, row in results[-1]["variants"].items():
+                (args.per_seed_dir / f"{name}_s{i}.json").write_text(json.dumps(
+                    {"run": str(run), "val_loss": row["val_loss"], "val_bpb": row["val_bpb"],
+                     "gap_bpb": row["gap_bpb"], "gap_loss": row["gap_loss"]}, indent=2) + "\n")
     print(json.dumps(summary))
     print("\n".join(table(results, variants)))
 

@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--train-seconds", type=float, default=6.0)
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
     ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--tilt", action="store_true",
+                    help="also score with the n-gram tilt on (the profile's eval_sliding tilt keys): bpb gain and time")
     args = ap.parse_args()
 
     from pgolf.config import from_params
@@ -62,6 +64,8 @@ def main() -> None:
                "scored_tokens": res.sums.scored_tokens, "steps": steps, "tokens_per_s": tm.get("tokens_per_s"),
                "epochs": steps * p["train"]["tokens_per_step"] / train_tokens, "train_tokens": train_tokens,
                "seconds": round(time.perf_counter() - began, 1)}
+        if args.tilt:
+            row.update(tilt_row(model, tokens, source, cfg, res))
         (args.out_dir / f"{args.profile}_s{seed}.json").write_text(json.dumps(row, indent=2))
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -69,6 +73,21 @@ def main() -> None:
     for r in rows:
         print(f"| {r['profile']} | {r['seed']} | {r['steps']} | {r['epochs']:.2f} | {r['tokens_per_s']:,.0f} | "
               f"{r['val_bpb']:.5f} |")
+
+
+def tilt_row(model, tokens, source, cfg, plain) -> dict:
+    """The same windows scored with ``eval_sliding.ngram_tilt`` on: its bpb, gain over ``plain``, and times."""
+    import dataclasses
+
+    from pgolf.eval.sliding import score_nonoverlapping
+
+    with torch.no_grad():
+        tilted = score_nonoverlapping(model, tokens, source, dataclasses.replace(cfg, ngram_tilt=True))
+    return {"val_loss_tilt": tilted.sums.val_loss, "val_bpb_tilt": tilted.sums.val_bpb,
+            "tilt_gain_bpb": plain.sums.val_bpb - tilted.sums.val_bpb,
+            "tilt_hint_seconds": round(tilted.tilt.seconds, 3), "score_seconds": round(plain.seconds, 3),
+            "score_seconds_tilt": round(tilted.seconds, 3),
+            "tilt_gated_fraction": tilted.tilt.gated / max(1, tilted.tilt.hint.numel())}
 
 
 if __name__ == "__main__":

@@ -243,6 +243,7 @@ def build_configs(args: argparse.Namespace, seq_len: int, tokens_per_step: int, 
         merged = {**model_cfg.to_dict(), **{k: yaml.safe_load(v) for k, v in overrides.items()}}
         model_cfg = ModelConfig.from_dict(merged, "--model-set")
     train_cfg = from_params(TrainConfig, {"train": {
+        **compose("record")["train"],  # every key the config needs; the bench's own choices follow
         "seed": 1337, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
         "micro_batch_tokens": micro_seqs * seq_len, "max_steps": steps + 1, "max_train_seconds": 0.0,
         "warmdown": "steps", "warmdown_steps": 0, "warmdown_frac": 0.0, "compile": args.compile,

@@ -62,9 +62,10 @@ def test_throughput_bench_runs_on_a_cpu(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench/doc_ttt_throughput.py"), str(out), "--profile",
                            "cpu_tiny", "--device", "cpu", "--docs", "24", "--mean-doc", "40", "--sgd-chunks", "1",
-                           "--world", "2", "--set", "batch_docs=4", "lora_rank=4", "global_chunk_tokens=4096"],
+                           "--world", "2", "--sample-stride", "2", "--set", "batch_docs=4", "lora_rank=4", "global_chunk_tokens=4096"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["rank0_targets"] > 0 and result["per_gpu_tokens_per_s"] > 0
+    assert result["sample_stride"] == 2 and result["sampled_batches"] == 2  # 6 batches, every 4th
     assert result["projected_8gpu_seconds_with_phases"] > result["projected_8gpu_seconds_no_phases"]

@@ -236,26 +236,35 @@ def test_triton_fused_loss_on_cuda_matches_float64_reference():
 
 @pytest.mark.gpu
 def test_compiled_fused_model_step_matches_the_plain_compiled_step():
-    """The CPU default model on the GPU, torch.compile(fullgraph) + bf16 autocast, params on vs off:
-    loss within 1e-2 nats, gradients within 2e-2 relative + 2 % of their largest entry (bf16: the fused
-    path rounds its intermediates at other points than inductor's kernels)."""
+    """The CPU default model on the GPU, torch.compile(fullgraph) + bf16 autocast, params on vs off, both
+    measured against an fp32 eager reference of the same weights: loss within 1e-2 nats of each other, and
+    each gradient's error (L2 norm of the difference to the reference) at most twice the plain path's
+    plus 1e-3 of the reference's norm. An elementwise bf16-vs-bf16 comparison is not a fair bar: a
+    per-head gain's gradient (``attn.q_gain``) is a sum of many cancelling terms, so rounding at other
+    points than inductor's kernels moves it by more than any fixed relative tolerance, on either path."""
     from pgolf.precision import maybe_compile, training_compile_options
     cfg = tiny_model_config()
     ids = torch.randint(0, cfg.vocab_size, (4, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    results = []
-    for fused in (False, True):
+
+    def run(fused: bool, compiled: bool, bf16: bool):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = GPT(cfg.replace(fused_mlp=fused, fused_loss=fused)).cuda()
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
-        step = maybe_compile(model, True, training_compile_options(False))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        step = maybe_compile(model, compiled, training_compile_options(False))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = step(ids[:, :-1], ids[:, 1:])
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-2)
-    for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item(), msg=name)
+        return loss.detach().float(), {n: p.grad.detach().double() for n, p in model.named_parameters()}
+
+    loss_ref, grads_ref = run(fused=False, compiled=False, bf16=False)
+    loss_plain, grads_plain = run(fused=False, compiled=True, bf16=True)
+    loss_fused, grads_fused = run(fused=True, compiled=True, bf16=True)
+    torch.testing.assert_close(loss_fused, loss_plain, rtol=0, atol=1e-2)
+    torch.testing.assert_close(loss_plain, loss_ref, rtol=0, atol=1e-2)
+    for name, ref in grads_ref.items():
+        err_plain = (grads_plain[name] - ref).norm().item()
+        err_fused = (grads_fused[name] - ref).norm().item()
+        assert err_fused <= 2 * err_plain + 1e-3 * ref.norm().item(), (name, err_fused, err_plain, ref.norm().item())

@@ -139,3 +139,15 @@ def test_cuda_graph_steps_accumulate_gradients_like_the_plain_compiled_steps(tmp
         assert trainer.accum == 2 and trainer.cuda_graphs == (mode == "reduce-overhead")
         curves.append([float(trainer.train_step(1.0, i)[0]) for i in range(4)])
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=0, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_a_tiny_step_on_cpu(tmp_path):
+    """The bench builds its train section from the current TrainConfig (a new train key once broke it on the GPU)."""
+    out = tmp_path / "tiny.json"
+    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--shape", "tiny", "--device", "cpu",
+                           "--no-compile", "--steps", "1", "--warmup-steps", "0", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["steps"] == 1 and result["tokens_per_s"] > 0

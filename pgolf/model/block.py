@@ -15,19 +15,21 @@ from pgolf.model.attention import Adapt, BankLinear, CausalSelfAttention, KVCach
 from pgolf.model.config import ModelConfig
 from pgolf.model.doc_attention import DocMask
 from pgolf.model.embeddings import rms_norm
-from pgolf.model.fused_mlp import fused_mlp
 
 
 class MLP(nn.Module):
     def __init__(self, leaky_slope: float, fused: bool = False):
         super().__init__()
         self.leaky_slope, self.fused = leaky_slope, fused
+        if fused:  # imported only when on: an optional module of the bundle (pgolf/submission/optional.py)
+            from pgolf.model.fused_mlp import fused_mlp
+            self.fused_mlp = fused_mlp
         self.fc = BankLinear()
         self.proj = BankLinear()
 
     def forward(self, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
         if self.fused and not any(m._forward_pre_hooks or m._forward_hooks for m in (self.fc, self.proj)):
-            return fused_mlp(x, w_up, w_down, self.leaky_slope)
+            return self.fused_mlp(x, w_up, w_down, self.leaky_slope)
         hidden = F.leaky_relu(self.fc(x, w_up), negative_slope=self.leaky_slope)
         return self.proj(hidden.square(), w_down)
 

@@ -57,7 +57,6 @@ from torch import nn
 from pgolf.model.attention import HEAD_SLOT, Adapters, KVCache, add_adapter
 from pgolf.model.doc_attention import document_mask
 from pgolf.model.frontier_gates import InputSmearGate
-from pgolf.model.fused_loss import softcap_token_nll
 from pgolf.model.block import Block
 from pgolf.model.topology import (PARALLEL_POST_INIT, PARALLEL_RESID_INIT, merge_skip, parallel_lanes_update,
                                   split_encoder_decoder, visit_order)
@@ -82,6 +81,9 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.fused_loss:  # imported only when on: an optional module of the bundle (pgolf/submission/optional.py)
+            from pgolf.model.fused_loss import softcap_token_nll
+            self.fused_nll = softcap_token_nll
         L, D, V = cfg.num_layers, cfg.model_dim, cfg.vocab_size
         self.tok_emb = nn.Embedding(V, D)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D) if cfg.bigram_buckets else None
@@ -311,7 +313,7 @@ class GPT(nn.Module):
         """Per-position cross-entropy in nats, fp32 [B, T]."""
         if self.cfg.fused_loss:
             weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-            return softcap_token_nll(self._hidden(ids), weight, targets, self.cfg.logit_softcap)
+            return self.fused_nll(self._hidden(ids), weight, targets, self.cfg.logit_softcap)
         logits = self.forward_logits(ids)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pgolf.quant.artifact import StoredTensor, encode, stored_arrays_bytes, tensor_frames
 from pgolf.quant.compression import compress
-from pgolf.quant.roles import ROLE_GROUPING
+from pgolf.quant.roles import role_grouping
 
 
 class EncodeCache:
@@ -40,7 +40,7 @@ class EncodeCache:
             plain = self.cfg.compression == "plain"
             blob = encode(tensors, self.model_config, self.meta, self.cfg.compressor, self.cfg.compression_level,
                           frames=self.frames(tensors) if plain else None,
-                          grouping=None if plain else ROLE_GROUPING)
+                          grouping=None if plain else role_grouping())
             if len(self._blobs) >= self.keep:
                 self._blobs.pop(next(iter(self._blobs)))
             self._blobs[key] = (list(tensors), blob)

@@ -76,13 +76,6 @@ class LqerFactors:
         return {"mode": self.mode, "group": self.group, "a": a, "a_scale": a_s, "b": b, "b_scale": b_s}
 
 
-def check_lqer(top_k: int, rank: int, group: int) -> None:
-    """ParamErrors for ``quantize.lqer_top_k`` / ``lqer_rank`` / ``lqer_group``."""
-    check(top_k >= 0, "lqer_top_k", "must be >= 0 (0 = off)")
-    check(rank >= 1, "lqer_rank", "must be >= 1")
-    check(group >= 1, "lqer_group", "must be >= 1")
-
-
 def _fp16_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
     scale = (amax / divisor).to(torch.float16)
     return torch.where(scale > 0, scale, torch.ones_like(scale))

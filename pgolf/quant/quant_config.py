@@ -14,7 +14,6 @@ from typing import Literal
 from pgolf.config import check
 from pgolf.quant.compression import check_compression
 from pgolf.quant.grid import GridBits
-from pgolf.quant.lqer_factors import check_lqer
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,9 @@ class QuantizeConfig:
         check(self.awq_top_k == 0 or self.clip == "sdclip", "awq_top_k",
               "needs clip: sdclip (the protected columns' range is k·std(row), docs/FRONTIER.md §4.5)")
         check(self.awq_top_k == 0 or self.method == "gptq", "awq_top_k", "needs method: gptq")
-        check_lqer(self.lqer_top_k, self.lqer_rank, self.lqer_group)
+        check(self.lqer_top_k >= 0, "lqer_top_k", "must be >= 0 (0 = off)")
+        check(self.lqer_rank >= 1, "lqer_rank", "must be >= 1")
+        check(self.lqer_group >= 1, "lqer_group", "must be >= 1")
         check_compression(self.compression, self.compressor)
 
     @property

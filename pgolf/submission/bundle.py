@@ -195,7 +195,7 @@ def build_bundle(root: str | Path, params: Mapping[str, Any], strip: bool = True
     root = Path(root)
     if not (root / DRIVER_FILE).is_file():
         raise DataError(f"{root / DRIVER_FILE}: driver module not found; cannot build the bundle")
-    files = [f for f in counted_code_files(root, [DRIVER_FILE]) if f.startswith("pgolf/")]
+    files = [f for f in counted_code_files(root, [DRIVER_FILE], params) if f.startswith("pgolf/")]
     archive, raw_bytes = pack_archive(root, files, params, strip)
     text = STUB.format(first_line=FIRST_LINE, version=VERSION, decoder=DECODER, nbytes=len(archive),
                        archive=encode_base124(archive))

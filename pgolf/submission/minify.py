@@ -11,11 +11,14 @@ with the first ``ast.unparse``; none changes what runs:
   assignment. Class-body annotations stay: they define dataclass fields, and
   :func:`pgolf.config.from_params` reads their types.
 * **Dead top-level definitions**: a module-level function or class whose name
-  occurs nowhere in the packed code (as a name, an attribute, an imported name
-  or a string constant: ``getattr(module, "name")`` keeps it) is dropped, to a
-  fixed point. Decorated definitions and classes with bases or keywords always
-  stay (a decorator or metaclass may register them); so do dunder names and the
-  names in ``keep`` (the driver's entry point, called from the stub).
+  occurs nowhere in the packed code (as a name, an attribute or a string
+  constant: ``getattr(module, "name")`` keeps it; being imported is not a use)
+  is dropped, to a fixed point, and so is its name from every
+  ``from <packed module> import`` that no longer finds it there (an import
+  left with no names goes). Decorated definitions and classes with bases or
+  keywords always stay (a decorator or metaclass may register them); so do
+  dunder names and the names in ``keep`` (the driver's entry point, called
+  from the stub).
 * **Indentation** of one space per level instead of four, and **no spaces
   between tokens** but those that keep two words apart (``a=b+1``, ``x if y``);
   each checked by parsing the result again: the tree must equal the unparsed
@@ -84,17 +87,20 @@ def drop_annotations(tree: ast.Module) -> None:
 
 
 def _names_used(node: ast.AST) -> set[str]:
+    """Names ``node`` uses: names, attributes, string constants, and the original of an ``import ... as``
+    whose new name it uses (importing a name is not using it)."""
     used: set[str] = set()
+    renamed: dict[str, str] = {}
     for n in ast.walk(node):
         if isinstance(n, ast.Name):
             used.add(n.id)
         elif isinstance(n, ast.Attribute):
             used.add(n.attr)
-        elif isinstance(n, ast.alias):
-            used.add(n.name.rpartition(".")[2])
+        elif isinstance(n, ast.alias) and n.asname:
+            renamed[n.asname] = n.name.rpartition(".")[2]
         elif isinstance(n, ast.Constant) and isinstance(n.value, str):
             used.add(n.value)
-    return used
+    return used | {name for new, name in renamed.items() if new in used}
 
 
 def _removable(node: ast.stmt) -> bool:
@@ -105,8 +111,56 @@ def _removable(node: ast.stmt) -> bool:
     return False
 
 
+def module_name(path: str) -> str:
+    """``pgolf/quant/x.py`` → ``pgolf.quant.x`` (a package's ``__init__.py`` → the package)."""
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def _bound_names(tree: ast.Module) -> set[str]:
+    """The names a module's top level binds (definitions, assignments, imports)."""
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add(node.asname or node.name.split(".")[0])
+    return bound
+
+
+def drop_dangling_imports(trees: Mapping[str, ast.Module]) -> None:
+    """Drop from each ``from <packed module> import name`` the names that module no longer binds (its
+    definition was dropped), to a fixed point (a re-export goes with its source); an emptied import goes."""
+    modules = {module_name(path): tree for path, tree in trees.items()}
+    while True:
+        bound = {name: _bound_names(tree) for name, tree in modules.items()}
+        changed = False
+        for tree in trees.values():
+            for node in ast.walk(tree):
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    statements = getattr(node, field, None)
+                    if not isinstance(statements, list):
+                        continue
+                    kept = []
+                    for s in statements:
+                        if isinstance(s, ast.ImportFrom) and not s.level and s.module in modules:
+                            names = [a for a in s.names if a.name == "*" or a.name in bound[s.module]
+                                     or f"{s.module}.{a.name}" in modules]
+                            changed |= len(names) < len(s.names)
+                            if not names:
+                                continue
+                            s.names = names
+                        kept.append(s)
+                    if field != "handlers":
+                        setattr(node, field, kept or ([ast.Pass()] if field == "body" else []))
+        if not changed:
+            return
+
+
 def drop_dead_definitions(trees: Mapping[str, ast.Module], keep: Iterable[str]) -> list[str]:
-    """Drop unreferenced top-level functions/classes from ``trees`` in place; ``["path:name", ...]`` dropped."""
+    """Drop unreferenced top-level functions/classes from ``trees`` in place, then the imports of them;
+    ``["path:name", ...]`` dropped."""
     dropped: list[str] = []
     uses = {id(top): _names_used(top) - ({top.name} if _removable(top) else set())
             for tree in trees.values() for top in tree.body}
@@ -119,7 +173,9 @@ def drop_dead_definitions(trees: Mapping[str, ast.Module], keep: Iterable[str]) 
             changed |= len(alive) < len(tree.body)
             tree.body = alive or [ast.Pass()]
         if not changed:
-            return dropped
+            break
+    drop_dangling_imports(trees)
+    return dropped
 
 
 def narrow_indent(text: str, where: str) -> str:

@@ -39,7 +39,6 @@ import torch
 import yaml
 
 from pgolf.config import from_params
-from pgolf.data.bpb import load_byte_source
 from pgolf.data.loader import TokenStream
 from pgolf.data.shards import challenge_sources, load_tokens
 from pgolf.distributed import barrier, init_distributed, shutdown
@@ -143,8 +142,7 @@ def run(p: dict, code_path: Path, rank: int = 0, world_size: int = 1, local_rank
     data_dir, tokenizer = folder / cfg.bundle.data_dir, folder / cfg.bundle.tokenizer_path
     # Inputs are checked before any work: a missing shard or tokenizer fails in seconds, not after training.
     train_paths, val_paths = challenge_sources(data_dir, "train"), challenge_sources(data_dir, "val")
-    # Bytes as the eval stages charge them: the val byte sidecar when the data has one (CaseOps), else the tables.
-    tables = load_byte_source(data_dir, tokenizer, cfg.model.vocab_size, challenge_names=True)
+    tables = steps.val_byte_source(data_dir, tokenizer, cfg.model.vocab_size)
     code_bytes = code_path.stat().st_size
     ctx = init_distributed(rank, world_size, local_rank, cfg.device)
     main = ctx.is_main

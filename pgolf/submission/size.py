@@ -26,6 +26,7 @@ Total = code bytes + model bytes; it fits when total ≤ 16,000,000 (exactly
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -96,6 +97,13 @@ def _import_statements(node: ast.AST, kind: str = EAGER) -> Iterator[tuple[ast.I
 
 def _module_imports(root: Path, path: Path) -> dict[str, str]:
     """{dotted name of a local module ``path`` imports: when the first such import runs}."""
+    stat = path.stat()
+    return dict(_parsed_imports(root, path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_imports(root: Path, path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """:func:`_module_imports` of one version of a file (cached: tests walk the same tree many times)."""
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except SyntaxError as exc:
@@ -118,7 +126,7 @@ def _module_imports(root: Path, path: Path) -> dict[str, str]:
         for name in names:
             if name.split(".")[0] in LOCAL_PACKAGES and (name not in found or rank[kind] < rank[found[name]]):
                 found[name] = kind
-    return found
+    return tuple(found.items())
 
 
 def _imported_modules(root: Path, path: Path) -> set[str]:

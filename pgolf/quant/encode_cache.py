@@ -14,7 +14,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from pgolf.quant.artifact import StoredTensor, encode, stored_arrays_bytes, tensor_frames
-from pgolf.quant.compression import compress
 from pgolf.quant.roles import role_grouping
 
 
@@ -50,5 +49,6 @@ class EncodeCache:
         comp, level = self.cfg.compressor, self.cfg.compression_level
         if self.cfg.compression == "plain":
             return tensor_frames(tensors, comp, level)
+        from pgolf.quant.compression import compress  # the grouped layout's (pgolf/submission/optional.py)
         with ThreadPoolExecutor(max_workers=max(1, min(len(tensors), os.cpu_count() or 1))) as pool:
             return list(pool.map(lambda t: compress(stored_arrays_bytes(t), comp, level), tensors))

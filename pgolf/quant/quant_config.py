@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pgolf.config import check
-from pgolf.quant.compression import check_compression
 from pgolf.quant.grid import GridBits
 
 
@@ -81,7 +80,9 @@ class QuantizeConfig:
         check(self.lqer_top_k >= 0, "lqer_top_k", "must be >= 0 (0 = off)")
         check(self.lqer_rank >= 1, "lqer_rank", "must be >= 1")
         check(self.lqer_group >= 1, "lqer_group", "must be >= 1")
-        check_compression(self.compression, self.compressor)
+        if self.compression != "plain" or self.compressor not in ("zstd", "lzma"):  # else nothing to check there,
+            from pgolf.quant.compression import check_compression  # and a bundle may leave the module out
+            check_compression(self.compression, self.compressor)
 
     @property
     def grid_bits(self) -> GridBits:

@@ -67,7 +67,7 @@ def test_each_profile_packs_its_needed_groups_and_leaves_out_the_rest(profile):
 def test_the_record_profile_leaves_the_frontier_modules_out():
     files = set(counted_code_files(REPO, [DRIVER], compose("record")))
     for left_out in ("pgolf/eval/doc_ttt.py", "pgolf/eval/lora.py", "pgolf/eval/ngram_tilt.py",
-                     "pgolf/quant/lqer.py", "pgolf/quant/grouped.py", "pgolf/quant/awq.py",
+                     "pgolf/quant/lqer.py", "pgolf/quant/grouped.py", "pgolf/quant/compression.py", "pgolf/quant/awq.py",
                      "pgolf/model/fused_mlp.py", "pgolf/model/fused_loss.py"):
         assert left_out not in files
     on = compose("record", ["eval_ttt.mode=doc_lora", "quantize.compression=grouped"])
@@ -125,7 +125,8 @@ def test_a_left_out_module_reached_anyway_is_one_error_line(monkeypatch, capsys)
     monkeypatch.setattr(driver, "shutdown", lambda: None)
     assert driver.main({}, [], "train_gpt.py") == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: this bundle does not carry pgolf.quant.grouped (packed only when quantize.compression == 'grouped')"]
+        "error: this bundle does not carry pgolf.quant.grouped (packed only when quantize.compression != 'plain' "
+        "or quantize.compressor not in ('zstd', 'lzma'))"]
     assert group_of("pgolf.model.gpt") is None
 
     def third_party(*args, **kwargs):

@@ -13,7 +13,6 @@ from torch import nn
 
 from pgolf.model.attention import Adapt, BankLinear, CausalSelfAttention, KVCache, add_adapter
 from pgolf.model.config import ModelConfig
-from pgolf.model.doc_attention import DocMask
 from pgolf.model.embeddings import rms_norm
 
 
@@ -42,7 +41,8 @@ class Block(nn.Module):
             layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, qk_norm=cfg.qk_norm, qk_gain_init=cfg.qk_gain_init,
             use_xsa=layer_idx in cfg.xsa_layers, use_vrl_gate=cfg.vrl and layer_idx > 0,
-            backend=cfg.attention_backend, gate_window=cfg.attn_gate_window, gate_scale=cfg.attn_gate_scale)
+            backend=cfg.attention_backend, gate_window=cfg.attn_gate_window, gate_scale=cfg.attn_gate_scale,
+            doc_attention=cfg.doc_attention)
         self.mlp = MLP(cfg.mlp_leaky_slope, cfg.fused_mlp)
         self.attn_scale = nn.Parameter(torch.empty(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.empty(cfg.model_dim))

@@ -38,7 +38,8 @@ from pgolf.quant.policy import QuantizeConfig, QuantizeResult, quantize_state_di
 from pgolf.quant.pruning import prune_to_target
 from pgolf.quant.quant_config import frontier_defaults
 from pgolf.quant.roles import role_of
-from pgolf.submission.size import LIMIT_BYTES, bundle_reserved_bytes
+from pgolf.submission.limits import LIMIT_BYTES
+from pgolf.submission.size import bundle_reserved_bytes
 
 # Search settings of the byte budget stay out of the artifact's meta: the bits of
 # each tensor record their outcome, and a fit that demotes nothing then gives

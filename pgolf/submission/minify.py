@@ -33,6 +33,10 @@ with the first ``ast.unparse``; none changes what runs:
   one, else that module keeps the previous form. (f-strings are copied whole:
   Python 3.12+ tokenises their insides.)
 
+With an ``entry`` module, a module no packed import reaches from it any more
+(its only importers' imports of it went with the definitions they named) is
+not packed at all.
+
 The bundle runs only the driver (pgolf/submission/driver.py), so code that only
 the stages, tools or tests call is dead inside it, though alive in the repository.
 """
@@ -324,13 +328,37 @@ def squeeze_spaces(text: str, where: str) -> str:
     return squeezed if same else text
 
 
-def minify_sources(sources: Mapping[str, bytes], keep: Iterable[str]) -> dict[str, bytes]:
-    """{path: minified source} of the packed modules ``sources`` (the module docstring's rewrites)."""
+def reachable(trees: Mapping[str, ast.Module], entry: str) -> set[str]:
+    """Paths of ``trees`` that importing ``entry`` can import (any import statement, a package's
+    ``__init__`` included); every path where a relative import makes that unknowable."""
+    modules = {module_name(path): path for path in trees}
+    seen, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(trees[path]):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                return set(trees)
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                parts = name.split(".")
+                todo += [modules[m] for m in (".".join(parts[:d]) for d in range(1, len(parts) + 1)) if m in modules]
+    return seen
+
+
+def minify_sources(sources: Mapping[str, bytes], keep: Iterable[str], entry: str | None = None) -> dict[str, bytes]:
+    """{path: minified source} of the packed modules ``sources`` (the module docstring's rewrites); with
+    ``entry``, only the modules it can still import."""
     trees = {path: parse(source, path) for path, source in sources.items()}
     for tree in trees.values():
         drop_docstrings(tree)
         drop_annotations(tree)
         shorten_locals(tree)
     drop_dead_definitions(trees, keep)
+    kept = set(trees) if entry is None else reachable(trees, entry)
     return {path: (squeeze_spaces(narrow_indent(ast.unparse(tree), path), path) + "\n").encode("utf-8")
-            for path, tree in trees.items()}
+            for path, tree in trees.items() if path in kept}

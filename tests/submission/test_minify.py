@@ -174,3 +174,13 @@ def test_short_local_names_keep_behaviour():
     words = set(re.findall(r"\w+", text))
     assert not {"total", "value", "out", "result", "root", "count", "first"} & words  # the functions' own locals
     assert {"scale", "problem", "sqrt", "limit", "values"} <= words  # nested scope, except/import, default, parameter
+
+
+def test_a_module_only_dead_code_imported_is_not_packed():
+    sources = {"pkg/__init__.py": b"", "pkg/main.py": b"from pkg.used import f\nfrom pkg.helper import g\n\n"
+               b"def main():\n    return f()\n", "pkg/used.py": b"def f():\n    return 1\n",
+               "pkg/helper.py": b"def g():\n    return 2\n"}
+    out = minify_sources(sources, keep=["main"], entry="pkg/main.py")
+    assert sorted(out) == ["pkg/__init__.py", "pkg/main.py", "pkg/used.py"]  # g was dead, so was its module
+    assert b"helper" not in out["pkg/main.py"]
+    assert sorted(minify_sources(sources, keep=["main"])) == sorted(sources)  # no entry: every module

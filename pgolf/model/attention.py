@@ -146,11 +146,11 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, *, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  qk_norm: bool, qk_gain_init: float, use_xsa: bool, use_vrl_gate: bool,
-                 backend: str, gate_window: int = 0, gate_scale: float = 0.5, doc_attention: bool = False):
+                 backend: str, gate_window: int = 0, gate_scale: float = 0.5,
+                 masked_attention: Callable | None = None):
         super().__init__()
-        if doc_attention:  # imported only when on: an optional module of the bundle (pgolf/submission/optional.py)
-            from pgolf.model.doc_attention import masked_attention
-            self.masked_attention = masked_attention
+        # pgolf.model.doc_attention.masked_attention with model.doc_attention (the caller imports it only then)
+        self.masked_attention = masked_attention
         self.layer_idx = layer_idx
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

@@ -36,13 +36,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        masked_attention = None
+        if cfg.doc_attention:  # imported only when on: an optional module of the bundle (pgolf/submission/optional.py)
+            from pgolf.model.doc_attention import masked_attention
         self.input_scale = (layer_idx + 1) ** -0.5 if cfg.ln_scale else 1.0
         self.attn = CausalSelfAttention(
             layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, qk_norm=cfg.qk_norm, qk_gain_init=cfg.qk_gain_init,
             use_xsa=layer_idx in cfg.xsa_layers, use_vrl_gate=cfg.vrl and layer_idx > 0,
             backend=cfg.attention_backend, gate_window=cfg.attn_gate_window, gate_scale=cfg.attn_gate_scale,
-            doc_attention=cfg.doc_attention)
+            masked_attention=masked_attention)
         self.mlp = MLP(cfg.mlp_leaky_slope, cfg.fused_mlp)
         self.attn_scale = nn.Parameter(torch.empty(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.empty(cfg.model_dim))

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.model.rope import apply_partial_rope
+# DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention)
 
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 DOC_ATTENTION_IMPLS = ("auto", "dense", "flex")  # model.doc_attention_impl (pgolf/model/doc_attention.py)

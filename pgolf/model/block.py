@@ -14,6 +14,7 @@ from torch import nn
 from pgolf.model.attention import Adapt, BankLinear, CausalSelfAttention, KVCache, add_adapter
 from pgolf.model.config import ModelConfig
 from pgolf.model.embeddings import rms_norm
+# DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention)
 
 
 class MLP(nn.Module):

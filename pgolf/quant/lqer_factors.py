@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import torch
 
-from pgolf.config import check
 from pgolf.errors import DataError
 
 MODES = ("asym", "sym")

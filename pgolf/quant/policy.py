@@ -23,7 +23,7 @@ import torch
 
 from pgolf.errors import DataError
 from pgolf.progress import Progress
-from pgolf.quant.artifact import StoredTensor, dequantize_tensor, dtype_name, encode, tensor_frames
+from pgolf.quant.artifact import StoredTensor, dequantize_tensor, dtype_name
 from pgolf.quant.clip import candidate_scales, protected_scales, row_quantiles, sdclip_scales
 from pgolf.quant.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
 from pgolf.quant.grid import SCALE_FLOOR, quantize_to_grid, row_scales

@@ -12,7 +12,8 @@ overrides, embedded in the bundle) and copies ``ROOT/data/shards/{train,val}_*.b
         --set train.max_train_seconds=120 2>&1 | tee run.log
 
 (run-time ``--set`` overrides change nothing counted). Prints the bundle's bytes as JSON and a table;
-without ``--out`` only those (no data needed): ``python bench/bundle_records.py --profile record``.
+without ``--out`` only those (no data needed): ``python bench/bundle_records.py --profile record``;
+``--modules`` adds each packed module's minified bytes.
 """
 from __future__ import annotations
 
@@ -34,11 +35,14 @@ def main() -> None:
     parser.add_argument("--profile", default="record")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides embedded in the bundle")
     parser.add_argument("--out", default=None, help="records folder to (re)create (default: only print the bytes)")
+    parser.add_argument("--modules", action="store_true", help="also a table of each packed module's minified bytes")
     args = parser.parse_args()
     root = Path(args.root)
     params = compose(args.profile, args.set)
     bundle = build_bundle(Path(__file__).resolve().parents[1], params, params["bundle"]["strip_docstrings"])
     m = {k: v for k, v in bundle.metrics().items() if k != "modules"}
+    if args.modules:
+        module_table(bundle.packed_bytes)
     if args.out is None:
         report(args, m, shards=None)
         return
@@ -63,6 +67,13 @@ def report(args: argparse.Namespace, m: dict, shards: int | None) -> None:
     print(f"{'profile':10s} {'source':>10s} {'packed':>10s} {'lzma2':>10s} {'counted':>10s}")
     print(f"{args.profile:10s} {m['source_bytes']:>10,} {m['raw_bytes']:>10,} {m['archive_bytes']:>10,} "
           f"{m['counted_bytes']:>10,}")
+
+
+def module_table(files: dict[str, int]) -> None:
+    """Each packed module's minified bytes, largest first (what to look at to shrink the bundle)."""
+    print(f"{'module':40s} {'packed':>8s}")
+    for path, size in sorted(files.items(), key=lambda kv: -kv[1]):
+        print(f"{path:40s} {size:>8,}")
 
 
 if __name__ == "__main__":

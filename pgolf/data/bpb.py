@@ -150,10 +150,12 @@ class SidecarBytes:
 ByteSource = ByteTables | SidecarBytes
 
 
-def load_byte_source(shard_dir: str | Path, tokenizer_path: str | Path, vocab_size: int) -> ByteSource:
+def load_byte_source(shard_dir: str | Path, tokenizer_path: str | Path, vocab_size: int,
+                     challenge_names: bool = False) -> ByteSource:
     """The val byte sidecar of ``shard_dir`` if it has one, else the tokenizer's
-    byte tables (which refuse a CaseOps tokenizer)."""
-    sidecar = load_sidecar(shard_dir)
+    byte tables (which refuse a CaseOps tokenizer). ``challenge_names``: a folder in the
+    challenge's layout (``fineweb_val_bytes_*.bin``; the submission driver's)."""
+    sidecar = load_sidecar(shard_dir, challenge_names)
     if sidecar is not None:
         return SidecarBytes(sidecar)
     return build_byte_tables(tokenizer_path, vocab_size)

@@ -277,17 +277,20 @@ def write_val_with_sidecar(pairs: Iterable[tuple[np.ndarray, np.ndarray]], direc
     return tokens.close(), sidecar.close()
 
 
-def load_sidecar(directory: str | Path) -> np.ndarray | None:
+def load_sidecar(directory: str | Path, challenge_names: bool = False) -> np.ndarray | None:
     """The val byte sidecar of a shard folder (uint16, one entry per val token),
-    or None if it has none; DataError unless its files match the val shards 1:1."""
+    or None if it has none; DataError unless its files match the val shards 1:1.
+    ``challenge_names``: the challenge's ``fineweb_val_bytes_NNNNNN.bin`` beside ``fineweb_val_NNNNNN.bin``."""
     directory = Path(directory)
-    if not any(directory.glob(f"{SIDECAR}_*.bin")):
+    prefix, listed = ("fineweb_", challenge_sources) if challenge_names else ("", list_shards)
+    if not any(directory.glob(f"{prefix}{SIDECAR}_*.bin")):
         return None
-    files, shards = list_shards(directory, SIDECAR), list_shards(directory, "val")
+    files, shards = listed(directory, SIDECAR), listed(directory, "val")
     if len(files) != len(shards):
         raise DataError(f"{directory}: {len(files)} {SIDECAR} files for {len(shards)} val shards")
     for side, shard in zip(files, shards):
-        if side.name[len(SIDECAR):] != shard.name[len("val"):] or read_header(side) != read_header(shard):
+        if side.name[len(prefix + SIDECAR):] != shard.name[len(prefix + "val"):] \
+                or read_header(side) != read_header(shard):
             raise DataError(f"{side}: not aligned with {shard.name} "
                             f"({read_header(side)} entries, {read_header(shard)} tokens)")
     return np.concatenate([np.asarray(read_shard(p)) for p in files])

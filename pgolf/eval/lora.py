@@ -32,9 +32,8 @@ import math
 
 import torch
 
+from pgolf.eval.ttt import LORA_TARGETS
 from pgolf.model.attention import HEAD_SLOT
-
-LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
 
 
 def target_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

@@ -49,34 +49,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from pgolf.config import check
 from pgolf.precision import maybe_compile
 
 # score_adjust(logits [..., V], targets [...], target positions [...]) -> tilted NLL [...]
 ScoreAdjust = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class NgramTiltConfig:
-    """The tilt params, shared by the ``eval_sliding`` and ``eval_ttt`` sections (off by default)."""
-
-    ngram_tilt: bool = False        # tilt the scored distribution toward the stream's n-gram hint
-    ngram_order: int = 16           # n: the context is the previous n - 1 tokens (P2135: 16)
-    ngram_threshold: float = 0.8    # gate: top_count / total >= this (P2135: 0.8)
-    ngram_beta: float = 2.625       # tilt strength β (P2135: 2.625)
-
-    def __post_init__(self) -> None:
-        check(self.ngram_order >= 2, "ngram_order", "must be >= 2 (a context of at least one token)")
-        check(0.0 < self.ngram_threshold <= 1.0, "ngram_threshold", "must be in (0, 1]")
-        check(math.isfinite(self.ngram_beta), "ngram_beta", "must be finite")
 
 
 def _splitmix64(seed: int) -> int:
@@ -234,8 +217,9 @@ class NgramTilt:
         self._compiled: dict[tuple[int, bool], Callable[..., torch.Tensor]] = {}
 
     @classmethod
-    def build(cls, tokens: torch.Tensor, cfg: NgramTiltConfig) -> "NgramTilt | None":
-        """The tilt of ``tokens`` (its device) when ``cfg.ngram_tilt``, else None."""
+    def build(cls, tokens: torch.Tensor, cfg: "NgramTiltConfig") -> "NgramTilt | None":
+        """The tilt of ``tokens`` (its device) when ``cfg.ngram_tilt``, else None (``cfg``: pgolf/eval/ngram_params.py,
+        which imports this module lazily, so not imported here)."""
         if not cfg.ngram_tilt:
             return None
         began = time.perf_counter()

@@ -23,7 +23,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -33,8 +33,11 @@ from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.precision import autocast, compile_enabled, maybe_compile, synchronize
 from pgolf.progress import Progress
-from pgolf.eval.ngram_tilt import NgramTilt, NgramTiltConfig
+from pgolf.eval.ngram_params import NgramTiltConfig, build_tilt
 from pgolf.eval.windows import WindowPlan, eval_target_count, plan_nonoverlapping, plan_sliding
+
+if TYPE_CHECKING:
+    from pgolf.eval.ngram_tilt import NgramTilt
 
 # observer(target_positions, context_tokens, nll): CPU tensors of the targets a
 # batch scored, their count of earlier tokens in the window, and their NLL.
@@ -251,7 +254,7 @@ def score_plan(scorer: WindowScorer, plan: WindowPlan, rank: int, world_size: in
 def tilt_for(model: torch.nn.Module, tokens: torch.Tensor, use_compile: bool, cfg: NgramTiltConfig,
              tilt: NgramTilt | None) -> tuple[NgramTilt | None, TiltedForward | None]:
     """(tilt, its scoring forward): ``tilt`` if given, else built from ``cfg`` (None when off)."""
-    tilt = tilt if tilt is not None else NgramTilt.build(tokens, cfg)
+    tilt = tilt if tilt is not None else build_tilt(tokens, cfg)
     if tilt is None:
         return None, None
     return tilt, tilt.forward(model, compile_enabled(use_compile, tokens.device))
@@ -300,7 +303,7 @@ def evaluate_sliding(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteT
     discarded batch first, timed apart (``compile_seconds``).
     """
     forward = nll_forward(model, cfg.compile, tokens.device)
-    tilt = NgramTilt.build(tokens, cfg)
+    tilt = build_tilt(tokens, cfg)
     shared = dict(rank=rank, world_size=world_size, progress=progress, forward=forward, tilt=tilt)
     sliding = score_sliding_windows(model, tokens, tables, cfg, **shared,
                                     warmup=compile_enabled(cfg.compile, tokens.device))

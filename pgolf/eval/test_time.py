@@ -13,8 +13,7 @@ import dataclasses
 import torch
 
 from pgolf.data.bpb import ByteSource
-from pgolf.eval.doc_ttt import doc_ttt_metrics, run_doc_ttt
-from pgolf.eval.ngram_tilt import NgramTilt
+from pgolf.eval.ngram_params import build_tilt
 from pgolf.eval.sliding import EvalSlidingConfig
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt, untrained_reason
 from pgolf.progress import Progress
@@ -24,8 +23,9 @@ def run_eval_ttt(model: torch.nn.Module, tokens: torch.Tensor, source: ByteSourc
                  cfg: EvalTTTConfig, *, rank: int = 0, world_size: int = 1, progress: Progress | None = None,
                  warmup: bool = False):
     """(result, the mode's own metrics, a warning or None); ``score_metrics(result)`` gives the rest."""
-    if cfg.mode == "doc_lora":
-        tilt = NgramTilt.build(tokens, cfg)
+    if cfg.mode == "doc_lora":  # an optional module group of the bundle (pgolf/submission/optional.py)
+        from pgolf.eval.doc_ttt import doc_ttt_metrics, run_doc_ttt
+        tilt = build_tilt(tokens, cfg)
         result = run_doc_ttt(model, tokens, source, windows.seq_len, cfg, rank=rank, world_size=world_size,
                              progress=progress, score_adjust=tilt.score_adjust() if tilt is not None else None)
         if tilt is not None:

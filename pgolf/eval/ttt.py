@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -35,13 +35,17 @@ from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
 from pgolf.errors import ParamError
 from pgolf.model.layout import block_index
-from pgolf.eval.lora import LORA_TARGETS
-from pgolf.eval.ngram_tilt import NgramTilt, NgramTiltConfig
+from pgolf.eval.ngram_params import NgramTiltConfig
 from pgolf.eval.sliding import (EvalSums, Forward, Observer, EvalSlidingConfig, WindowScorer, nll_forward,
                                 tilt_for)
 from pgolf.precision import autocast, synchronize
 from pgolf.progress import Progress
 from pgolf.eval.windows import chunk_sequences, chunk_window_bounds, plan_sliding
+
+if TYPE_CHECKING:
+    from pgolf.eval.ngram_tilt import NgramTilt
+
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # the modules eval_ttt.lora_targets may adapt (pgolf/eval/lora.py)
 
 
 @dataclass(frozen=True)

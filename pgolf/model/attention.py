@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pgolf.model.doc_attention import DocMask, masked_attention
-from pgolf.model.frontier_gates import sparse_attn_gate
 from pgolf.model.rope import apply_partial_rope
+# DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention)
 
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+DOC_ATTENTION_IMPLS = ("auto", "dense", "flex")  # model.doc_attention_impl (pgolf/model/doc_attention.py)
 
 _SDPA_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
@@ -147,8 +147,11 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, *, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  qk_norm: bool, qk_gain_init: float, use_xsa: bool, use_vrl_gate: bool,
-                 backend: str, gate_window: int = 0, gate_scale: float = 0.5):
+                 backend: str, gate_window: int = 0, gate_scale: float = 0.5,
+                 masked_attention: Callable | None = None):
         super().__init__()
+        # pgolf.model.doc_attention.masked_attention with model.doc_attention (the caller imports it only then)
+        self.masked_attention = masked_attention
         self.layer_idx = layer_idx
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -167,6 +170,9 @@ class CausalSelfAttention(nn.Module):
         # SparseAttnGate (pgolf.model.frontier_gates), zero-initialised.
         self.gate_scale = gate_scale
         self.attn_gate_w = nn.Parameter(torch.empty(num_heads, gate_window)) if gate_window else None
+        if gate_window:  # imported only when on (pgolf/submission/optional.py)
+            from pgolf.model.frontier_gates import sparse_attn_gate
+            self.sparse_attn_gate = sparse_attn_gate
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -229,12 +235,12 @@ class CausalSelfAttention(nn.Module):
         if doc_mask is not None:
             if cache is not None:
                 raise ValueError("document-local attention is not supported with a KV cache")
-            y = masked_attention(q, k, v, doc_mask)
+            y = self.masked_attention(q, k, v, doc_mask)
         else:
             y = sdpa_gqa(q, k, v, backend, is_causal=is_causal, attn_mask=mask)
         if self.use_xsa:
             y = exclude_self_value(y, own_v)
         if self.attn_gate_w is not None:
-            y = sparse_attn_gate(y, x, self.attn_gate_w, self.gate_scale)
+            y = self.sparse_attn_gate(y, x, self.attn_gate_w, self.gate_scale)
         y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.proj(y, w_o), own_value

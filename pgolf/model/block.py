@@ -13,21 +13,23 @@ from torch import nn
 
 from pgolf.model.attention import Adapt, BankLinear, CausalSelfAttention, KVCache, add_adapter
 from pgolf.model.config import ModelConfig
-from pgolf.model.doc_attention import DocMask
 from pgolf.model.embeddings import rms_norm
-from pgolf.model.fused_mlp import fused_mlp
+# DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention)
 
 
 class MLP(nn.Module):
     def __init__(self, leaky_slope: float, fused: bool = False):
         super().__init__()
         self.leaky_slope, self.fused = leaky_slope, fused
+        if fused:  # imported only when on: an optional module of the bundle (pgolf/submission/optional.py)
+            from pgolf.model.fused_mlp import fused_mlp
+            self.fused_mlp = fused_mlp
         self.fc = BankLinear()
         self.proj = BankLinear()
 
     def forward(self, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
         if self.fused and not any(m._forward_pre_hooks or m._forward_hooks for m in (self.fc, self.proj)):
-            return fused_mlp(x, w_up, w_down, self.leaky_slope)
+            return self.fused_mlp(x, w_up, w_down, self.leaky_slope)
         hidden = F.leaky_relu(self.fc(x, w_up), negative_slope=self.leaky_slope)
         return self.proj(hidden.square(), w_down)
 
@@ -35,12 +37,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        masked_attention = None
+        if cfg.doc_attention:  # imported only when on: an optional module of the bundle (pgolf/submission/optional.py)
+            from pgolf.model.doc_attention import masked_attention
         self.input_scale = (layer_idx + 1) ** -0.5 if cfg.ln_scale else 1.0
         self.attn = CausalSelfAttention(
             layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, qk_norm=cfg.qk_norm, qk_gain_init=cfg.qk_gain_init,
             use_xsa=layer_idx in cfg.xsa_layers, use_vrl_gate=cfg.vrl and layer_idx > 0,
-            backend=cfg.attention_backend, gate_window=cfg.attn_gate_window, gate_scale=cfg.attn_gate_scale)
+            backend=cfg.attention_backend, gate_window=cfg.attn_gate_window, gate_scale=cfg.attn_gate_scale,
+            masked_attention=masked_attention)
         self.mlp = MLP(cfg.mlp_leaky_slope, cfg.fused_mlp)
         self.attn_scale = nn.Parameter(torch.empty(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.empty(cfg.model_dim))

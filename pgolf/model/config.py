@@ -10,8 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from pgolf.model.attention import ATTENTION_BACKENDS
-from pgolf.model.doc_attention import DOC_ATTENTION_IMPLS
+from pgolf.model.attention import ATTENTION_BACKENDS, DOC_ATTENTION_IMPLS
 from pgolf.config import check, from_params, to_dict
 
 

@@ -40,7 +40,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-DOC_ATTENTION_IMPLS = ("auto", "dense", "flex")
+from pgolf.model.attention import DOC_ATTENTION_IMPLS
+
 
 try:  # FlexAttention ships with torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention

@@ -55,9 +55,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.model.attention import HEAD_SLOT, Adapters, KVCache, add_adapter
-from pgolf.model.doc_attention import document_mask
-from pgolf.model.frontier_gates import InputSmearGate
-from pgolf.model.fused_loss import softcap_token_nll
 from pgolf.model.block import Block
 from pgolf.model.topology import (PARALLEL_POST_INIT, PARALLEL_RESID_INIT, merge_skip, parallel_lanes_update,
                                   split_encoder_decoder, visit_order)
@@ -82,12 +79,20 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.fused_loss:  # imported only when on: an optional module of the bundle (pgolf/submission/optional.py)
+            from pgolf.model.fused_loss import softcap_token_nll
+            self.fused_nll = softcap_token_nll
+        if cfg.doc_attention:  # the same
+            from pgolf.model.doc_attention import document_mask
+            self.document_mask = document_mask
         L, D, V = cfg.num_layers, cfg.model_dim, cfg.vocab_size
         self.tok_emb = nn.Embedding(V, D)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D) if cfg.bigram_buckets else None
         self.smear = SmearGate(D) if cfg.smear_gate else None
-        self.input_smear = (InputSmearGate(cfg.input_smear_window, cfg.bos_id, cfg.input_smear_bos_mask)
-                            if cfg.input_smear_window else None)
+        self.input_smear = None
+        if cfg.input_smear_window:  # imported only when on (pgolf/submission/optional.py)
+            from pgolf.model.frontier_gates import InputSmearGate
+            self.input_smear = InputSmearGate(cfg.input_smear_window, cfg.bos_id, cfg.input_smear_bos_mask)
         self.value_embed = (ValueEmbedding(V, cfg.ve_dim, cfg.kv_dim, len(cfg.ve_layers))
                             if cfg.ve_layers else None)
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
@@ -245,7 +250,7 @@ class GPT(nn.Module):
             h = h.to(torch.get_autocast_dtype(device_type))
         x = x0 = h
         rope = self._rope(cache.length if cache is not None else 0, ids.shape[1])
-        doc_mask = document_mask(ids, cfg.bos_id, cfg.doc_attention_impl, self.doc_span) if cfg.doc_attention else None
+        doc_mask = self.document_mask(ids, cfg.bos_id, cfg.doc_attention_impl, self.doc_span) if cfg.doc_attention else None
         value_base = self.value_embed(ids) if self.value_embed is not None else None
         qo, kv, up, down = self._banks()
         encoder, decoder = self.visits()
@@ -311,7 +316,7 @@ class GPT(nn.Module):
         """Per-position cross-entropy in nats, fp32 [B, T]."""
         if self.cfg.fused_loss:
             weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-            return softcap_token_nll(self._hidden(ids), weight, targets, self.cfg.logit_softcap)
+            return self.fused_nll(self._hidden(ids), weight, targets, self.cfg.logit_softcap)
         logits = self.forward_logits(ids)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 

@@ -49,7 +49,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -57,10 +57,12 @@ import zstandard
 
 from pgolf.errors import DataError
 from pgolf.io import write_bytes_atomic
-from pgolf.quant import grouped
 from pgolf.quant.grid import dequantize_grid
 from pgolf.quant.protected import ProtectedColumns, parse_protected
-from pgolf.quant.lqer_factors import LqerFactors, parse_factors
+
+if TYPE_CHECKING:  # grouped and LQER are optional modules of the bundle, imported where used
+    from pgolf.quant.grouped import Grouping
+    from pgolf.quant.lqer_factors import LqerFactors
 
 MAGIC = b"PGOLFQZ\n"
 FORMAT_VERSION = 2
@@ -78,8 +80,7 @@ MIN_PAYLOAD_LIMIT = 64 << 20
 _STORED_DTYPES = {"int8": (torch.int8, "<i1"), "uint8": (torch.uint8, "<u1"), "int16": (torch.int16, "<i2"),
                   "int32": (torch.int32, "<i4"), "int64": (torch.int64, "<i8"), "bool": (torch.bool, "|b1"),
                   "float16": (torch.float16, "<f2"), "float32": (torch.float32, "<f4"), "float64": (torch.float64, "<f8")}
-_RESTORE_DTYPES = {name: dtype for name, (dtype, _) in _STORED_DTYPES.items()}
-_RESTORE_DTYPES["bfloat16"] = torch.bfloat16
+_RESTORE_DTYPES = {**{name: dtype for name, (dtype, _) in _STORED_DTYPES.items()}, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def tensor_frames(tensors: Sequence[StoredTensor], compressor: str, level: int) 
 
 
 def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
-           compressor: str, level: int, frames: Sequence[bytes] | None = None, grouping: grouped.Grouping | None = None) -> bytes:
+           compressor: str, level: int, frames: Sequence[bytes] | None = None, grouping: Grouping | None = None) -> bytes:
     """The complete file bytes for ``tensors`` (see the module docstring).
 
     ``frames``: the tensors' ``tensor_frame`` bytes when the caller has them
@@ -194,6 +195,7 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
     head = struct.pack("<I", len(index)) + index
     if grouping is not None:  # format version 3
         data = b"".join(stored_arrays_bytes(t) for t in tensors)
+        from pgolf.quant import grouped
         packed, _ = grouped.pack(entries, head, data, compressor, level, grouping)
         return _HEADER.pack(MAGIC, GROUPED_VERSION, COMPRESSORS[compressor], 0, len(packed), len(head) + offset,
                             hashlib.sha256(packed).digest()) + packed
@@ -221,15 +223,10 @@ def payload_limit(packed_len: int) -> int:
 
 
 def _decompress(packed: bytes, compressor_id: int, raw_length: int, where: str) -> tuple[bytes, list[int]]:
-    """The frames of ``packed`` decompressed in order (never more than ``raw_length``
-    bytes), and each frame's compressed length.
-
-    Each frame is decompressed straight into one buffer of ``raw_length`` bytes
-    (the caller bounds it): a zstd frame must declare its size, and one that
-    declares more than the room left is refused before it is decompressed (the
-    decompressor itself stops a frame at its declared size); an xz stream is
-    decompressed with at most that room as its output limit.
-    """
+    """The frames of ``packed`` decompressed in order straight into one buffer of ``raw_length`` bytes (the
+    caller bounds it; never more), and each frame's compressed length. A zstd frame must declare its size, and
+    one that declares more than the room left is refused before it is decompressed (the decompressor stops a
+    frame at its declared size); an xz stream is decompressed with at most that room as its output limit."""
     out = bytearray(raw_length)
     sizes, total, rest = [], 0, packed
     try:
@@ -314,6 +311,8 @@ def _parse_tensor(entry: Any, data: memoryview, where: str) -> StoredTensor:
         if coarse.numel() and int(coarse.abs().max()) > qmax:
             raise DataError(f"{at}: integers exceed ±{qmax} for {bits} bits")
         require_finite(scale, at, "scale")
+        if "lqer" in entry:
+            from pgolf.quant.lqer_factors import parse_factors
         lqer = parse_factors(entry["lqer"], lambda r: _read_array(data, r, at), shape, at) if "lqer" in entry else None
         return StoredTensor(**common, bits=bits, q=q, scale=scale, protect=protect, lqer=lqer)
     raw = _read_array(data, entry.get("raw"), at)
@@ -343,6 +342,7 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     if hashlib.sha256(packed).digest() != digest:
         raise DataError(f"{where}: checksum mismatch, the file is corrupted")
     if version == GROUPED_VERSION:
+        from pgolf.quant import grouped
         raw, records = grouped.unpack(packed, _COMPRESSOR_NAMES[comp_id], raw_len, where)
     else:
         raw, frame_sizes = _decompress(packed, comp_id, raw_len, where)

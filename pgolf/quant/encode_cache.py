@@ -14,8 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from pgolf.quant.artifact import StoredTensor, encode, stored_arrays_bytes, tensor_frames
-from pgolf.quant.compression import compress
-from pgolf.quant.roles import ROLE_GROUPING
+from pgolf.quant.roles import role_grouping
 
 
 class EncodeCache:
@@ -40,7 +39,7 @@ class EncodeCache:
             plain = self.cfg.compression == "plain"
             blob = encode(tensors, self.model_config, self.meta, self.cfg.compressor, self.cfg.compression_level,
                           frames=self.frames(tensors) if plain else None,
-                          grouping=None if plain else ROLE_GROUPING)
+                          grouping=None if plain else role_grouping())
             if len(self._blobs) >= self.keep:
                 self._blobs.pop(next(iter(self._blobs)))
             self._blobs[key] = (list(tensors), blob)
@@ -50,5 +49,6 @@ class EncodeCache:
         comp, level = self.cfg.compressor, self.cfg.compression_level
         if self.cfg.compression == "plain":
             return tensor_frames(tensors, comp, level)
+        from pgolf.quant.compression import compress  # the grouped layout's (pgolf/submission/optional.py)
         with ThreadPoolExecutor(max_workers=max(1, min(len(tensors), os.cpu_count() or 1))) as pool:
             return list(pool.map(lambda t: compress(stored_arrays_bytes(t), comp, level), tensors))

@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import torch
 
-from pgolf.config import check
 from pgolf.errors import DataError
 
 MODES = ("asym", "sym")
@@ -74,13 +73,6 @@ class LqerFactors:
         """The index entry; ``ref`` places each array in the data section, in ``arrays()`` order."""
         a, a_s, b, b_s = (ref(t) for t in self.arrays())
         return {"mode": self.mode, "group": self.group, "a": a, "a_scale": a_s, "b": b, "b_scale": b_s}
-
-
-def check_lqer(top_k: int, rank: int, group: int) -> None:
-    """ParamErrors for ``quantize.lqer_top_k`` / ``lqer_rank`` / ``lqer_group``."""
-    check(top_k >= 0, "lqer_top_k", "must be >= 0 (0 = off)")
-    check(rank >= 1, "lqer_rank", "must be >= 1")
-    check(group >= 1, "lqer_group", "must be >= 1")
 
 
 def _fp16_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:

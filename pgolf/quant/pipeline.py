@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -34,12 +34,12 @@ from pgolf.quant.artifact import StoredTensor, decode, require_finite
 from pgolf.quant.bit_allocation import fit_to_limit, outcome_metrics
 from pgolf.quant.encode_cache import EncodeCache
 from pgolf.quant.hessian_file import HessianSet, load_hessians
-from pgolf.quant.lqer import lqer_step
 from pgolf.quant.policy import QuantizeConfig, QuantizeResult, quantize_state_dict
 from pgolf.quant.pruning import prune_to_target
 from pgolf.quant.quant_config import frontier_defaults
 from pgolf.quant.roles import role_of
-from pgolf.submission.size import LIMIT_BYTES, bundle_reserved_bytes
+from pgolf.submission.limits import LIMIT_BYTES
+from pgolf.submission.size import bundle_reserved_bytes
 
 # Search settings of the byte budget stay out of the artifact's meta: the bits of
 # each tensor record their outcome, and a fit that demotes nothing then gives
@@ -120,6 +120,11 @@ def byte_target(code_bytes: int, cfg: QuantizeConfig) -> int:
     return LIMIT_BYTES - code_bytes - cfg.prune_margin_bytes
 
 
+def _no_lqer(tensors: Sequence[StoredTensor]) -> tuple[list[StoredTensor], list[dict]]:
+    """``lqer_step``'s result with ``quantize.lqer_top_k: 0``: the same tensors, no records."""
+    return list(tensors), []
+
+
 def quantize_loaded(ckpt: Checkpoint, hs: HessianSet, cfg: QuantizeConfig, device: torch.device,
                     target: int | None, checkpoint_source: str, hessian_source: str,
                     log: StageLog) -> QuantizeOutcome:
@@ -136,7 +141,10 @@ def quantize_loaded(ckpt: Checkpoint, hs: HessianSet, cfg: QuantizeConfig, devic
 
     meta = {"quantize": recorded_settings(cfg)}
     blobs = EncodeCache(ckpt.model_config.to_dict(), meta, cfg)
-    with_lqer = lqer_step(state, cfg.lqer_top_k, cfg.lqer_rank, cfg.lqer_group)
+    with_lqer = _no_lqer
+    if cfg.lqer_top_k > 0:  # an optional module of the bundle (pgolf/submission/optional.py)
+        from pgolf.quant.lqer import lqer_step
+        with_lqer = lqer_step(state, cfg.lqer_top_k, cfg.lqer_rank, cfg.lqer_group)
     tensors, report, budget_metrics = result.tensors, result.report, {}
     if cfg.fit_to_limit or cfg.prune:
         tensors, report, budget_metrics = _meet_byte_target(result, state, hs, cfg, device, target, blobs,

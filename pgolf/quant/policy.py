@@ -23,8 +23,7 @@ import torch
 
 from pgolf.errors import DataError
 from pgolf.progress import Progress
-from pgolf.quant.artifact import StoredTensor, dequantize_tensor, dtype_name, encode, tensor_frames
-from pgolf.quant.awq import select_groups
+from pgolf.quant.artifact import StoredTensor, dequantize_tensor, dtype_name
 from pgolf.quant.clip import candidate_scales, protected_scales, row_quantiles, sdclip_scales
 from pgolf.quant.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
 from pgolf.quant.grid import SCALE_FLOOR, quantize_to_grid, row_scales
@@ -222,6 +221,7 @@ def awq_selection(state: Mapping[str, torch.Tensor], bits_of: Mapping[str, int],
             raise DataError(f"{source}: no activation RMS {hessian_key_of(name)!r} for {name} "
                             "(awq_top_k needs hessians.activation_rms: true)")
         candidates[name] = (state[name], rms)
+    from pgolf.quant.awq import select_groups  # optional in the bundle (pgolf/submission/optional.py)
     return select_groups(candidates, cfg.awq_group_size, cfg.awq_top_k)
 
 

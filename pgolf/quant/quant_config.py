@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pgolf.config import check
-from pgolf.quant.compression import check_compression
 from pgolf.quant.grid import GridBits
-from pgolf.quant.lqer_factors import check_lqer
 
 
 @dataclass(frozen=True)
@@ -79,8 +77,12 @@ class QuantizeConfig:
         check(self.awq_top_k == 0 or self.clip == "sdclip", "awq_top_k",
               "needs clip: sdclip (the protected columns' range is k·std(row), docs/FRONTIER.md §4.5)")
         check(self.awq_top_k == 0 or self.method == "gptq", "awq_top_k", "needs method: gptq")
-        check_lqer(self.lqer_top_k, self.lqer_rank, self.lqer_group)
-        check_compression(self.compression, self.compressor)
+        check(self.lqer_top_k >= 0, "lqer_top_k", "must be >= 0 (0 = off)")
+        check(self.lqer_rank >= 1, "lqer_rank", "must be >= 1")
+        check(self.lqer_group >= 1, "lqer_group", "must be >= 1")
+        if self.compression != "plain" or self.compressor not in ("zstd", "lzma"):  # else nothing to check there,
+            from pgolf.quant.compression import check_compression  # and a bundle may leave the module out
+            check_compression(self.compression, self.compressor)
 
     @property
     def grid_bits(self) -> GridBits:

@@ -4,13 +4,17 @@
 mlp.proj), each concatenated over layers. In ``SORTED_ROLES`` (F1855's
 choice) each matrix's rows are stored in greedy L1 order
 (pgolf/quant/compression.py). The artifact format itself knows nothing of the
-model: the writer is handed :data:`ROLE_GROUPING`, and the file's layout names
+model: the writer is handed :func:`role_grouping`, and the file's layout names
 every member, so the reader needs no roles.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pgolf.model.layout import BLOCK_MATRICES, block_weight
-from pgolf.quant.grouped import Grouping
+
+if TYPE_CHECKING:
+    from pgolf.quant.grouped import Grouping
 
 EMBED_ROLE = "tok_emb"
 EMBED_NAME = "tok_emb.weight"
@@ -28,4 +32,7 @@ def role_of(name: str) -> str | None:
     return found[1].module if found is not None else None
 
 
-ROLE_GROUPING = Grouping(role_of, GROUP_ROLES, SORTED_ROLES)
+def role_grouping() -> Grouping:
+    """The grouped layout's groups (imported only then: an optional module of the bundle, pgolf/submission/optional.py)."""
+    from pgolf.quant.grouped import Grouping
+    return Grouping(role_of, GROUP_ROLES, SORTED_ROLES)

@@ -127,6 +127,7 @@ class Bundle:
     raw_bytes: int            # the archive uncompressed: packed sources + the index line with params
     archive_bytes: int        # the raw LZMA2 stream
     params: dict[str, Any]
+    packed_bytes: dict[str, int]  # each module's bytes as packed (minified)
 
     @property
     def counted_bytes(self) -> int:
@@ -167,17 +168,20 @@ def decode_archive(archive: str, nbytes: int) -> bytes:
     return scope["blob"]()
 
 
-def pack_archive(root: Path, files: list[str], params: Mapping[str, Any], strip: bool) -> tuple[bytes, int]:
-    """(raw LZMA2 archive, its uncompressed size) of ``files`` under ``root`` and ``params``."""
+def pack_archive(root: Path, files: list[str], params: Mapping[str, Any], strip: bool
+                 ) -> tuple[bytes, int, dict[str, int]]:
+    """(raw LZMA2 archive, its uncompressed size, {packed file: its packed size}) of ``files`` under ``root``
+    and ``params`` (minified, a file the driver no longer imports is left out)."""
     sources = [(root / f).read_bytes() for f in files]
-    if strip:
-        minified = minify_sources(dict(zip(files, sources)), keep=["main"])  # the stub calls driver.main
+    if strip:  # the stub imports the driver and calls driver.main
+        minified = minify_sources(dict(zip(files, sources)), keep=["main"], entry=DRIVER_FILE)
+        files = [f for f in files if f in minified]
         sources = [minified[f] for f in files]
     head = json.dumps({"format": FORMAT, "version": VERSION, "driver": DRIVER_MODULE, "params": params,
                        "files": [[f, len(s)] for f, s in zip(files, sources)]},
                       sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     raw = head + b"\n" + b"".join(sources)
-    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[LZMA2]), len(raw)
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[LZMA2]), len(raw), {f: len(s) for f, s in zip(files, sources)}
 
 
 def plain(value: Any) -> Any:
@@ -195,12 +199,13 @@ def build_bundle(root: str | Path, params: Mapping[str, Any], strip: bool = True
     root = Path(root)
     if not (root / DRIVER_FILE).is_file():
         raise DataError(f"{root / DRIVER_FILE}: driver module not found; cannot build the bundle")
-    files = [f for f in counted_code_files(root, [DRIVER_FILE]) if f.startswith("pgolf/")]
-    archive, raw_bytes = pack_archive(root, files, params, strip)
+    files = [f for f in counted_code_files(root, [DRIVER_FILE], params) if f.startswith("pgolf/")]
+    archive, raw_bytes, packed = pack_archive(root, files, params, strip)
+    files = list(packed)
     text = STUB.format(first_line=FIRST_LINE, version=VERSION, decoder=DECODER, nbytes=len(archive),
                        archive=encode_base124(archive))
     return Bundle(text=text, files=files, source_bytes=sum((root / f).stat().st_size for f in files),
-                  raw_bytes=raw_bytes, archive_bytes=len(archive), params=params)
+                  raw_bytes=raw_bytes, archive_bytes=len(archive), params=params, packed_bytes=packed)
 
 
 def _archive_blob(path: Path, text: str) -> bytes:

@@ -11,16 +11,31 @@ with the first ``ast.unparse``; none changes what runs:
   assignment. Class-body annotations stay: they define dataclass fields, and
   :func:`pgolf.config.from_params` reads their types.
 * **Dead top-level definitions**: a module-level function or class whose name
-  occurs nowhere in the packed code (as a name, an attribute, an imported name
-  or a string constant: ``getattr(module, "name")`` keeps it) is dropped, to a
-  fixed point. Decorated definitions and classes with bases or keywords always
-  stay (a decorator or metaclass may register them); so do dunder names and the
-  names in ``keep`` (the driver's entry point, called from the stub).
+  occurs nowhere in the packed code (as a name, an attribute or a string
+  constant: ``getattr(module, "name")`` keeps it; being imported is not a use)
+  is dropped, to a fixed point, and so is its name from every
+  ``from <packed module> import`` that no longer finds it there (an import
+  left with no names goes). Decorated definitions and classes with bases or
+  keywords always stay (a decorator or metaclass may register them); so do
+  dunder names and the names in ``keep`` (the driver's entry point, called
+  from the stub).
+* **Short local names**: inside an undecorated function, a name the body binds
+  (not a parameter: callers pass them by keyword; not only a comprehension's
+  variable) becomes, everywhere in its scope, the shortest name the
+  module does not use anywhere, most used first. A function with ``global``,
+  ``nonlocal``, ``match``, ``locals``/``vars``/``eval``/``exec`` keeps its names;
+  so does a name a nested function, lambda or class reads, an imported or
+  ``except ... as`` name (their binding is not a name node), and what a default
+  value reads (it is evaluated outside the body).
 * **Indentation** of one space per level instead of four, and **no spaces
   between tokens** but those that keep two words apart (``a=b+1``, ``x if y``);
   each checked by parsing the result again: the tree must equal the unparsed
   one, else that module keeps the previous form. (f-strings are copied whole:
   Python 3.12+ tokenises their insides.)
+
+With an ``entry`` module, a module no packed import reaches from it any more
+(its only importers' imports of it went with the definitions they named) is
+not packed at all.
 
 The bundle runs only the driver (pgolf/submission/driver.py), so code that only
 the stages, tools or tests call is dead inside it, though alive in the repository.
@@ -28,7 +43,10 @@ the stages, tools or tests call is dead inside it, though alive in the repositor
 from __future__ import annotations
 
 import ast
+import builtins
 import io
+import itertools
+import string
 import tokenize
 from typing import Iterable, Mapping
 
@@ -84,17 +102,20 @@ def drop_annotations(tree: ast.Module) -> None:
 
 
 def _names_used(node: ast.AST) -> set[str]:
+    """Names ``node`` uses: names, attributes, string constants, and the original of an ``import ... as``
+    whose new name it uses (importing a name is not using it)."""
     used: set[str] = set()
+    renamed: dict[str, str] = {}
     for n in ast.walk(node):
         if isinstance(n, ast.Name):
             used.add(n.id)
         elif isinstance(n, ast.Attribute):
             used.add(n.attr)
-        elif isinstance(n, ast.alias):
-            used.add(n.name.rpartition(".")[2])
+        elif isinstance(n, ast.alias) and n.asname:
+            renamed[n.asname] = n.name.rpartition(".")[2]
         elif isinstance(n, ast.Constant) and isinstance(n.value, str):
             used.add(n.value)
-    return used
+    return used | {name for new, name in renamed.items() if new in used}
 
 
 def _removable(node: ast.stmt) -> bool:
@@ -105,8 +126,56 @@ def _removable(node: ast.stmt) -> bool:
     return False
 
 
+def module_name(path: str) -> str:
+    """``pgolf/quant/x.py`` → ``pgolf.quant.x`` (a package's ``__init__.py`` → the package)."""
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def _bound_names(tree: ast.Module) -> set[str]:
+    """The names a module's top level binds (definitions, assignments, imports)."""
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add(node.asname or node.name.split(".")[0])
+    return bound
+
+
+def drop_dangling_imports(trees: Mapping[str, ast.Module]) -> None:
+    """Drop from each ``from <packed module> import name`` the names that module no longer binds (its
+    definition was dropped), to a fixed point (a re-export goes with its source); an emptied import goes."""
+    modules = {module_name(path): tree for path, tree in trees.items()}
+    while True:
+        bound = {name: _bound_names(tree) for name, tree in modules.items()}
+        changed = False
+        for tree in trees.values():
+            for node in ast.walk(tree):
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    statements = getattr(node, field, None)
+                    if not isinstance(statements, list):
+                        continue
+                    kept = []
+                    for s in statements:
+                        if isinstance(s, ast.ImportFrom) and not s.level and s.module in modules:
+                            names = [a for a in s.names if a.name == "*" or a.name in bound[s.module]
+                                     or f"{s.module}.{a.name}" in modules]
+                            changed |= len(names) < len(s.names)
+                            if not names:
+                                continue
+                            s.names = names
+                        kept.append(s)
+                    if field != "handlers":
+                        setattr(node, field, kept or ([ast.Pass()] if field == "body" else []))
+        if not changed:
+            return
+
+
 def drop_dead_definitions(trees: Mapping[str, ast.Module], keep: Iterable[str]) -> list[str]:
-    """Drop unreferenced top-level functions/classes from ``trees`` in place; ``["path:name", ...]`` dropped."""
+    """Drop unreferenced top-level functions/classes from ``trees`` in place, then the imports of them;
+    ``["path:name", ...]`` dropped."""
     dropped: list[str] = []
     uses = {id(top): _names_used(top) - ({top.name} if _removable(top) else set())
             for tree in trees.values() for top in tree.body}
@@ -119,7 +188,76 @@ def drop_dead_definitions(trees: Mapping[str, ast.Module], keep: Iterable[str]) 
             changed |= len(alive) < len(tree.body)
             tree.body = alive or [ast.Pass()]
         if not changed:
-            return dropped
+            break
+    drop_dangling_imports(trees)
+    return dropped
+
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_DYNAMIC = frozenset({"locals", "vars", "eval", "exec"})
+
+
+def _short_names() -> Iterable[str]:
+    first = string.ascii_letters + "_"
+    for n in itertools.count(1):
+        for t in itertools.product(first, *[first + string.digits] * (n - 1)):
+            yield "".join(t)
+
+
+def _body_nodes(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.AST]:
+    """The nodes of ``fn``'s body in its own scope (not inside a nested function, lambda or class)."""
+    out: list[ast.AST] = []
+    stack: list[ast.AST] = list(fn.body)
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        if not isinstance(node, _SCOPES):
+            stack.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def shorten_locals(tree: ast.Module) -> None:
+    """The module docstring's short local names, in place."""
+    taken = set(dir(builtins))
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            taken.add(n.id)
+        elif isinstance(n, ast.arg):
+            taken.add(n.arg)
+        elif isinstance(n, ast.alias):
+            taken.add(n.asname or n.name.split(".")[0])
+        elif isinstance(n, (*_SCOPES[:2], ast.ClassDef)):
+            taken.add(n.name)
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            taken.add(n.name)
+    for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        if fn.decorator_list:
+            continue
+        nodes = _body_nodes(fn)
+        if any(isinstance(n, (ast.Global, ast.Nonlocal, ast.Match)) or isinstance(n, ast.Name) and n.id in _DYNAMIC
+               for n in nodes):
+            continue
+        keep = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+        for n in nodes:
+            if isinstance(n, _SCOPES):  # read by a nested scope (its defaults included)
+                keep.update(m.id for m in ast.walk(n) if isinstance(m, ast.Name))
+            elif isinstance(n, ast.alias):
+                keep.add(n.asname or n.name.split(".")[0])
+            elif isinstance(n, ast.ExceptHandler) and n.name:
+                keep.add(n.name)
+        names = [n for n in nodes if isinstance(n, ast.Name)]
+        # A comprehension's own variable is not the function's: outside it the same name may be a global.
+        own = {id(m) for n in nodes if isinstance(n, ast.comprehension) for m in ast.walk(n.target)}
+        bound = {n.id for n in names if isinstance(n.ctx, (ast.Store, ast.Del)) and id(n) not in own} - keep
+        uses = {name: sum(n.id == name for n in names) for name in bound}
+        fresh = (name for name in _short_names() if name not in taken)
+        mapping = {}
+        for name in sorted(bound, key=lambda b: (-uses[b], b)):
+            new = next(fresh)
+            if len(new) < len(name):
+                mapping[name] = new
+        for n in names:
+            n.id = mapping.get(n.id, n.id)
 
 
 def narrow_indent(text: str, where: str) -> str:
@@ -190,12 +328,37 @@ def squeeze_spaces(text: str, where: str) -> str:
     return squeezed if same else text
 
 
-def minify_sources(sources: Mapping[str, bytes], keep: Iterable[str]) -> dict[str, bytes]:
-    """{path: minified source} of the packed modules ``sources`` (the module docstring's rewrites)."""
+def reachable(trees: Mapping[str, ast.Module], entry: str) -> set[str]:
+    """Paths of ``trees`` that importing ``entry`` can import (any import statement, a package's
+    ``__init__`` included); every path where a relative import makes that unknowable."""
+    modules = {module_name(path): path for path in trees}
+    seen, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(trees[path]):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                return set(trees)
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                parts = name.split(".")
+                todo += [modules[m] for m in (".".join(parts[:d]) for d in range(1, len(parts) + 1)) if m in modules]
+    return seen
+
+
+def minify_sources(sources: Mapping[str, bytes], keep: Iterable[str], entry: str | None = None) -> dict[str, bytes]:
+    """{path: minified source} of the packed modules ``sources`` (the module docstring's rewrites); with
+    ``entry``, only the modules it can still import."""
     trees = {path: parse(source, path) for path, source in sources.items()}
     for tree in trees.values():
         drop_docstrings(tree)
         drop_annotations(tree)
+        shorten_locals(tree)
     drop_dead_definitions(trees, keep)
+    kept = set(trees) if entry is None else reachable(trees, entry)
     return {path: (squeeze_spaces(narrow_indent(ast.unparse(tree), path), path) + "\n").encode("utf-8")
-            for path, tree in trees.items()}
+            for path, tree in trees.items() if path in kept}

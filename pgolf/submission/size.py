@@ -15,6 +15,10 @@ Which modules the bundle packs is computed, not hand-maintained:
 :func:`counted_code_files` follows the ``import`` statements of an entry point
 (including imports inside functions) through the project's own packages,
 adding each package's ``__init__.py`` on the way (importing a module runs it).
+Given the run's params (the bundle does), an import inside a function of a
+module of an optional group (pgolf/submission/optional.py) is followed only
+when the group's condition holds, and ``if TYPE_CHECKING:`` blocks are skipped:
+neither runs in that run.
 
 Total = code bytes + model bytes; it fits when total ≤ 16,000,000 (exactly
 16,000,000 fits). size.json also records the sha256 of the artifact it measured.
@@ -22,16 +26,18 @@ Total = code bytes + model bytes; it fits when total ≤ 16,000,000 (exactly
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from pgolf.errors import DataError
 from pgolf.io import file_sha256
 from pgolf.pipeline.paths import BUNDLE, BUNDLE_RESERVE
 from pgolf.submission.limits import LIMIT_BYTES
+from pgolf.submission.optional import excluded_modules
 
 EVAL_ENTRY_POINTS = ("stages/eval_sliding.py", "stages/eval_ttt.py")
 LOCAL_PACKAGES = ("pgolf", "stages")
@@ -70,33 +76,73 @@ def _module_name(root: Path, path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imported_modules(root: Path, path: Path) -> set[str]:
-    """Dotted names of local modules ``path`` imports (``from pkg import mod`` included)."""
+EAGER, LAZY, NEVER = "eager", "lazy", "never"  # an import runs on import / inside a function / never
+
+
+def _import_statements(node: ast.AST, kind: str = EAGER) -> Iterator[tuple[ast.Import | ast.ImportFrom, str]]:
+    """Each import statement under ``node`` and when it runs (EAGER, LAZY or NEVER: ``if TYPE_CHECKING:``)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child, kind
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield from _import_statements(child, NEVER if kind == NEVER else LAZY)
+        elif isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+            for statement in child.body:
+                yield from _import_statements(ast.Module(body=[statement], type_ignores=[]), NEVER)
+            for statement in child.orelse:
+                yield from _import_statements(ast.Module(body=[statement], type_ignores=[]), kind)
+        else:
+            yield from _import_statements(child, kind)
+
+
+def _module_imports(root: Path, path: Path) -> dict[str, str]:
+    """{dotted name of a local module ``path`` imports: when the first such import runs}."""
+    stat = path.stat()
+    return dict(_parsed_imports(root, path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_imports(root: Path, path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """:func:`_module_imports` of one version of a file (cached: tests walk the same tree many times)."""
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except SyntaxError as exc:
         raise DataError(f"{path}: cannot parse for import analysis ({exc.msg}, line {exc.lineno})") from None
     is_package = path.name == "__init__.py"
     own_package = _module_name(root, path) if is_package else _module_name(root, path).rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(tree):
+    found: dict[str, str] = {}
+    rank = {EAGER: 0, LAZY: 1, NEVER: 2}
+    for node, kind in _import_statements(tree):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
+            names = [alias.name for alias in node.names]
+        else:
             if node.level:
                 anchor = own_package.split(".")[:len(own_package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            found.add(base)
             # ``from pkg import mod`` imports a module when pkg/mod.py exists.
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.split(".")[0] in LOCAL_PACKAGES}
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] in LOCAL_PACKAGES and (name not in found or rank[kind] < rank[found[name]]):
+                found[name] = kind
+    return tuple(found.items())
 
 
-def counted_code_files(root: str | Path = ".", entry_points: Sequence[str] = EVAL_ENTRY_POINTS) -> list[str]:
-    """Sorted root-relative paths of the counted code (see the module docstring)."""
+def _imported_modules(root: Path, path: Path) -> set[str]:
+    """Dotted names of local modules ``path`` imports (``from pkg import mod`` included)."""
+    return set(_module_imports(root, path))
+
+
+def counted_code_files(root: str | Path = ".", entry_points: Sequence[str] = EVAL_ENTRY_POINTS,
+                       params: Mapping[str, Any] | None = None) -> list[str]:
+    """Sorted root-relative paths of the counted code (see the module docstring).
+
+    Without ``params`` every import is followed (a stage's code deps); with them, the modules of a
+    run with those params (the bundle's).
+    """
     root = Path(root).resolve()
+    excluded = None if params is None else excluded_modules(params)
     todo: list[Path] = []
     for entry in entry_points:
         path = root / entry
@@ -109,8 +155,11 @@ def counted_code_files(root: str | Path = ".", entry_points: Sequence[str] = EVA
         if path in seen:
             continue
         seen.add(path)
-        for dotted in _imported_modules(root, path):
+        for dotted, kind in _module_imports(root, path).items():
             parts = dotted.split(".")
+            if excluded is not None and (kind == NEVER or (kind == LAZY and any(
+                    ".".join(parts[:depth]) in excluded for depth in range(1, len(parts) + 1)))):
+                continue
             # Importing a.b.c runs a/__init__.py and a/b/__init__.py too.
             for depth in range(1, len(parts) + 1):
                 found = _module_file(root, ".".join(parts[:depth]))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf.data.bpb import ByteSource, load_byte_source
 from pgolf.distributed import DistContext
 from pgolf.eval.sliding import EvalSlidingConfig, prepare_tokens
 from pgolf.model.checkpoint import Checkpoint
@@ -29,6 +30,12 @@ def checkpoint_in_memory(model_cfg, state_dict: dict[str, torch.Tensor], meta: d
     return Checkpoint(model_config=model_cfg,
                       state_dict={k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
                       meta=dict(meta))
+
+
+def val_byte_source(data_dir: Path, tokenizer: Path, vocab_size: int) -> ByteSource:
+    """The bytes each target is charged, as the eval stages charge them (pgolf.eval.inputs): the val byte
+    sidecar when the challenge's data has one (CaseOps: ``fineweb_val_bytes_*.bin``), else the tokenizer's tables."""
+    return load_byte_source(data_dir, tokenizer, vocab_size, challenge_names=True)
 
 
 def eval_inputs(artifact: Path, val: np.ndarray, windows: EvalSlidingConfig, ctx: DistContext,

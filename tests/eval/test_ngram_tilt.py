@@ -10,7 +10,8 @@ import torch
 
 from pgolf.config import from_params
 from pgolf.errors import ParamError
-from pgolf.eval.ngram_tilt import (NgramTiltConfig, _group_by_context, make_score_adjust, stable_order,
+from pgolf.eval.ngram_params import NgramTiltConfig
+from pgolf.eval.ngram_tilt import (_group_by_context, make_score_adjust, stable_order,
                                    stream_hints, tilted_log_probs, tilted_nll)
 from pgolf.eval.ttt import EvalTTTConfig
 

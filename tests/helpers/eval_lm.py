@@ -17,7 +17,7 @@ from torch import nn
 
 from pgolf.data.bpb import ByteTables
 from pgolf.config import to_dict
-from pgolf.eval.ngram_tilt import NgramTiltConfig
+from pgolf.eval.ngram_params import NgramTiltConfig
 from pgolf.eval.sliding import EvalSlidingConfig, score_nonoverlapping, score_sliding_windows
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt
 

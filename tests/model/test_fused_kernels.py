@@ -143,8 +143,9 @@ def test_off_is_todays_path_exactly(monkeypatch):
     """Both params off: neither fused op is reached (so the CPU default is bit-identical)."""
     def forbidden(*args, **kwargs):
         raise AssertionError("fused op called with the param off")
-    monkeypatch.setattr("pgolf.model.block.fused_mlp", forbidden)
-    monkeypatch.setattr("pgolf.model.gpt.softcap_token_nll", forbidden)
+    # The model binds the fused ops when built, from their modules (imported only when a param is on).
+    monkeypatch.setattr("pgolf.model.fused_mlp.fused_mlp", forbidden)
+    monkeypatch.setattr("pgolf.model.fused_loss.softcap_token_nll", forbidden)
     cfg = tiny_model_config()
     assert not cfg.fused_mlp and not cfg.fused_loss
     torch.manual_seed(0)
@@ -180,11 +181,11 @@ def test_fused_model_matches_the_plain_model(dtype, atol):
 def test_a_hook_on_the_mlp_matmuls_keeps_the_plain_path(monkeypatch):
     """GPTQ's Hessian collection hooks blocks.i.mlp.fc / .proj: it must still see their inputs."""
     cfg = tiny_model_config(fused_mlp=True)
+    calls = []
+    monkeypatch.setattr("pgolf.model.fused_mlp.fused_mlp", lambda *a: calls.append(1) or fused_mlp(*a))
     model = GPT(cfg)
     seen = []
     model.blocks[0].mlp.proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
-    calls = []
-    monkeypatch.setattr("pgolf.model.block.fused_mlp", lambda *a: calls.append(1) or fused_mlp(*a))
     with torch.no_grad():
         model(torch.randint(0, cfg.vocab_size, (1, 9)), torch.randint(0, cfg.vocab_size, (1, 9)))
     assert seen == [(1, 9, cfg.mlp_hidden)]

@@ -15,9 +15,11 @@ from pgolf.quant.artifact import HEADER_BYTES, StoredTensor, decode, dequantize,
 from pgolf.quant.encode_cache import EncodeCache
 from pgolf.quant.lqer import apply_lqer
 from pgolf.quant.policy import QuantizeConfig
-from pgolf.quant.roles import GROUP_ROLES, ROLE_GROUPING, SORTED_ROLES, role_of
+from pgolf.quant.roles import GROUP_ROLES, SORTED_ROLES, role_grouping, role_of
 from tests.helpers.models import quant_params
 from tests.helpers.quantized import rtn_stored as stored
+
+ROLE_GROUPING = role_grouping()
 
 
 def l1_chain_reference(rows: np.ndarray) -> list[int]:

@@ -7,6 +7,7 @@ in a fresh folder holding the same shards under the challenge's names.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -206,3 +207,42 @@ def test_bundle_over_two_processes_matches_the_pipeline_over_two(pipeline, tmp_p
         assert results[stage]["val_bpb"] == expected["val_bpb"], stage
         assert results[stage]["val_loss"] == expected["val_loss"], stage
     assert (folder / "final_model.ptz").read_bytes() == (two / "artifacts/quant/model.ptz").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_feature_on_is_packed_and_reproduces_the_pipeline_off_is_left_out(pipeline, tmp_path):
+    """pgolf/submission/optional.py: the tilt off (the fixture's bundle) leaves its module out and still
+    runs (the tests above); turned on at run time it is refused at once; on in the params it is packed and
+    the bundle prints the pipeline's tilted scores exactly, both under ``python -I`` with pgolf out of reach."""
+    root, p = pipeline
+    tilt = "pgolf/eval/ngram_tilt.py"
+    assert tilt not in [f for f, _ in read_bundle(root / "artifacts/bundle/train_gpt.py")["files"]]
+    off = records_folder(root, tmp_path / "off")
+    proc = run_bundle(off, 1, "--set", "eval_sliding.ngram_tilt=true")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: eval_sliding.ngram_tilt or eval_ttt.ngram_tilt needs pgolf.eval.ngram_tilt, which this bundle "
+        "does not carry (build it with these params)"]
+    assert not (off / "logs").exists()  # refused before any work
+
+    on = copy.deepcopy(p)
+    on["eval_sliding"]["ngram_tilt"] = on["eval_ttt"]["ngram_tilt"] = True
+    on["eval_sliding"]["ngram_order"] = on["eval_ttt"]["ngram_order"] = 3  # gates fire on the tiny stream
+    tilted = tmp_path / "tilted"
+    shutil.copytree(root, tilted, symlinks=True)
+    import stages.bundle
+    import stages.eval_sliding
+    import stages.eval_ttt
+    import stages.quantize
+    import stages.size_check
+    for stage in (stages.bundle, stages.quantize, stages.size_check, stages.eval_sliding, stages.eval_ttt):
+        stage.run(on, tilted)
+    assert tilt in [f for f, _ in read_bundle(tilted / "artifacts/bundle/train_gpt.py")["files"]]
+    folder = records_folder(tilted, tmp_path / "records")
+    proc = run_bundle(folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((folder / "results.json").read_text())
+    for stage in ("eval_sliding", "eval_ttt"):
+        expected = json.loads((tilted / f"artifacts/{stage}/metrics.json").read_text())
+        assert expected["ngram_gated"] > 0, stage  # the tilt did change scores
+        assert results[stage]["val_bpb"] == expected["val_bpb"], stage
+        assert results[stage]["ngram_gated"] == expected["ngram_gated"], stage

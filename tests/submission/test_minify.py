@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import sys
 import types
 
@@ -118,3 +119,68 @@ def test_decorated_functions_keep_their_annotations():
     f, g = tree.body
     assert [x.annotation is not None for x in f.args.args] == [True, True] and f.returns is not None
     assert g.args.args[0].annotation is None and g.returns is None
+
+
+SCOPES = b'''
+i = 100
+limit = 7
+
+def comprehension_var_is_not_the_functions(xs):
+    out = [i * 2 for i in xs]
+    return out, i
+
+def default_reads_outside(values, n=limit):
+    limit = n + 1
+    total = 0
+    for value in values:
+        total += value * limit
+    return total
+
+def closure_reads_outer(values):
+    scale = 3
+    def inner(v, s=scale):
+        return v * s + scale
+    return [inner(v) for v in values]
+
+def handler_and_import(values):
+    try:
+        result = values[10]
+    except IndexError as problem:
+        result = type(problem).__name__
+    from math import sqrt
+    root = sqrt(len(values))
+    return result, root
+
+def walrus_and_del(values):
+    if (count := len(values)) > 1:
+        first = values[0]
+        del first
+    return count
+'''
+
+
+def test_short_local_names_keep_behaviour():
+    out = minify_sources({"m.py": SCOPES}, keep=["comprehension_var_is_not_the_functions", "default_reads_outside",
+                                                  "closure_reads_outer", "handler_and_import", "walrus_and_del"])
+    results = []
+    for source in (SCOPES, out["m.py"]):
+        scope: dict = {}
+        exec(compile(source, "m", "exec"), scope)
+        results.append([scope["comprehension_var_is_not_the_functions"]([1, 2]), scope["default_reads_outside"]([1, 2]),
+                        scope["closure_reads_outer"]([1, 2]), scope["handler_and_import"]([1, 2, 3, 4]),
+                        scope["walrus_and_del"]([5, 6])])
+    assert results[0] == results[1] == [([2, 4], 100), 24, [6, 9], ("IndexError", 2.0), 2]
+    text = out["m.py"].decode()
+    words = set(re.findall(r"\w+", text))
+    assert not {"total", "value", "out", "result", "root", "count", "first"} & words  # the functions' own locals
+    assert {"scale", "problem", "sqrt", "limit", "values"} <= words  # nested scope, except/import, default, parameter
+
+
+def test_a_module_only_dead_code_imported_is_not_packed():
+    sources = {"pkg/__init__.py": b"", "pkg/main.py": b"from pkg.used import f\nfrom pkg.helper import g\n\n"
+               b"def main():\n    return f()\n", "pkg/used.py": b"def f():\n    return 1\n",
+               "pkg/helper.py": b"def g():\n    return 2\n"}
+    out = minify_sources(sources, keep=["main"], entry="pkg/main.py")
+    assert sorted(out) == ["pkg/__init__.py", "pkg/main.py", "pkg/used.py"]  # g was dead, so was its module
+    assert b"helper" not in out["pkg/main.py"]
+    assert sorted(minify_sources(sources, keep=["main"])) == sorted(sources)  # no entry: every module

@@ -162,11 +162,13 @@ def tensor_frames(tensors: Sequence[StoredTensor], compressor: str, level: int) 
 
 
 def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
-           compressor: str, level: int, frames: Sequence[bytes] | None = None, grouping: grouped.Grouping | None = None) -> bytes:
+           compressor: str, level: int, frames: Sequence[bytes] | None = None, grouping: grouped.Grouping | None = None,
+           packing: grouped.Packing = grouped.Packing()) -> bytes:
     """The complete file bytes for ``tensors`` (see the module docstring).
 
     ``frames``: the tensors' ``tensor_frame`` bytes when the caller has them
     (``pgolf.quant.encode_cache.EncodeCache``); computed here otherwise.
+    ``packing``: the grouped layout's hooks (pgolf/quant/grouped.py).
     """
     entries, offset = [], 0
 
@@ -194,7 +196,7 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
     head = struct.pack("<I", len(index)) + index
     if grouping is not None:  # format version 3
         data = b"".join(stored_arrays_bytes(t) for t in tensors)
-        packed, _ = grouped.pack(entries, head, data, compressor, level, grouping)
+        packed, _ = grouped.pack(entries, head, data, compressor, level, grouping, packing)
         return _HEADER.pack(MAGIC, GROUPED_VERSION, COMPRESSORS[compressor], 0, len(packed), len(head) + offset,
                             hashlib.sha256(packed).digest()) + packed
     if frames is None:

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
               "final_round_trips": all(torch.equal(a.q, b.q) for a, b in zip(chosen, decoded) if a.quantized)}
     result = {"source": str(args.artifact) if args.artifact else f"synthetic f1855 shape, {args.layers} layers, "
               f"vocab {args.vocab}", "compressor": f"{args.compressor}-{args.level}",
-              "threads": torch.get_num_threads(), "before": before, "after": after, "checks": checks,
+              "threads": torch.get_num_threads(), "before": before,
+              "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "after": after,
+              "checks": checks,
               "chain_s": chain_seconds(tensors)}
     print(f"{'':<14} {'full encode s':>13} {'fit probe s':>11} {'prune probe s':>13} {'prune s':>8} "
           f"{'probes':>6} {'pruned':>9} {'bytes':>11}")

@@ -161,15 +161,12 @@ def tensor_frames(tensors: Sequence[StoredTensor], compressor: str, level: int) 
         return list(pool.map(lambda t: tensor_frame(t, compressor, level), tensors))
 
 
-def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
-           compressor: str, level: int, frames: Sequence[bytes] | None = None, grouping: grouped.Grouping | None = None,
+def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict, compressor: str, level: int,
+           frames: Sequence[bytes] | None = None, grouping: grouped.Grouping | None = None,
            packing: grouped.Packing = grouped.Packing()) -> bytes:
-    """The complete file bytes for ``tensors`` (see the module docstring).
-
-    ``frames``: the tensors' ``tensor_frame`` bytes when the caller has them
-    (``pgolf.quant.encode_cache.EncodeCache``); computed here otherwise.
-    ``packing``: the grouped layout's hooks (pgolf/quant/grouped.py).
-    """
+    """The complete file bytes for ``tensors`` (see the module docstring). ``frames``: the tensors'
+    ``tensor_frame`` bytes when the caller has them (``pgolf.quant.encode_cache.EncodeCache``);
+    computed here otherwise. ``packing``: the grouped layout's hooks (pgolf/quant/grouped.py)."""
     entries, offset = [], 0
 
     def ref(t: torch.Tensor) -> dict:

@@ -24,7 +24,7 @@ misses it. And the greedy L1 chain's seconds per sorted shape (on the GPU
 when there is one).
 
     python bench/grouped_fit.py --layers 2 --vocab 2048        # this 2-core machine
-    python bench/grouped_fit.py --out grouped_fit.json         # full F1855 size (the GPU box)
+    python bench/grouped_fit.py --no-before-prune --out grouped_fit.json   # full F1855 size (the GPU box)
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def demote_one(tensors: list) -> list:
     return out
 
 
-def measure_path(name: str, tensors: list, target_drop: float, cfg) -> tuple[dict, dict]:
+def measure_path(name: str, tensors: list, target_drop: float, cfg, prune: bool = True) -> tuple[dict, dict]:
     """(timings, what the checks need) of one path."""
     compression._CHAINS.clear()
     if name == "before":
@@ -88,11 +88,13 @@ def measure_path(name: str, tensors: list, target_drop: float, cfg) -> tuple[dic
     estimate = None if cache is None else cache.estimate
     estimate_s = None if cache is None else timed(lambda: estimate(probe))[1]
     target = int(len(blob) * (1 - target_drop))
-    outcome, prune_s = timed(lambda: prune_to_target(tensors, target, lambda ts: len(size(ts)), estimate))
     row = {"full_encode_s": full_s, "fit_probe_s": fit_s, "prune_probe_s": probe_s, "estimate_s": estimate_s,
-           "prune_s": prune_s,
-           "prune_probes": outcome.probes, "pruned": outcome.pruned, "candidates": outcome.candidates,
-           "bytes": len(blob), "target_bytes": target, "pruned_bytes": outcome.size_bytes, "fits": outcome.fits}
+           "bytes": len(blob), "target_bytes": target}
+    outcome = None
+    if prune:
+        outcome, row["prune_s"] = timed(lambda: prune_to_target(tensors, target, lambda ts: len(size(ts)), estimate))
+        row.update(prune_probes=outcome.probes, pruned=outcome.pruned, candidates=outcome.candidates,
+                   pruned_bytes=outcome.size_bytes, fits=outcome.fits)
     if cache is not None:
         row["frames_compressed"] = cache.compressed
     return row, {"blob": blob, "outcome": outcome, "encode": size}
@@ -116,12 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compressor", default="zstd")
     ap.add_argument("--level", type=int, default=22)
     ap.add_argument("--target-drop", type=float, default=0.02, help="prune target below the unpruned size")
+    ap.add_argument("--no-before-prune", action="store_true",
+                    help="skip the before path's prune_to_target (tens of its probes at full size)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
     tensors = (read_artifact(args.artifact).tensors if args.artifact
                else synthetic_tensors(args.layers, args.vocab))
     cfg = SimpleNamespace(compression="grouped", compressor=args.compressor, compression_level=args.level)
-    before, old = measure_path("before", tensors, args.target_drop, cfg)
+    before, old = measure_path("before", tensors, args.target_drop, cfg, prune=not args.no_before_prune)
     after, new = measure_path("after", tensors, args.target_drop, cfg)
     chosen = new["outcome"].tensors
     final = new["encode"](chosen)
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     owner, flat = prune_order(tensors)
     fewer = _zero_cheapest(tensors, owner, flat, new["outcome"].pruned - 1)
     checks = {"unpruned_blob_identical": old["blob"] == new["blob"],
-              "pruned_blob_identical": old["encode"](old["outcome"].tensors) == new["encode"](old["outcome"].tensors),
+              "pruned_blob_identical": None if old["outcome"] is None else (
+                  old["encode"](old["outcome"].tensors) == new["encode"](old["outcome"].tensors)),
               "final_equals_fresh_encode": final == encode(chosen, {}, {}, args.compressor, args.level,
                                                            grouping=ROLE_GROUPING),
               "final_within_target": len(final) <= after["target_bytes"],
@@ -144,9 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'':<14} {'full encode s':>13} {'fit probe s':>11} {'prune probe s':>13} {'prune s':>8} "
           f"{'probes':>6} {'pruned':>9} {'bytes':>11}")
     for name in ("before", "after"):
-        r = result[name]
+        r = {"prune_s": "-", "prune_probes": "-", "pruned": "-", "pruned_bytes": "-", **result[name]}
         print(f"{name:<14} {r['full_encode_s']:>13} {r['fit_probe_s']:>11} {r['prune_probe_s']:>13} "
-              f"{r['prune_s']:>8} {r['prune_probes']:>6} {r['pruned']:>9,} {r['pruned_bytes']:>11,}")
+              f"{r['prune_s']:>8} {r['prune_probes']:>6} {r['pruned']:>9} {r['pruned_bytes']:>11}")
     print("checks", checks, "chain seconds", result["chain_s"])
     print(json.dumps(result))
     if args.out:

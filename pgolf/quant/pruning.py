@@ -67,11 +67,12 @@ MODEL_STEPS = 4  # exact probes an estimate may place before the search falls ba
 
 
 def _fewest(lo: int, lo_size: int, hi: int, hi_size: int, target: int, size_at: Callable[[int], int],
-            guess: Callable[[int, int, int, int], int] | None = None) -> tuple[int, int, int]:
+            guess: Callable[[int, int, int, int], int] | None = None, resolution: int = 1) -> tuple[int, int, int]:
     """(count, its size, calls of ``size_at``): the smallest count in (lo, hi] whose size meets
-    ``target``, given size(lo) > target ≥ size(hi) (:func:`prune_to_target` describes the rule)."""
+    ``target``, given size(lo) > target ≥ size(hi) (:func:`prune_to_target` describes the rule);
+    it stops once the bracket is ``resolution`` wide."""
     interpolate, probes = True, 0
-    while hi - lo > 1:
+    while hi - lo > resolution:
         width = hi - lo
         if guess is not None and probes < MODEL_STEPS:
             mid = guess(lo, lo_size, hi, hi_size)
@@ -113,8 +114,8 @@ def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
     that places the first ``MODEL_STEPS`` exact probes: the estimate is
     calibrated by the ratio exact / estimate at the bracket's two ends
     (interpolated linearly in the count between them), and the same search
-    run on the calibrated estimate gives the smallest count it says fits
-    (kept strictly inside the bracket). Near the answer that is one exact
+    run on the calibrated estimate, to 1/1024 of the bracket, gives the
+    smallest count it says fits (kept strictly inside the bracket). Near the answer that is one exact
     probe that fits and one, a count lower, that misses. The answer is the
     same bracket's upper end, so the estimate changes only how many exact
     probes are needed, never whether the answer fits (``probes`` counts exact ones).
@@ -148,7 +149,7 @@ def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
 
             def calibrated(count: int) -> int:
                 return math.ceil(estimate(count) * (r_lo + (r_hi - r_lo) * (count - lo) / (hi - lo)))
-            return _fewest(lo, lo_size, hi, hi_size, target_bytes, calibrated)[0]
+            return _fewest(lo, lo_size, hi, hi_size, target_bytes, calibrated, resolution=max(1, (hi - lo) >> 10))[0]
 
     enough, enough_size, searched = _fewest(0, size, total, enough_size, target_bytes, exact, guess)
     return PruneOutcome(_zero_cheapest(tensors, owner, flat, enough), total, enough, target_bytes,

@@ -161,3 +161,22 @@ def test_grouped_pruning_meets_the_target_by_the_real_encode():
     assert out.size_bytes == len(fresh(out.tensors, cfg)) <= target  # the real encode, from nothing
     owner, flat = prune_order(ts)
     assert len(fresh(_zero_cheapest(ts, owner, flat, out.pruned - 1), cfg)) > target  # one fewer misses
+
+
+@pytest.mark.slow
+def test_quantize_stage_prunes_a_grouped_artifact_to_its_target(tmp_path):
+    import stages.hessians
+    import stages.quantize
+    from pgolf.submission.size import LIMIT_BYTES, bundle_reserved_bytes
+    from tests.helpers.models import write_quant_root
+    root = write_quant_root(tmp_path)
+    stages.hessians.run(quant_params(), root)
+    on = {"compression": "grouped", "lqer_top_k": 1, "lqer_rank": 2, "lqer_group": 32}
+    free = stages.quantize.run(quant_params(quantize=on), root)["model_bytes"]
+    margin = LIMIT_BYTES - bundle_reserved_bytes(root) - (free - 300)  # target: 300 bytes under
+    m = stages.quantize.run(quant_params(quantize={**on, "prune": True, "prune_margin_bytes": margin}), root)
+    blob = (root / "artifacts/quant/model.ptz").read_bytes()
+    assert m["prune_fits"] and m["pruned"] > 0 and len(blob) == m["model_bytes"] <= free - 300
+    art = decode(blob)
+    assert encode(art.tensors, art.model_config, art.meta, "zstd", m["params"]["zstd_level"],
+                  grouping=ROLE_GROUPING) == blob  # the file is a fresh encode of its own tensors

@@ -162,13 +162,13 @@ def tensor_frames(tensors: Sequence[StoredTensor], compressor: str, level: int) 
         return list(pool.map(lambda t: tensor_frame(t, compressor, level), tensors))
 
 
-def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
-           compressor: str, level: int, frames: Sequence[bytes] | None = None, grouping: Grouping | None = None) -> bytes:
-    """The complete file bytes for ``tensors`` (see the module docstring).
-
-    ``frames``: the tensors' ``tensor_frame`` bytes when the caller has them
-    (``pgolf.quant.encode_cache.EncodeCache``); computed here otherwise.
-    """
+def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict, compressor: str, level: int,
+           frames: Sequence[bytes] | None = None, grouping: Grouping | None = None,
+           packing: Packing | None = None) -> bytes:
+    """The complete file bytes for ``tensors`` (see the module docstring). ``frames``: the tensors'
+    ``tensor_frame`` bytes when the caller has them (``pgolf.quant.encode_cache.EncodeCache``);
+    computed here otherwise. ``packing``: the grouped layout's hooks (pgolf/quant/grouped.py; default
+    ``Packing()``)."""
     entries, offset = [], 0
 
     def ref(t: torch.Tensor) -> dict:
@@ -196,7 +196,7 @@ def encode(tensors: Sequence[StoredTensor], model_config: dict, meta: dict,
     if grouping is not None:  # format version 3
         data = b"".join(stored_arrays_bytes(t) for t in tensors)
         from pgolf.quant import grouped
-        packed, _ = grouped.pack(entries, head, data, compressor, level, grouping)
+        packed, _ = grouped.pack(entries, head, data, compressor, level, grouping, packing or grouped.Packing())
         return _HEADER.pack(MAGIC, GROUPED_VERSION, COMPRESSORS[compressor], 0, len(packed), len(head) + offset,
                             hashlib.sha256(packed).digest()) + packed
     if frames is None:

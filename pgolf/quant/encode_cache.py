@@ -3,10 +3,10 @@
 Plain layout: each tensor's compressed frame is kept (keyed by the identity of
 the immutable StoredTensor, which is held so the id cannot be reused), so a
 fit round, a pruning probe or the final write compresses only the tensors it
-has not seen. Grouped layout (pgolf/quant/grouped.py): a group's frame depends
-on all its members, so each encode compresses every group again (the L1 row
-orders are remembered by content, pgolf/quant/compression.py). The latest few
-whole blobs are kept either way.
+has not seen. Grouped layout: the frame memory and the cheap size estimate of
+:class:`pgolf.quant.grouped_cache.GroupedFrames` (imported only then: an
+optional module of the bundle, pgolf/submission/optional.py). The latest few
+whole blobs are kept either way (keyed by the tensors' ids).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from pgolf.quant.artifact import StoredTensor, encode, stored_arrays_bytes, tensor_frames
-from pgolf.quant.roles import role_grouping
 
 
 class EncodeCache:
@@ -24,6 +23,15 @@ class EncodeCache:
         self.model_config, self.meta, self.cfg, self.keep = model_config, meta, cfg, keep
         self._frames: dict[int, tuple[StoredTensor, bytes]] = {}
         self._blobs: dict[tuple[int, ...], tuple[list, bytes]] = {}
+        self.grouped = None
+        if cfg.compression != "plain":
+            from pgolf.quant.grouped_cache import GroupedFrames
+            self.grouped = GroupedFrames(model_config, meta)
+
+    @property
+    def compressed(self) -> int:
+        """Grouped frames compressed so far (the rest came from memory); 0 for the plain layout."""
+        return self.grouped.compressed if self.grouped is not None else 0
 
     def frames(self, tensors: list) -> list[bytes]:
         """Each tensor's own frame: the file's frames (plain), or the fit's size estimates (grouped:
@@ -36,18 +44,25 @@ class EncodeCache:
     def encode(self, tensors: list) -> bytes:
         key = tuple(id(t) for t in tensors)
         if key not in self._blobs:
-            plain = self.cfg.compression == "plain"
-            blob = encode(tensors, self.model_config, self.meta, self.cfg.compressor, self.cfg.compression_level,
-                          frames=self.frames(tensors) if plain else None,
-                          grouping=None if plain else role_grouping())
+            comp, level = self.cfg.compressor, self.cfg.compression_level
+            if self.grouped is None:
+                blob = encode(tensors, self.model_config, self.meta, comp, level, frames=self.frames(tensors))
+            else:
+                blob = self.grouped.encode(tensors, comp, level)
             if len(self._blobs) >= self.keep:
                 self._blobs.pop(next(iter(self._blobs)))
             self._blobs[key] = (list(tensors), blob)
         return self._blobs[key][1]
 
+    def estimate(self, tensors: list) -> int:
+        """A cheap stand-in for ``len(self.encode(tensors))`` (grouped layout only)."""
+        if self.grouped is None:
+            raise ValueError("EncodeCache.estimate is the grouped layout's (quantize.compression: grouped)")
+        return self.grouped.estimate(tensors)
+
     def _compress(self, tensors: list[StoredTensor]) -> list[bytes]:
         comp, level = self.cfg.compressor, self.cfg.compression_level
-        if self.cfg.compression == "plain":
+        if self.grouped is None:
             return tensor_frames(tensors, comp, level)
         from pgolf.quant.compression import compress  # the grouped layout's (pgolf/submission/optional.py)
         with ThreadPoolExecutor(max_workers=max(1, min(len(tensors), os.cpu_count() or 1))) as pool:

@@ -21,11 +21,21 @@ The layout names each frame's compressor and decompressed length and each
 member's name, offset in the data section, rows, cols and whether it is
 sorted, so the reader rebuilds the logical payload byte for byte. One frame
 per group keeps each group's size exact and separately measurable.
+
+The writer's two costly steps are hooks (:class:`Packing`): the row order of
+a sorted member (any permutation is valid for the reader; the default is the
+greedy L1 order of the member's own integers) and the compression of the
+frames (the default compresses them on threads, one frame each: the
+compressors release the GIL and each frame is compressed alone, so the bytes
+equal a serial run's). pgolf/quant/encode_cache.py gives the byte fit's
+probes their own hooks, with memory.
 """
 from __future__ import annotations
 
 import json
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -75,16 +85,45 @@ def group_members(entries: Sequence[dict], grouping: Grouping) -> dict[str, list
     return {role: groups[role] for role in grouping.order if role in groups}
 
 
-def _stored(q: np.ndarray, m: Member) -> tuple[bytes, bytes]:
+def l1_row_order(name: str, q: np.ndarray) -> np.ndarray:
+    """The default row order of a sorted member: the greedy L1 order of its integers (remembered by content)."""
+    return cached_l1_chain(torch.from_numpy(q.copy())).numpy()
+
+
+def compress_frames(streams: Sequence[bytes], compressor: str, level: int, threads: int | None = None) -> list[bytes]:
+    """Each stream compressed alone, on up to ``threads`` threads (default: one per core); the bytes
+    do not depend on the thread count."""
+    workers = max(1, min(len(streams), threads or os.cpu_count() or 1))
+    if workers == 1:
+        return [compress(s, compressor, level) for s in streams]
+    # Longest first, so the big groups do not start last; results go back in stream order.
+    order = sorted(range(len(streams)), key=lambda i: -len(streams[i]))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = dict(zip(order, pool.map(lambda i: compress(streams[i], compressor, level), order)))
+    return [done[i] for i in range(len(streams))]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The writer's hooks (module docstring): ``row_order(name, q)`` → int permutation of q's rows,
+    ``compress(streams, compressor, level)`` → one frame per stream."""
+
+    row_order: Callable[[str, np.ndarray], np.ndarray] = l1_row_order
+    compress: Callable[[Sequence[bytes], str, int], list[bytes]] = compress_frames
+
+
+def _stored(q: np.ndarray, m: Member, row_order: Callable[[str, np.ndarray], np.ndarray]) -> tuple[bytes, bytes]:
     """(transposed, row-ordered integers; the permutation's bytes or b"")."""
     if not m.sorted:
         return np.ascontiguousarray(q.T).tobytes(), b""
-    perm = cached_l1_chain(torch.from_numpy(q.copy())).numpy()
+    perm = np.asarray(row_order(m.name, q))
+    if perm.shape != (m.rows,):
+        raise ValueError(f"row order of {m.name}: {perm.shape} for {m.rows} rows")
     return np.ascontiguousarray(q[perm].T).tobytes(), perm.astype(_PERM_DTYPE).tobytes()
 
 
 def pack(entries: Sequence[dict], head: bytes, data: bytes, compressor: str, level: int,
-         grouping: Grouping) -> tuple[bytes, list[dict]]:
+         grouping: Grouping, packing: Packing = Packing()) -> tuple[bytes, list[dict]]:
     """(packed bytes, one record per frame: name, compressor, raw_bytes, bytes) for the logical
     payload ``head + data`` whose tensor entries are ``entries``."""
     groups = group_members(entries, grouping)
@@ -95,7 +134,7 @@ def pack(entries: Sequence[dict], head: bytes, data: bytes, compressor: str, lev
     for m in members:
         remainder.append(data[cursor:m.offset])
         q = np.frombuffer(data, dtype=np.int8, count=m.rows * m.cols, offset=m.offset).reshape(m.rows, m.cols)
-        stored_of[m.name], perm = _stored(q, m)
+        stored_of[m.name], perm = _stored(q, m, packing.row_order)
         perms.append(perm)
         cursor = m.offset + m.rows * m.cols
     remainder.append(data[cursor:])
@@ -108,7 +147,7 @@ def pack(entries: Sequence[dict], head: bytes, data: bytes, compressor: str, lev
               "remainder": {"compressor": compressor, "raw_bytes": len(raw["remainder"])}}
     layout_bytes = json.dumps(layout, sort_keys=True, separators=(",", ":")).encode("utf-8")
     names = ["layout", "remainder", *groups]
-    frames = [compress(layout_bytes, compressor, level), *(compress(raw[n], compressor, level) for n in names[1:])]
+    frames = packing.compress([layout_bytes, *(raw[n] for n in names[1:])], compressor, level)
     table = struct.pack(f"<I{len(frames)}Q", len(frames), *(len(f) for f in frames))
     records = [{"frame": n, "compressor": compressor, "raw_bytes": len(layout_bytes) if n == "layout" else len(raw[n]),
                 "bytes": len(f)} for n, f in zip(names, frames)]

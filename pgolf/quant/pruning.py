@@ -63,21 +63,63 @@ def prune_order(tensors: list[StoredTensor]) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(owners)[order], torch.cat(flats)[order]
 
 
+MODEL_STEPS = 4  # exact probes an estimate may place before the search falls back to its own rule
+
+
+def _fewest(lo: int, lo_size: int, hi: int, hi_size: int, target: int, size_at: Callable[[int], int],
+            guess: Callable[[int, int, int, int], int] | None = None, resolution: int = 1) -> tuple[int, int, int]:
+    """(count, its size, calls of ``size_at``): the smallest count in (lo, hi] whose size meets
+    ``target``, given size(lo) > target ≥ size(hi) (:func:`prune_to_target` describes the rule);
+    it stops once the bracket is ``resolution`` wide."""
+    interpolate, probes = True, 0
+    while hi - lo > resolution:
+        width = hi - lo
+        if guess is not None and probes < MODEL_STEPS:
+            mid = guess(lo, lo_size, hi, hi_size)
+        elif interpolate and lo_size > hi_size:
+            mid = lo + math.ceil((lo_size - target) / (lo_size - hi_size) * width)
+        else:
+            mid = (lo + hi) // 2
+        mid = min(max(mid, lo + 1), hi - 1)
+        probes += 1
+        mid_size = size_at(mid)
+        if mid_size <= target:
+            hi, hi_size = mid, mid_size
+        else:
+            lo, lo_size = mid, mid_size
+        interpolate = hi - lo <= width // 2
+    return hi, hi_size, probes
+
+
 def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
-                    encoded_size: Callable[[list[StoredTensor]], int]) -> PruneOutcome:
+                    encoded_size: Callable[[list[StoredTensor]], int],
+                    estimated_size: Callable[[list[StoredTensor]], int] | None = None) -> PruneOutcome:
     """Selective ±1 pruning (docs/RECIPE.md §4.6) down to ``target_bytes`` (decimal bytes).
 
     Zeroing a ±1 integer of row r adds ``s_r²`` to the squared weight error,
     so block-matrix entries with |q| = 1 are zeroed cheapest first (ties by
     tensor order, then position); a search over the count finds the fewest
     that bring ``encoded_size`` to the target (exactly, when the size falls
-    monotonically with the count). Each probe is a full encode (~30 s for the
-    record model), so the search interpolates: the size falls about linearly
-    with the count, so the next probe is where the line through the bracket's
-    ends crosses the target; a probe that does not halve the bracket is
-    followed by a bisection, so it never needs much more than twice a binary
-    search's probes and usually needs a handful. When even zeroing all of them
-    is not enough, nothing is pruned and ``fits`` is False.
+    monotonically with the count). It keeps a bracket (a count known to
+    miss, one known to fit, both by ``encoded_size``) and answers its upper
+    end, so the answer always fits. Each probe is a full encode (tens of
+    seconds for the record model), so the search interpolates: the size
+    falls about linearly with the count, so the next probe is where the line
+    through the bracket's ends crosses the target; a probe that does not
+    halve the bracket is followed by a bisection, so it never needs much more
+    than twice a binary search's probes.
+
+    ``estimated_size``, when given, is a cheap stand-in for ``encoded_size``
+    (the grouped layout's: a fast compressor level, pgolf/quant/encode_cache.py)
+    that places the first ``MODEL_STEPS`` exact probes: the estimate is
+    calibrated by the ratio exact / estimate at the bracket's two ends
+    (interpolated linearly in the count between them), and the same search
+    run on the calibrated estimate, to 1/1024 of the bracket, gives the
+    smallest count it says fits (kept strictly inside the bracket). Near the answer that is one exact
+    probe that fits and one, a count lower, that misses. The answer is the
+    same bracket's upper end, so the estimate changes only how many exact
+    probes are needed, never whether the answer fits (``probes`` counts exact ones).
+    When even zeroing all of them is not enough, nothing is pruned and ``fits`` is False.
     """
     owner, flat = prune_order(tensors)
     total = int(owner.numel())
@@ -89,21 +131,26 @@ def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
     enough_size = encoded_size(_zero_cheapest(tensors, owner, flat, total))
     if enough_size > target_bytes:
         return PruneOutcome(tensors, total, 0, target_bytes, size, False, probes)
-    too_few, few_size, enough = 0, size, total  # invariant: size(too_few) > target >= size(enough)
-    interpolate = True
-    while enough - too_few > 1:
-        width = enough - too_few
-        if interpolate and few_size > enough_size:
-            crossing = (few_size - target_bytes) / (few_size - enough_size)
-            mid = min(max(too_few + math.ceil(crossing * width), too_few + 1), enough - 1)
-        else:
-            mid = (too_few + enough) // 2
-        probes += 1
-        mid_size = encoded_size(_zero_cheapest(tensors, owner, flat, mid))
-        if mid_size <= target_bytes:
-            enough, enough_size = mid, mid_size
-        else:
-            too_few, few_size = mid, mid_size
-        interpolate = enough - too_few <= width // 2
+
+    def exact(count: int) -> int:
+        return encoded_size(_zero_cheapest(tensors, owner, flat, count))
+
+    guess = None
+    if estimated_size is not None:
+        estimates: dict[int, int] = {}
+
+        def estimate(count: int) -> int:
+            if count not in estimates:
+                estimates[count] = estimated_size(_zero_cheapest(tensors, owner, flat, count))
+            return estimates[count]
+
+        def guess(lo: int, lo_size: int, hi: int, hi_size: int) -> int:
+            r_lo, r_hi = lo_size / estimate(lo), hi_size / estimate(hi)
+
+            def calibrated(count: int) -> int:
+                return math.ceil(estimate(count) * (r_lo + (r_hi - r_lo) * (count - lo) / (hi - lo)))
+            return _fewest(lo, lo_size, hi, hi_size, target_bytes, calibrated, resolution=max(1, (hi - lo) >> 10))[0]
+
+    enough, enough_size, searched = _fewest(0, size, total, enough_size, target_bytes, exact, guess)
     return PruneOutcome(_zero_cheapest(tensors, owner, flat, enough), total, enough, target_bytes,
-                        enough_size, True, probes)
+                        enough_size, True, probes + searched)

@@ -27,7 +27,7 @@ OPTIONAL_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "n-gram tilt": ("eval_sliding.ngram_tilt or eval_ttt.ngram_tilt", ("pgolf.eval.ngram_tilt",)),
     "LQER": ("quantize.lqer_top_k > 0", ("pgolf.quant.lqer", "pgolf.quant.lqer_factors")),
     "grouped layout": ("quantize.compression != 'plain' or quantize.compressor not in ('zstd', 'lzma')",
-                       ("pgolf.quant.grouped", "pgolf.quant.compression")),
+                       ("pgolf.quant.grouped", "pgolf.quant.grouped_cache", "pgolf.quant.compression")),
     "AWQ-lite": ("quantize.awq_top_k > 0", ("pgolf.quant.awq",)),
     "frontier gates": ("model.attn_gate_window > 0 or model.input_smear_window > 0", ("pgolf.model.frontier_gates",)),
     "document-local attention": ("model.doc_attention", ("pgolf.model.doc_attention",)),

@@ -194,6 +194,7 @@ def train_calibration_batches(paths: Sequence[str | Path], vocab_size: int, cfg:
 def autoregressive_batches(model: nn.Module, cfg: HessiansConfig, rank: int, world_size: int,
                            device: torch.device, progress: Progress | None = None) -> Iterator[torch.Tensor]:
     """This rank's share of ``ar_num_seqs`` sampled sequences, int64 [n, seq_len] on ``device``."""
+    from pgolf.model.sampling import sample as sample_sequences  # only this source samples
     num_batches = -(-cfg.ar_num_seqs // cfg.ar_batch_seqs)
     lo, hi = shard_range(num_batches, rank, world_size)
     if progress is not None:
@@ -203,7 +204,7 @@ def autoregressive_batches(model: nn.Module, cfg: HessiansConfig, rank: int, wor
         generator = torch.Generator(device=device)
         # Distinct, reproducible streams per (seed, batch), whatever the rank count.
         generator.manual_seed(cfg.seed * 1_000_003 + b)
-        sample = model.sample(size, cfg.seq_len, cfg.ar_temperature, generator, device)
+        sample = sample_sequences(model, size, cfg.seq_len, cfg.ar_temperature, generator, device)
         if progress is not None:
             progress.advance(1, sample.numel())
         yield sample

@@ -33,6 +33,10 @@ OPTIONAL_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "document-local attention": ("model.doc_attention", ("pgolf.model.doc_attention",)),
     "fused kernels": ("model.fused_mlp or model.fused_loss",
                       ("pgolf.model.fused_mlp", "pgolf.model.fused_loss", "pgolf.model.triton_support")),
+    "autoregressive calibration": ("hessians.source == 'autoregressive'", ("pgolf.model.sampling",)),
+    "progressive context": ("train.seq_len_schedule or train.packed_rows", ("pgolf.train.context",)),
+    # The submission driver trains without a resume file (RunFiles.resume is None): never packed.
+    "training resume": ("False", ("pgolf.train.resume",)),
 }
 
 

@@ -10,8 +10,9 @@ with the first ``ast.unparse``; none changes what runs:
   annotated assignment with a value outside a class body becomes a plain
   assignment. Class-body annotations stay: they define dataclass fields, and
   :func:`pgolf.config.from_params` reads their types.
-* **Dead top-level definitions**: a module-level function or class whose name
-  occurs nowhere in the packed code (as a name, an attribute or a string
+* **Dead top-level definitions**: a module-level function or class, or a
+  ``NAME = value`` built only from constants, names, operators and
+  ``Path(...)`` (no side effect), whose name occurs nowhere in the packed code (as a name, an attribute or a string
   constant: ``getattr(module, "name")`` keeps it; being imported is not a use)
   is dropped, to a fixed point, and so is its name from every
   ``from <packed module> import`` that no longer finds it there (an import

@@ -28,7 +28,7 @@ OPTIONAL_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "LQER": ("quantize.lqer_top_k > 0", ("pgolf.quant.lqer", "pgolf.quant.lqer_factors")),
     "grouped layout": ("quantize.compression != 'plain' or quantize.compressor not in ('zstd', 'lzma')",
                        ("pgolf.quant.grouped", "pgolf.quant.compression")),
-    "AWQ-lite": ("quantize.awq_top_k > 0", ("pgolf.quant.awq",)),
+    "AWQ-lite": ("quantize.awq_top_k > 0", ("pgolf.quant.awq", "pgolf.quant.protected")),
     "frontier gates": ("model.attn_gate_window > 0 or model.input_smear_window > 0", ("pgolf.model.frontier_gates",)),
     "document-local attention": ("model.doc_attention", ("pgolf.model.doc_attention",)),
     "fused kernels": ("model.fused_mlp or model.fused_loss",

@@ -9,8 +9,14 @@ samples, so a bundle whose calibration reads training data leaves it out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+from pgolf.distributed import shard_range
+
+if TYPE_CHECKING:
+    from pgolf.progress import Progress
 
 
 @dataclass
@@ -80,3 +86,22 @@ def sample(model, num_seqs: int, seq_len: int, temperature: float,
         probs = torch.softmax(logits / temperature, dim=-1)
         out[:, t + 1] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return out
+
+
+def autoregressive_batches(model, cfg, rank: int, world_size: int,
+                           device: torch.device, progress: Progress | None = None) -> Iterator[torch.Tensor]:
+    """This rank's share of ``ar_num_seqs`` sampled sequences, int64 [n, seq_len] on ``device`` (``cfg`` a
+    :class:`pgolf.quant.hessians.HessiansConfig`)."""
+    num_batches = -(-cfg.ar_num_seqs // cfg.ar_batch_seqs)
+    lo, hi = shard_range(num_batches, rank, world_size)
+    if progress is not None:
+        progress.start("sampling", hi - lo, "batches")
+    for b in range(lo, hi):
+        size = min(cfg.ar_batch_seqs, cfg.ar_num_seqs - b * cfg.ar_batch_seqs)
+        generator = torch.Generator(device=device)
+        # Distinct, reproducible streams per (seed, batch), whatever the rank count.
+        generator.manual_seed(cfg.seed * 1_000_003 + b)
+        batch = sample(model, size, cfg.seq_len, cfg.ar_temperature, generator, device)
+        if progress is not None:
+            progress.advance(1, batch.numel())
+        yield batch

@@ -33,6 +33,7 @@ OPTIONAL_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "document-local attention": ("model.doc_attention", ("pgolf.model.doc_attention",)),
     "fused kernels": ("model.fused_mlp or model.fused_loss",
                       ("pgolf.model.fused_mlp", "pgolf.model.fused_loss", "pgolf.model.triton_support")),
+    "TTT frozen blocks": ("eval_ttt.freeze_blocks > 0", ("pgolf.eval.frozen_blocks",)),
     "autoregressive calibration": ("hessians.source == 'autoregressive'", ("pgolf.model.sampling",)),
     "progressive context": ("train.seq_len_schedule or train.packed_rows", ("pgolf.train.context",)),
     # The submission driver trains without a resume file (RunFiles.resume is None): never packed.

@@ -366,8 +366,7 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     if len(set(names)) != len(names):
         raise DataError(f"{where}: duplicate tensor names")
     if version == GROUPED_VERSION:
-        return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"],
-                        frames=tuple(records))
+        return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"], frames=tuple(records))
     if len(frame_sizes) != 1 + len(tensors):
         raise DataError(f"{where}: {len(frame_sizes)} compressed frames for {len(tensors)} tensors "
                         f"(format {FORMAT_VERSION} has the index's frame and one per tensor)")

@@ -33,8 +33,6 @@ import torch
 from pgolf.data.bpb import ByteTables
 from pgolf.config import check
 from pgolf.distributed import all_reduce_sum_, shard_range
-from pgolf.errors import ParamError
-from pgolf.model.layout import block_index
 from pgolf.eval.ngram_params import NgramTiltConfig
 from pgolf.eval.sliding import (EvalSums, Forward, Observer, EvalSlidingConfig, WindowScorer, nll_forward,
                                 tilt_for)
@@ -43,6 +41,7 @@ from pgolf.progress import Progress
 from pgolf.eval.windows import chunk_sequences, chunk_window_bounds, plan_sliding
 
 if TYPE_CHECKING:
+    from pgolf.eval.frozen_blocks import FrozenBlocks
     from pgolf.eval.ngram_tilt import NgramTilt
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # the modules eval_ttt.lora_targets may adapt (pgolf/eval/lora.py)
@@ -115,69 +114,18 @@ def chunk_lr(cfg: EvalTTTConfig, chunk: int, chunks: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * chunk / (chunks - 1)))
 
 
-def block_count(model: torch.nn.Module) -> int:
-    """Number of ``blocks.{i}`` modules."""
-    indices = {i for name, _ in model.named_modules() if (i := block_index(name)) is not None}
-    return max(indices) + 1 if indices else 0
+class AllTrainable:
+    """:class:`pgolf.eval.frozen_blocks.FrozenBlocks` with no block frozen (``eval_ttt.freeze_blocks: 0``):
+    every parameter that requires grad adapts, so that module is loaded only when blocks are frozen."""
 
+    def __init__(self, model: torch.nn.Module):
+        self.trainable = [param for param in model.parameters() if param.requires_grad]
 
-class FrozenBlocks:
-    """Keeps the first ``n`` blocks fixed during TTT.
-
-    Parameters named ``blocks.{i}.…`` with i < n stop requiring grad. A bank
-    (a parameter named ``*_bank`` whose leading dimension is L or 2L, layer i
-    at slices [i] and [L+i]) stays trainable, and a gradient hook zeroes the
-    frozen layers' slices, so they add nothing to the clip norm or momentum;
-    after each step those slices are copied back, undoing weight decay.
-    """
-
-    def __init__(self, model: torch.nn.Module, count: int):
-        layers = block_count(model)
-        if count > layers:
-            raise ParamError("eval_ttt.freeze_blocks", f"{count} exceeds the model's {layers} blocks")
-        self.trainable: list[torch.nn.Parameter] = []
-        self._unfrozen: list[torch.nn.Parameter] = []
-        self._hooks = []
-        self._pinned: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            block = block_index(name)
-            if count and block is not None and block < count:
-                param.requires_grad_(False)
-                self._unfrozen.append(param)
-                continue
-            if count and name.rsplit(".", 1)[-1].endswith("_bank"):
-                rows = self._frozen_rows(name, param, layers, count)
-                mask = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
-                mask[rows] = True
-                mask = mask.view(-1, *([1] * (param.ndim - 1)))
-                self._hooks.append(param.register_hook(lambda g, m=mask: g.masked_fill(m, 0)))
-                self._pinned.append((param, rows, param.detach()[rows].clone()))
-            self.trainable.append(param)
-
-    @staticmethod
-    def _frozen_rows(name: str, param: torch.Tensor, layers: int, count: int) -> torch.Tensor:
-        first = list(range(count))
-        if param.shape[0] == layers:
-            rows = first
-        elif param.shape[0] == 2 * layers:
-            rows = first + [layers + i for i in first]
-        else:
-            raise ValueError(f"bank {name} has leading dimension {param.shape[0]}, "
-                             f"expected {layers} or {2 * layers} layers' slices")
-        return torch.tensor(rows, dtype=torch.long, device=param.device)
-
-    @torch.no_grad()
     def restore_(self) -> None:
-        for param, rows, saved in self._pinned:
-            param[rows] = saved
+        pass
 
     def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        for param in self._unfrozen:
-            param.requires_grad_(True)
+        pass
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: EvalTTTConfig) -> torch.optim.Optimizer:
@@ -191,7 +139,7 @@ class ChunkTrainer:
     """Trains the model on one chunk's sequences; identical updates on every rank."""
 
     def __init__(self, model: torch.nn.Module, forward: Forward, tokens: torch.Tensor, seq_len: int,
-                 cfg: EvalTTTConfig, params: list[torch.nn.Parameter], frozen: FrozenBlocks,
+                 cfg: EvalTTTConfig, params: list[torch.nn.Parameter], frozen: FrozenBlocks | AllTrainable,
                  rank: int, world_size: int):
         self.model, self.forward, self.tokens = model, forward, tokens
         self.device = tokens.device
@@ -325,7 +273,11 @@ def run_ttt(model: torch.nn.Module, tokens: torch.Tensor, tables: ByteTables,
     plan = plan_sliding(scorer.num_targets, windows.seq_len, windows.stride)
     bounds = chunk_window_bounds(plan, cfg.chunk_tokens)
     chunks = bounds.size - 1
-    frozen = FrozenBlocks(model, cfg.freeze_blocks)
+    if cfg.freeze_blocks:
+        from pgolf.eval.frozen_blocks import FrozenBlocks
+        frozen: FrozenBlocks | AllTrainable = FrozenBlocks(model, cfg.freeze_blocks)
+    else:
+        frozen = AllTrainable(model)
     try:
         trainer = ChunkTrainer(model, scorer.forward, tokens, windows.seq_len, cfg, frozen.trainable,
                                frozen, rank, world_size)

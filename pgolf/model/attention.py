@@ -13,7 +13,6 @@ the exact input of that matmul (what GPTQ's Hessian collection needs).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -22,7 +21,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.model.rope import apply_partial_rope
-# DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention)
+# DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention);
+# KVCache: pgolf.model.sampling's (only when sampling)
 
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 DOC_ATTENTION_IMPLS = ("auto", "dense", "flex")  # model.doc_attention_impl (pgolf/model/doc_attention.py)
@@ -105,43 +105,6 @@ def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     unit_v = F.normalize(v, dim=-1).unsqueeze(2)
     grouped = grouped - (grouped * unit_v).sum(dim=-1, keepdim=True) * unit_v
     return grouped.reshape(b, h, t, hd)
-
-
-@dataclass
-class KVCache:
-    """Keys/values of every layer for autoregressive sampling, filled in place.
-
-    ``keys[i]``/``values[i]`` are [N, KV, max_len, hd] (allocated on first
-    write with the activation dtype). ``length`` counts cached positions;
-    ``prev_ids``/``prev_embed`` carry the last token and its normalised
-    embedding for BigramHash and SmearGate, which look one position back.
-    """
-
-    num_layers: int
-    max_len: int
-    length: int = 0
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
-    prev_ids: torch.Tensor | None = None
-    prev_embed: torch.Tensor | None = None
-    prev_raw_embed: torch.Tensor | None = None  # the input SmearGate's look-back (before the RMSNorm)
-
-    def __post_init__(self) -> None:
-        self.keys = [None] * self.num_layers
-        self.values = [None] * self.num_layers
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [N, KV, C, hd] after ``length``; return all keys/values so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
-        if self.keys[layer] is None:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.keys[layer] = k.new_zeros(shape)
-            self.values[layer] = v.new_zeros(shape)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgolf.model.attention import Adapt, BankLinear, CausalSelfAttention, KVCache, add_adapter
+from pgolf.model.attention import Adapt, BankLinear, CausalSelfAttention, add_adapter
 from pgolf.model.config import ModelConfig
 from pgolf.model.embeddings import rms_norm
-# DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention)
+# DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention);
+# KVCache: pgolf.model.sampling's (only when sampling)
 
 
 class MLP(nn.Module):

@@ -39,7 +39,7 @@ bf16. Neither setting changes anything without autocast (CPU runs).
 Frontier elements (docs/FRONTIER.md §2, each a ModelConfig field, off by default): depth recurrence, gated skips
 and the two-lane decoder (:mod:`pgolf.model.topology`), SparseAttnGate and the input SmearGate
 (:mod:`pgolf.model.frontier_gates`), document-local attention (:mod:`pgolf.model.doc_attention`). KV-cache entries
-are per visit. Test-time adapters (pgolf.eval.lora) enter through an optional ``adapters`` argument.
+are per visit (autoregressive sampling: :mod:`pgolf.model.sampling`). Test-time adapters (pgolf.eval.lora) enter through an optional ``adapters`` argument.
 
 Late QAT (docs/RECIPE.md §3.5): :meth:`GPT.set_qat` fake-quantises all bank slices on the export grid (each bank at
 its class's bits) (:func:`pgolf.quant.grid.fake_quantize_ste`) in training-mode forwards, switched by a tensor
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgolf.model.attention import HEAD_SLOT, Adapters, KVCache, add_adapter
+from pgolf.model.attention import HEAD_SLOT, Adapters, add_adapter
 from pgolf.model.block import Block
 from pgolf.model.topology import (PARALLEL_POST_INIT, PARALLEL_RESID_INIT, merge_skip, parallel_lanes_update,
                                   split_encoder_decoder, visit_order)
@@ -72,7 +72,7 @@ BIGRAM_SCALE_INIT = 0.05
 # Positions covered by the precomputed RoPE tables (longer inputs compute theirs).
 ROPE_TABLE_POSITIONS = 4096
 
-__all__ = ["GPT", "ModelConfig", "param_roles", "param_groups_by_role", "unbank_state_dict", "rebank_state_dict", "KVCache"]
+__all__ = ["GPT", "ModelConfig", "param_roles", "param_groups_by_role", "unbank_state_dict", "rebank_state_dict"]
 
 
 class GPT(nn.Module):
@@ -326,35 +326,6 @@ class GPT(nn.Module):
             return self.token_nll(ids, targets).mean()
         logits = self.forward_logits(ids)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-    # ------------------------------------------------------------- sampling
-    def new_kv_cache(self, max_len: int) -> KVCache:
-        encoder, decoder = self.visits()
-        return KVCache(num_layers=len(encoder) + len(decoder), max_len=max_len)
-
-    def forward_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [N, C, V] of ``ids`` [N, C] continuing the cached prefix; updates ``cache``."""
-        return self._logits(self._hidden(ids, cache))
-
-    @torch.no_grad()
-    def sample(self, num_seqs: int, seq_len: int, temperature: float,
-               generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
-        """Autoregressive samples [num_seqs, seq_len] (int64) with a KV cache.
-
-        First token uniform over the vocabulary, then multinomial from
-        softmax(logits / temperature). ``generator`` must live on ``device``.
-        Call in eval mode (late QAT acts only in training mode).
-        """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        out = torch.empty(num_seqs, seq_len, dtype=torch.long, device=device)
-        out[:, 0] = torch.randint(self.cfg.vocab_size, (num_seqs,), generator=generator, device=device)
-        cache = self.new_kv_cache(seq_len)
-        for t in range(seq_len - 1):
-            logits = self.forward_step(out[:, t:t + 1], cache)[:, -1]
-            probs = torch.softmax(logits / temperature, dim=-1)
-            out[:, t + 1] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return out
 
     # ----------------------------------------------------------- bookkeeping
     def num_parameters(self) -> int:

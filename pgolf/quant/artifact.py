@@ -58,11 +58,11 @@ import zstandard
 from pgolf.errors import DataError
 from pgolf.io import write_bytes_atomic
 from pgolf.quant.grid import dequantize_grid
-from pgolf.quant.protected import ProtectedColumns, parse_protected
 
-if TYPE_CHECKING:  # grouped and LQER are optional modules of the bundle, imported where used
+if TYPE_CHECKING:  # grouped, LQER and AWQ-lite are optional modules of the bundle, imported where used
     from pgolf.quant.grouped import Grouping
     from pgolf.quant.lqer_factors import LqerFactors
+    from pgolf.quant.protected import ProtectedColumns
 
 MAGIC = b"PGOLFQZ\n"
 FORMAT_VERSION = 2
@@ -305,6 +305,7 @@ def _parse_tensor(entry: Any, data: memoryview, where: str) -> StoredTensor:
         q = q.reshape(shape) if len(shape) == 2 else q.reshape(1, numel)
         protect = None
         if "protect" in entry:
+            from pgolf.quant.protected import parse_protected  # AWQ-lite only
             protect = parse_protected(entry["protect"], lambda ref: _read_array(data, ref, at), at, q)
         qmax = (1 << (bits - 1)) - 1
         coarse = q if protect is None else q[:, ~protect.mask(q.shape[1])]
@@ -365,8 +366,7 @@ def decode(blob: bytes, where: str = "<bytes>") -> Artifact:
     if len(set(names)) != len(names):
         raise DataError(f"{where}: duplicate tensor names")
     if version == GROUPED_VERSION:
-        return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"],
-                        frames=tuple(records))
+        return Artifact(tensors=tensors, model_config=index["model_config"], meta=index["meta"], frames=tuple(records))
     if len(frame_sizes) != 1 + len(tensors):
         raise DataError(f"{where}: {len(frame_sizes)} compressed frames for {len(tensors)} tensors "
                         f"(format {FORMAT_VERSION} has the index's frame and one per tensor)")

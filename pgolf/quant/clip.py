@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pgolf.quant.grid import row_scales
-from pgolf.quant.protected import PROTECTED_BITS
+from pgolf.quant.grid import PROTECTED_BITS, row_scales
 
 
 def row_quantiles(abs_w: torch.Tensor, probs: tuple[float, ...]) -> torch.Tensor:

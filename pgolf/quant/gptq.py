@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pgolf.quant.protected import PROTECTED_BITS
-from pgolf.quant.grid import qmax_for_bits, quantize_to_grid
+from pgolf.quant.grid import PROTECTED_BITS, qmax_for_bits, quantize_to_grid
 
 # Fallback codes, one per matrix in a batch.
 FALLBACK_NONE = 0

@@ -25,6 +25,7 @@ GRID_SECTION = "quantize"  # the params section that holds GridBits' keys
 # Scales are stored as fp16; the floor keeps an all-zero row from dividing by 0
 # while staying far below any scale a trained row produces.
 SCALE_FLOOR = 2.0 ** -24
+PROTECTED_BITS = 8  # AWQ-lite's protected columns' grid (pgolf.quant.protected)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ Calibration sequences come from one of two sources:
 - ``train``: consecutive sequences from the start of the *train* shards;
   :func:`train_calibration_batches` refuses any file not named like a train
   shard, so validation data cannot be used (docs/RECIPE.md §6.10);
-- ``autoregressive``: sequences sampled from the model itself with a KV cache,
+- ``autoregressive``: sequences sampled from the model itself with a KV cache
+  (:func:`pgolf.model.sampling.autoregressive_batches`),
   in fixed global batches each seeded from ``(seed, batch index)``, so the
   samples do not depend on how many ranks share the work.
 """
@@ -191,24 +192,6 @@ def train_calibration_batches(paths: Sequence[str | Path], vocab_size: int, cfg:
             yield torch.from_numpy(tokens).view(hi - lo, cfg.seq_len)
 
 
-def autoregressive_batches(model: nn.Module, cfg: HessiansConfig, rank: int, world_size: int,
-                           device: torch.device, progress: Progress | None = None) -> Iterator[torch.Tensor]:
-    """This rank's share of ``ar_num_seqs`` sampled sequences, int64 [n, seq_len] on ``device``."""
-    num_batches = -(-cfg.ar_num_seqs // cfg.ar_batch_seqs)
-    lo, hi = shard_range(num_batches, rank, world_size)
-    if progress is not None:
-        progress.start("sampling", hi - lo, "batches")
-    for b in range(lo, hi):
-        size = min(cfg.ar_batch_seqs, cfg.ar_num_seqs - b * cfg.ar_batch_seqs)
-        generator = torch.Generator(device=device)
-        # Distinct, reproducible streams per (seed, batch), whatever the rank count.
-        generator.manual_seed(cfg.seed * 1_000_003 + b)
-        sample = model.sample(size, cfg.seq_len, cfg.ar_temperature, generator, device)
-        if progress is not None:
-            progress.advance(1, sample.numel())
-        yield sample
-
-
 def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
                      autocast: Callable[[], ContextManager], progress: Progress | None = None,
                      head: bool = False, activation_rms: bool = False) -> HessianSet:
@@ -308,6 +291,7 @@ def calibrate_model(cfg: HessiansConfig, ckpt: Checkpoint, train_paths: Sequence
         batches = list(train_calibration_batches(list(train_paths), ckpt.model_config.vocab_size,
                                                  cfg, ctx.rank, ctx.world_size))
     else:
+        from pgolf.model.sampling import autoregressive_batches  # only this source samples
         with autocast(ctx.device):
             batches = list(autoregressive_batches(model, cfg, ctx.rank, ctx.world_size, ctx.device, log))
     synchronize(ctx.device)

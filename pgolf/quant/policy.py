@@ -26,9 +26,8 @@ from pgolf.progress import Progress
 from pgolf.quant.artifact import StoredTensor, dequantize_tensor, dtype_name
 from pgolf.quant.clip import candidate_scales, protected_scales, row_quantiles, sdclip_scales
 from pgolf.quant.gptq import FALLBACK_MORE_DAMPING, FALLBACK_ROUND_TO_NEAREST, gptq_quantize
-from pgolf.quant.grid import SCALE_FLOOR, quantize_to_grid, row_scales
+from pgolf.quant.grid import PROTECTED_BITS, SCALE_FLOOR, quantize_to_grid, row_scales
 from pgolf.quant.hessian_file import HEAD_HESSIAN_KEY
-from pgolf.quant.protected import PROTECTED_BITS, ProtectedColumns
 from pgolf.quant.quant_config import QuantizeConfig
 from pgolf.quant.routing import GATE_BITS, hessian_key_of, sdclip_k, solved_bits, tensor_class
 
@@ -117,6 +116,7 @@ def _quantize_matrix_group(names: list[str], weights: list[torch.Tensor], hessia
         method = cfg.method if fallback != "round_to_nearest" else "rtn"
         extra = None
         if name in protect:
+            from pgolf.quant.protected import ProtectedColumns  # AWQ-lite only
             extra = ProtectedColumns(starts=torch.tensor(protect[name], dtype=torch.int16),
                                      size=cfg.awq_group_size, scale=hi[b, c].to(torch.float16).cpu().contiguous())
         stored = StoredTensor(name=name, shape=tuple(weights[b].shape), dtype=dtype_name(weights[b].dtype),

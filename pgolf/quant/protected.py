@@ -13,9 +13,8 @@ from typing import Any, Callable
 import torch
 
 from pgolf.errors import DataError
-from pgolf.quant.grid import dequantize_grid, qmax_for_bits
+from pgolf.quant.grid import PROTECTED_BITS, dequantize_grid, qmax_for_bits
 
-PROTECTED_BITS = 8  # the protected columns' grid
 PROTECTED_QMAX = qmax_for_bits(PROTECTED_BITS)
 
 

@@ -10,8 +10,9 @@ with the first ``ast.unparse``; none changes what runs:
   annotated assignment with a value outside a class body becomes a plain
   assignment. Class-body annotations stay: they define dataclass fields, and
   :func:`pgolf.config.from_params` reads their types.
-* **Dead top-level definitions**: a module-level function or class whose name
-  occurs nowhere in the packed code (as a name, an attribute or a string
+* **Dead top-level definitions**: a module-level function or class, or a
+  ``NAME = value`` built only from constants, names, operators and
+  ``Path(...)`` (no side effect), whose name occurs nowhere in the packed code (as a name, an attribute or a string
   constant: ``getattr(module, "name")`` keeps it; being imported is not a use)
   is dropped, to a fixed point, and so is its name from every
   ``from <packed module> import`` that no longer finds it there (an import
@@ -118,7 +119,24 @@ def _names_used(node: ast.AST) -> set[str]:
     return used | {name for new, name in renamed.items() if new in used}
 
 
+_PURE = (ast.Constant, ast.Name, ast.Load, ast.BinOp, ast.operator, ast.Tuple, ast.List, ast.Set, ast.Dict,
+         ast.UnaryOp, ast.unaryop)
+
+
+def _defined_name(node: ast.stmt) -> str | None:
+    """The one name a removable top-level statement binds."""
+    if isinstance(node, ast.Assign):
+        return node.targets[0].id
+    return node.name
+
+
 def _removable(node: ast.stmt) -> bool:
+    if isinstance(node, ast.Assign):  # NAME = a constant expression (Path(...) calls included): no side effect
+        return (len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and not node.targets[0].id.startswith("__")
+                and all(isinstance(n, _PURE) or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                                                 and n.func.id == "Path" and not n.keywords)
+                        for n in ast.walk(node.value)))
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return not node.decorator_list and not node.name.startswith("__")
     if isinstance(node, ast.ClassDef):
@@ -177,14 +195,14 @@ def drop_dead_definitions(trees: Mapping[str, ast.Module], keep: Iterable[str]) 
     """Drop unreferenced top-level functions/classes from ``trees`` in place, then the imports of them;
     ``["path:name", ...]`` dropped."""
     dropped: list[str] = []
-    uses = {id(top): _names_used(top) - ({top.name} if _removable(top) else set())
+    uses = {id(top): _names_used(top) - ({_defined_name(top)} if _removable(top) else set())
             for tree in trees.values() for top in tree.body}
     while True:
         used = set(keep).union(*(uses.get(id(top), set()) for tree in trees.values() for top in tree.body))
         changed = False
         for path, tree in trees.items():
-            alive = [top for top in tree.body if not (_removable(top) and top.name not in used)]
-            dropped += [f"{path}:{top.name}" for top in tree.body if top not in alive]
+            alive = [top for top in tree.body if not (_removable(top) and _defined_name(top) not in used)]
+            dropped += [f"{path}:{_defined_name(top)}" for top in tree.body if top not in alive]
             changed |= len(alive) < len(tree.body)
             tree.body = alive or [ast.Pass()]
         if not changed:

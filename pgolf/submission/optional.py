@@ -28,11 +28,16 @@ OPTIONAL_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "LQER": ("quantize.lqer_top_k > 0", ("pgolf.quant.lqer", "pgolf.quant.lqer_factors")),
     "grouped layout": ("quantize.compression != 'plain' or quantize.compressor not in ('zstd', 'lzma')",
                        ("pgolf.quant.grouped", "pgolf.quant.grouped_cache", "pgolf.quant.compression")),
-    "AWQ-lite": ("quantize.awq_top_k > 0", ("pgolf.quant.awq",)),
+    "AWQ-lite": ("quantize.awq_top_k > 0", ("pgolf.quant.awq", "pgolf.quant.protected")),
     "frontier gates": ("model.attn_gate_window > 0 or model.input_smear_window > 0", ("pgolf.model.frontier_gates",)),
     "document-local attention": ("model.doc_attention", ("pgolf.model.doc_attention",)),
     "fused kernels": ("model.fused_mlp or model.fused_loss",
                       ("pgolf.model.fused_mlp", "pgolf.model.fused_loss", "pgolf.model.triton_support")),
+    "TTT frozen blocks": ("eval_ttt.freeze_blocks > 0", ("pgolf.eval.frozen_blocks",)),
+    "autoregressive calibration": ("hessians.source == 'autoregressive'", ("pgolf.model.sampling",)),
+    "progressive context": ("train.seq_len_schedule or train.packed_rows", ("pgolf.train.context",)),
+    # The submission driver trains without a resume file (RunFiles.resume is None): never packed.
+    "training resume": ("False", ("pgolf.train.resume",)),
 }
 
 

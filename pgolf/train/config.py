@@ -1,6 +1,8 @@
 """TrainConfig: the `train` section of params.yaml (the loop; optimizer settings live in `optim`)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -109,3 +111,19 @@ class TrainConfig:
                              f"{self.tokens_per_step} is not a multiple of world size {world_size} x "
                              f"micro_batch_tokens {self.micro_batch_tokens}")
         return self.tokens_per_step // per_micro_step
+
+
+# Settings that do not change the trained weights: how often things are
+# written, and which candidate is picked after training.
+HASH_EXCLUDED_TRAIN_KEYS = ("resume_every", "log_every", "final_weights")
+
+
+def config_hash(model: dict, optim: dict, train: dict, world_size: int,
+                shard_sizes: list[tuple[str, int]]) -> str:
+    """A training run's identity (sha256): the resolved model/optim/train configs minus
+    HASH_EXCLUDED_TRAIN_KEYS, the world size and the train shards' names and sizes. A resume state
+    (pgolf.train.resume) continues only a run of the same hash; the train metrics report it."""
+    train = {k: v for k, v in train.items() if k not in HASH_EXCLUDED_TRAIN_KEYS}
+    blob = json.dumps({"model": model, "optim": optim, "train": train, "world_size": world_size,
+                       "train_shards": shard_sizes}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -44,12 +44,9 @@ from pgolf.train.optim import OptimConfig, PgolfOptimizer
 from pgolf.precision import (autocast, compile_enabled, configure_backends, maybe_compile, peak_memory,
                              synchronize, training_compile_options)
 from pgolf.train.schedule import recurrence_on, warmdown_scale_by_steps, warmdown_scale_by_time
-from pgolf.train.config import TrainConfig
-from pgolf.train.context import TrainContext
+from pgolf.train.config import TrainConfig, config_hash
 from pgolf.train.log import TrainReporter
 from pgolf.train.select import Choice, choose_weights, holdout_loss
-from pgolf.train.resume import (ResumeState, capture_rng, config_hash, load_resume_state,
-                               remove_stale_temporaries, restore_rng, save_resume_state)
 
 
 LOSS_CURVE = "train_loss"
@@ -71,6 +68,33 @@ class TrainOutcome:
     metrics: dict[str, Any]
     meta: dict[str, Any]                         # checkpoint meta: weights choice, QAT, run facts
     curve_rows: list[dict[str, float]] = field(default_factory=list)  # logged steps (rank 0), resume included
+
+
+class FixedContext:
+    """:class:`pgolf.train.context.TrainContext` when neither progressive context nor packed rows is on: rows
+    of ``train.seq_len`` from start to end (no switch, no LR ramp), so that module is loaded only when used."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.length: int | None = None
+        self.switches: list[dict[str, int]] = []
+
+    def row_tokens(self, length: int) -> int:
+        return length
+
+    def warmup_lengths(self) -> list[int]:
+        return [self.seq_len]
+
+    def apply(self, length: int, model: GPT, loader: TrainLoader) -> None:
+        loader.set_seq_len(length)
+        self.length = length
+
+    def step(self, step: int, elapsed_s: float, model: GPT, loader: TrainLoader) -> None:
+        if self.length is None:  # the start sets the span; that is no change
+            self.apply(self.seq_len, model, loader)
+
+    def lr_factor(self, step: int) -> float:
+        return 1.0
 
 
 @dataclass
@@ -102,7 +126,11 @@ class Trainer:
         self.optimizer = PgolfOptimizer(self.model.named_parameters(), param_roles(self.model), optim_cfg, ctx)
         self.accum = cfg.grad_accum(ctx.world_size)
         # Rows or packed rows, and progressive context (pgolf.train.context).
-        self.context = TrainContext(cfg, self.model)
+        if cfg.seq_len_schedule or cfg.packed_rows:
+            from pgolf.train.context import TrainContext
+            self.context: TrainContext | FixedContext = TrainContext(cfg, self.model)
+        else:
+            self.context = FixedContext(cfg.seq_len)
         self.loader = TrainLoader(stream, cfg.holdout_tokens, self.context.row_tokens(cfg.seq_len),
                                   cfg.micro_batch_tokens, ctx.rank, ctx.world_size)
         self.compiled = compile_enabled(cfg.compile, ctx.device)
@@ -205,44 +233,12 @@ class Trainer:
         cap = self.cfg.max_train_seconds
         return cap > 0 and self.progress.elapsed_s >= cap
 
-    # -------------------------------------------------------------- resume
+    # ------------------------------------------------------------ identity
     def run_hash(self, model_cfg: ModelConfig) -> str:
         # The grid's bits are hashed with the train section: late QAT trains on them.
         train = {**to_dict(self.cfg), **to_dict(self.grid)}
         return config_hash(to_dict(model_cfg), to_dict(self.optim_cfg), train,
                            self.ctx.world_size, self.loader.stream.shard_sizes)
-
-    def save_resume(self, path: Path, run_hash: str, reporter: TrainReporter) -> None:
-        """Write the resume state (rank 0); every rank joins the optimizer's gather."""
-        optimizer_state = self.optimizer.state_dict()
-        p = self.progress
-        p.last_resume_step = p.step
-        if not self.ctx.is_main:
-            return
-        rng_cpu, rng_cuda = capture_rng(self.ctx.device)
-        save_resume_state(path, ResumeState(
-            config_hash=run_hash, step=p.step, elapsed_s=p.elapsed_s,
-            model={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            optimizer=optimizer_state, ema=self.ema.state_dict(), swa=self.swa.state_dict(),
-            loader=self.loader.state_dict(), rng_cpu=rng_cpu, rng_cuda=rng_cuda,
-            qat_from_step=p.qat_from_step, curve_rows=list(reporter.rows)))
-
-    def restore(self, state: ResumeState, reporter: TrainReporter) -> None:
-        with torch.no_grad():
-            self.model.load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.ema.load_state_dict(state.ema)
-        self.swa.load_state_dict(state.swa)
-        self.loader.load_state_dict(state.loader)
-        restore_rng(state.rng_cpu, state.rng_cuda, self.ctx.device)
-        p = self.progress
-        p.step, p.elapsed_s, p.qat_from_step = state.step, state.elapsed_s, state.qat_from_step
-        p.resumed_from_step = p.last_resume_step = state.step
-        if p.qat_from_step is not None:
-            self.model.set_qat(True, self.grid.by_class())
-        if state.curve_rows:
-            p.last_loss = float(state.curve_rows[-1][LOSS_CURVE])
-        reporter.replay(state.curve_rows)
 
 
 # ------------------------------------------------------------------ the run
@@ -256,7 +252,8 @@ def run_training(model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfi
     trainer = Trainer(model_cfg, optim_cfg, cfg, grid, ctx, stream)
     run_hash = trainer.run_hash(model_cfg)
     state, why = None, "resume state off"
-    if files.resume is not None:
+    if files.resume is not None:  # the pipeline's train stage; the submission driver never resumes
+        from pgolf.train.resume import load_resume_state, remove_stale_temporaries
         if ctx.is_main:
             remove_stale_temporaries(files.resume)
         state, why = load_resume_state(files.resume, run_hash)
@@ -271,7 +268,11 @@ def run_training(model_cfg: ModelConfig, optim_cfg: OptimConfig, cfg: TrainConfi
             reporter.line(f"compile warm-up: {cfg.compile_warmup_steps} steps in {warmup_s:.1f}s "
                           "(untimed; state restored)")
         if state is not None:
-            trainer.restore(state, reporter)
+            from pgolf.train.resume import restore_trainer
+            restore_trainer(trainer, state)
+            if state.curve_rows:
+                trainer.progress.last_loss = float(state.curve_rows[-1][LOSS_CURVE])
+            reporter.replay(state.curve_rows)
             del state
         _loop(trainer, reporter, files.resume, run_hash)
         outcome = _finish(trainer, reporter, run_hash, warmup_s)
@@ -320,7 +321,8 @@ def _loop(t: Trainer, reporter: TrainReporter, resume_path: Path | None, run_has
         # The last step's resume state is written too, so the final choice can be redone
         # (e.g. with another train.final_weights) without retraining.
         if resume_path is not None and cfg.resume_every and (p.step % cfg.resume_every == 0 or last):
-            t.save_resume(resume_path, run_hash, reporter)
+            from pgolf.train.resume import save_trainer_state
+            save_trainer_state(t, resume_path, run_hash, reporter.rows)
 
 
 def _finish(t: Trainer, reporter: TrainReporter, run_hash: str, warmup_s: float) -> TrainOutcome:

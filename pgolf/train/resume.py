@@ -9,7 +9,8 @@ the post-training choice of weights can be redone without retraining.
 Optimizer state is stored gathered (whole banks), but the world size is part
 of the hash, so a state resumes only at the world size that wrote it.
 
-A state is only resumed when its ``config_hash`` matches the current run: the
+A state is only resumed when its ``config_hash``
+(:func:`pgolf.train.config.config_hash`) matches the current run: the
 resolved model/optim/train configs (minus the logging and resume-state
 intervals and the final-weights choice, which do not change training), the
 world size and the train shards' names and sizes.
@@ -23,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +36,6 @@ from pgolf.io import save_tensor_file
 
 FORMAT = "pgolf-train-resume"
 VERSION = 1
-# Settings that do not change the trained weights: how often things are
-# written, and which candidate is picked after training.
-HASH_EXCLUDED_TRAIN_KEYS = ("resume_every", "log_every", "final_weights")
-
-
-def config_hash(model: dict, optim: dict, train: dict, world_size: int,
-                shard_sizes: list[tuple[str, int]]) -> str:
-    train = {k: v for k, v in train.items() if k not in HASH_EXCLUDED_TRAIN_KEYS}
-    blob = json.dumps({"model": model, "optim": optim, "train": train, "world_size": world_size,
-                       "train_shards": shard_sizes}, sort_keys=True)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -83,6 +71,40 @@ def restore_rng(rng_cpu: torch.Tensor, rng_cuda: torch.Tensor | None, device: to
 
 def save_resume_state(path: Path, state: ResumeState) -> None:
     save_tensor_file(path, state.to_payload())
+
+
+def save_trainer_state(t: Any, path: Path, run_hash: str, curve_rows: list[dict[str, float]]) -> None:
+    """Write the resume state of ``t`` (a :class:`pgolf.train.loop.Trainer`) on rank 0; every rank joins
+    the optimizer's gather."""
+    optimizer_state = t.optimizer.state_dict()
+    p = t.progress
+    p.last_resume_step = p.step
+    if not t.ctx.is_main:
+        return
+    rng_cpu, rng_cuda = capture_rng(t.ctx.device)
+    save_resume_state(path, ResumeState(
+        config_hash=run_hash, step=p.step, elapsed_s=p.elapsed_s,
+        model={k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()},
+        optimizer=optimizer_state, ema=t.ema.state_dict(), swa=t.swa.state_dict(),
+        loader=t.loader.state_dict(), rng_cpu=rng_cpu, rng_cuda=rng_cuda,
+        qat_from_step=p.qat_from_step, curve_rows=list(curve_rows)))
+
+
+def restore_trainer(t: Any, state: ResumeState) -> None:
+    """Put ``t`` (a :class:`pgolf.train.loop.Trainer`) where ``state`` was written: weights, optimizer,
+    averages, loader position, RNG, step, clock and the QAT switch."""
+    with torch.no_grad():
+        t.model.load_state_dict(state.model)
+    t.optimizer.load_state_dict(state.optimizer)
+    t.ema.load_state_dict(state.ema)
+    t.swa.load_state_dict(state.swa)
+    t.loader.load_state_dict(state.loader)
+    restore_rng(state.rng_cpu, state.rng_cuda, t.ctx.device)
+    p = t.progress
+    p.step, p.elapsed_s, p.qat_from_step = state.step, state.elapsed_s, state.qat_from_step
+    p.resumed_from_step = p.last_resume_step = state.step
+    if p.qat_from_step is not None:
+        t.model.set_qat(True, t.grid.by_class())
 
 
 def mark_finished(path: Path, config_hash_value: str, step: int) -> None:

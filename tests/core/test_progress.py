@@ -12,7 +12,8 @@ from tests.helpers.eval_lm import TTT_SGD, WINDOWS, TinyBankLM, make_stream, mak
 
 from pgolf.config import from_params  # noqa: E402
 from pgolf.eval.sliding import score_nonoverlapping, score_sliding_windows  # noqa: E402
-from pgolf.quant.hessians import autoregressive_batches, collect_hessians  # noqa: E402
+from pgolf.model.sampling import autoregressive_batches  # noqa: E402
+from pgolf.quant.hessians import collect_hessians  # noqa: E402
 from pgolf.model.gpt import unbank_state_dict  # noqa: E402
 from pgolf.io import pending_path  # noqa: E402
 from pgolf.progress import StageLog, format_seconds  # noqa: E402

@@ -14,7 +14,8 @@ from tests.helpers.eval_lm import TILT_OFF, ProbeLM, TinyBankLM, decode_probe, m
 from pgolf.config import from_params, to_dict
 from pgolf.errors import ParamError
 from pgolf.eval.sliding import EvalSlidingConfig, score_sliding_windows
-from pgolf.eval.ttt import EvalTTTConfig, block_count, chunk_lr, run_ttt
+from pgolf.eval.frozen_blocks import block_count
+from pgolf.eval.ttt import EvalTTTConfig, chunk_lr, run_ttt
 from pgolf.eval.windows import chunk_sequences, num_chunks
 
 torch.set_num_threads(1)

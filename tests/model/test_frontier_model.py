@@ -16,6 +16,7 @@ from pgolf.model.config import ModelConfig
 from pgolf.model.doc_attention import dense_document_mask, flex_document_mask, masked_attention
 from pgolf.model.gpt import GPT
 from pgolf.model.rope import apply_partial_rope
+from pgolf.model.sampling import forward_step, new_kv_cache
 from pgolf.model.topology import split_encoder_decoder, visit_order
 
 BOS = 1
@@ -252,8 +253,8 @@ def test_kv_cache_decoding_matches_the_full_forward_with_recurrence_and_lanes():
     model = randomised(frontier_config(doc_attention=False))
     ids = sample_ids()[:, :10]
     full = model.forward_logits(ids)
-    cache = model.new_kv_cache(10)
-    steps = [model.forward_step(ids[:, :4], cache)] + [model.forward_step(ids[:, t:t + 1], cache)
+    cache = new_kv_cache(model, 10)
+    steps = [forward_step(model, ids[:, :4], cache)] + [forward_step(model, ids[:, t:t + 1], cache)
                                                        for t in range(4, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
 

@@ -11,6 +11,7 @@ from pgolf.config import from_params
 from pgolf.errors import ParamError
 from pgolf.model.gpt import (BANK_NAMES, GPT, ModelConfig, param_groups_by_role, param_roles,
                          rebank_state_dict, unbank_state_dict)
+from pgolf.model.sampling import forward_step, new_kv_cache, sample
 from pgolf.quant.grid import dequantize_grid, quantize_to_grid, row_scales
 from pgolf.tools.profiles import model_preset
 from tests.helpers import tiny_model_config
@@ -361,17 +362,17 @@ def test_kv_cache_logits_equal_full_recompute():
     with torch.no_grad():
         full = model.forward_logits(ids)
         for chunks in ([1] * 13, [4, 1, 3, 5]):
-            cache = model.new_kv_cache(13)
+            cache = new_kv_cache(model, 13)
             pieces, start = [], 0
             for size in chunks:
-                pieces.append(model.forward_step(ids[:, start:start + size], cache))
+                pieces.append(forward_step(model, ids[:, start:start + size], cache))
                 start += size
             torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
 
 
 def test_sample_matches_sampling_from_full_recompute():
     model = randomized(TINY).eval()
-    got = model.sample(4, 10, 0.8, torch.Generator().manual_seed(3), "cpu")
+    got = sample(model, 4, 10, 0.8, torch.Generator().manual_seed(3), "cpu")
     assert got.shape == (4, 10) and got.dtype == torch.long
     assert got.min() >= 0 and got.max() < TINY.vocab_size
     g = torch.Generator().manual_seed(3)
@@ -391,10 +392,10 @@ def test_kv_cache_and_sampling_on_cuda(autocast):
     tol = 5e-2 if autocast else 1e-4
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
         full = model.forward_logits(ids)
-        cache = model.new_kv_cache(13)
-        steps = torch.cat([model.forward_step(ids[:, t:t + 1], cache) for t in range(13)], dim=1)
+        cache = new_kv_cache(model, 13)
+        steps = torch.cat([forward_step(model, ids[:, t:t + 1], cache) for t in range(13)], dim=1)
         torch.testing.assert_close(steps, full, rtol=0, atol=tol)
-        out = model.sample(4, 16, 0.8, torch.Generator(device="cuda").manual_seed(0), "cuda")
+        out = sample(model, 4, 16, 0.8, torch.Generator(device="cuda").manual_seed(0), "cuda")
     assert out.shape == (4, 16) and 0 <= out.min() and out.max() < TINY.vocab_size
 
 

@@ -9,8 +9,9 @@ from pgolf.model.checkpoint import build_model, Checkpoint
 from pgolf.errors import DataError
 from pgolf.quant.hessian_file import (HessianSet, hessian_key_for_module, hessian_key_for_weight,
                                      load_hessians, save_hessians)
-from pgolf.quant.hessians import (HessianCollector, autoregressive_batches, check_train_shards,
-                                  collect_hessians, train_calibration_batches)
+from pgolf.model.sampling import autoregressive_batches
+from pgolf.quant.hessians import (HessianCollector, check_train_shards, collect_hessians,
+                                  train_calibration_batches)
 from tests.helpers.models import hessian_config, tiny_model
 from pgolf.data.shards import write_shard
 

@@ -184,3 +184,19 @@ def test_a_module_only_dead_code_imported_is_not_packed():
     assert sorted(out) == ["pkg/__init__.py", "pkg/main.py", "pkg/used.py"]  # g was dead, so was its module
     assert b"helper" not in out["pkg/main.py"]
     assert sorted(minify_sources(sources, keep=["main"])) == sorted(sources)  # no entry: every module
+
+
+def test_unreferenced_constant_assignments_go_and_the_rest_stay():
+    sources = {"pkg/__init__.py": b"", "pkg/paths.py": (
+        b"from pathlib import Path\nimport os\nROOT = Path('a')\nUSED = ROOT / 'b'\nDEAD = ROOT / 'c'\n"
+        b"DEAD_TUPLE = (1, -2, 'x')\nSIDE = os.getpid()\nFIRST, SECOND = 1, 2\nBY_NAME = 3\n"),
+        "pkg/main.py": b"from pkg.paths import USED, DEAD\nimport pkg.paths\n\n"
+                       b"def main():\n    return USED, getattr(pkg.paths, 'BY_NAME')\n"}
+    out = minify_sources(sources, keep=["main"], entry="pkg/main.py")
+    paths = out["pkg/paths.py"].decode()
+    for kept in ("ROOT=", "USED=", "SIDE=os.getpid()", "FIRST,SECOND=", "BY_NAME="):  # used, a call, a tuple target
+        assert kept in paths, kept
+    assert "DEAD" not in paths and "DEAD" not in out["pkg/main.py"].decode()
+    namespace: dict = {}  # what is left still runs
+    exec(compile(out["pkg/paths.py"], "paths", "exec"), namespace)
+    assert str(namespace["USED"]) == "a/b"

@@ -154,3 +154,23 @@ def test_the_artifact_reader_needs_grouped_or_lqer_only_for_artifacts_that_use_t
     with pytest.raises(ModuleNotFoundError) as info:
         artifact.decode(grouped)
     assert info.value.name == "pgolf.quant.grouped" and group_of(info.value.name) is not None
+
+
+def test_each_feature_left_out_of_the_record_bundle_comes_back_when_turned_on():
+    off = set(counted_code_files(REPO, [DRIVER], compose("record")))
+    turned_on = {  # section.key: value that needs the module
+        "pgolf/train/context.py": ("train", "seq_len_schedule", ["1024@0.5", "2048@1.0"]),
+        "pgolf/model/sampling.py": ("hessians", "source", "autoregressive"),
+        "pgolf/eval/frozen_blocks.py": ("eval_ttt", "freeze_blocks", 1),
+        "pgolf/quant/protected.py": ("quantize", "awq_top_k", 1),
+    }
+    for path, (section, key, value) in turned_on.items():
+        assert path not in off
+        p = compose("record")
+        p[section][key] = value
+        assert path in set(counted_code_files(REPO, [DRIVER], p)), path
+    packed_rows = compose("record")
+    packed_rows["train"]["packed_rows"] = True
+    assert "pgolf/train/context.py" in set(counted_code_files(REPO, [DRIVER], packed_rows))
+    assert "pgolf/train/resume.py" not in off  # the driver never resumes (tests/submission/test_lazy_paths.py)
+    assert "pgolf/train/resume.py" in set(counted_code_files(REPO, [DRIVER]))  # the pipeline's closure has it

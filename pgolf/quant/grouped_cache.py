@@ -18,13 +18,15 @@ matrix costs no new n-step chain).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from pgolf.quant.artifact import encode
 from pgolf.quant.grouped import Packing, compress_frames, l1_row_order
+from pgolf.quant.pruning import fewest
 from pgolf.quant.roles import role_grouping
 
 FRAMES_KEPT = 64  # grouped frames remembered (a probe has 9; the fit's bracket ends are reused)
@@ -71,3 +73,23 @@ class GroupedFrames:
         while len(self._frames) > FRAMES_KEPT:
             self._frames.popitem(last=False)
         return out
+
+
+def calibrated_guess(estimate_at: Callable[[int], int], target: int) -> Callable[[int, int, int, int], int]:
+    """The pruning search's probe placement from a cheap estimate (pgolf/quant/pruning.py:
+    ``prune_to_target``'s ``estimated_size``): ``estimate_at(count)`` calibrated by exact / estimate at
+    the bracket's ends, linearly in the count between them, then searched to 1/1024 of the bracket."""
+    estimates: dict[int, int] = {}
+
+    def estimate(count: int) -> int:
+        if count not in estimates:
+            estimates[count] = estimate_at(count)
+        return estimates[count]
+
+    def guess(lo: int, lo_size: int, hi: int, hi_size: int) -> int:
+        r_lo, r_hi = lo_size / estimate(lo), hi_size / estimate(hi)
+
+        def calibrated(count: int) -> int:
+            return math.ceil(estimate(count) * (r_lo + (r_hi - r_lo) * (count - lo) / (hi - lo)))
+        return fewest(lo, lo_size, hi, hi_size, target, calibrated, resolution=max(1, (hi - lo) >> 10))[0]
+    return guess

@@ -66,7 +66,7 @@ def prune_order(tensors: list[StoredTensor]) -> tuple[torch.Tensor, torch.Tensor
 MODEL_STEPS = 4  # exact probes an estimate may place before the search falls back to its own rule
 
 
-def _fewest(lo: int, lo_size: int, hi: int, hi_size: int, target: int, size_at: Callable[[int], int],
+def fewest(lo: int, lo_size: int, hi: int, hi_size: int, target: int, size_at: Callable[[int], int],
             guess: Callable[[int, int, int, int], int] | None = None, resolution: int = 1) -> tuple[int, int, int]:
     """(count, its size, calls of ``size_at``): the smallest count in (lo, hi] whose size meets
     ``target``, given size(lo) > target ≥ size(hi) (:func:`prune_to_target` describes the rule);
@@ -136,21 +136,10 @@ def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
         return encoded_size(_zero_cheapest(tensors, owner, flat, count))
 
     guess = None
-    if estimated_size is not None:
-        estimates: dict[int, int] = {}
-
-        def estimate(count: int) -> int:
-            if count not in estimates:
-                estimates[count] = estimated_size(_zero_cheapest(tensors, owner, flat, count))
-            return estimates[count]
-
-        def guess(lo: int, lo_size: int, hi: int, hi_size: int) -> int:
-            r_lo, r_hi = lo_size / estimate(lo), hi_size / estimate(hi)
-
-            def calibrated(count: int) -> int:
-                return math.ceil(estimate(count) * (r_lo + (r_hi - r_lo) * (count - lo) / (hi - lo)))
-            return _fewest(lo, lo_size, hi, hi_size, target_bytes, calibrated, resolution=max(1, (hi - lo) >> 10))[0]
-
-    enough, enough_size, searched = _fewest(0, size, total, enough_size, target_bytes, exact, guess)
+    if estimated_size is not None:  # the grouped layout's (an optional module of the bundle)
+        from pgolf.quant.grouped_cache import calibrated_guess
+        guess = calibrated_guess(lambda count: estimated_size(_zero_cheapest(tensors, owner, flat, count)),
+                                 target_bytes)
+    enough, enough_size, searched = fewest(0, size, total, enough_size, target_bytes, exact, guess)
     return PruneOutcome(_zero_cheapest(tensors, owner, flat, enough), total, enough, target_bytes,
                         enough_size, True, probes + searched)

@@ -44,6 +44,7 @@ DYNAMIC_MULTIPLE = 16   # compile_width_step 0: widths padded to a multiple of t
 
 def width_bucket(width: int, seq_len: int, step: int) -> int:
     """The padded width of a chunk's windows (module docstring)."""
+    width = int(width)
     if step <= 0:
         return min(-(-width // DYNAMIC_MULTIPLE) * DYNAMIC_MULTIPLE, max(seq_len, width))
     if width <= step:

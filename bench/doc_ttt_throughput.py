@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--sample-stride", type=int, default=1,
                     help="time every K-th of rank 0's batches (run as rank 0 of world x K)")
     ap.add_argument("--phase-chunks", default=",".join(map(str, F1855_PHASE_CHUNKS)))
+    ap.add_argument("--backend", default="auto",
+                    help="chunk forward: auto (inductor if eval_ttt.compile and CUDA), eager, padded, or a "
+                         "torch.compile backend (aot_eager: a CPU smoke test of the compiled path)")
     ap.add_argument("--set", nargs="*", default=[], help="eval_ttt overrides KEY=VALUE (yaml values)")
     args = ap.parse_args()
     params = compose(args.params_profile)
@@ -119,16 +122,19 @@ def main() -> None:
     tokens = synthetic_documents(args.docs, cfg.vocab_size, args.mean_doc, 1).to(device)
     sidecar = SidecarBytes(np.full(tokens.numel(), 3, dtype=np.uint16))
     warm = synthetic_documents(doc_cfg.batch_docs, cfg.vocab_size, args.mean_doc, 2).to(device)
-    compiled = compile_enabled(doc_cfg.compile, device)
-    warm_s = 0.0 if compiled else timed(lambda: run_doc_ttt(model, warm, sidecar, seq_len, doc_cfg), device)[1]
-    result, wall = timed(lambda: run_doc_ttt(model, tokens, sidecar, seq_len, doc_cfg, rank=0,
+    backend = {"auto": "inductor" if compile_enabled(doc_cfg.compile, device) else None, "eager": None}.get(
+        args.backend, args.backend)
+    compiled = backend not in (None, "padded")
+    warm_s = 0.0 if compiled else timed(lambda: run_doc_ttt(model, warm, sidecar, seq_len, doc_cfg,
+                                                            backend=backend), device)[1]
+    result, wall = timed(lambda: run_doc_ttt(model, tokens, sidecar, seq_len, doc_cfg, rank=0, backend=backend,
                                              world_size=args.world * args.sample_stride), device)
     seconds = result.seconds
     per_gpu = result.sums.scored_tokens / seconds
     lora_projected = CHALLENGE_TARGETS / (args.world * per_gpu)
     sgd = GlobalSGDSettings(doc_cfg.global_lr, doc_cfg.global_momentum, doc_cfg.global_grad_clip,
                             doc_cfg.global_chunk_tokens, seq_len)
-    sgd_nll = global_sgd_forward(model, "inductor") if compiled else None
+    sgd_nll = global_sgd_forward(model, backend) if compiled else None
     sgd_compile_s = warm_up_global_sgd(model, sgd_nll, sgd, rank=0, world_size=args.world) if compiled else 0.0
     global_sgd(model, tokens[:2 * sgd.chunk_tokens + 1], sgd, rank=0, world_size=args.world, nll=sgd_nll)  # warm-up
     stream = tokens[:min(tokens.numel(), (args.sgd_chunks + 1) * sgd.chunk_tokens + 1)]
@@ -144,7 +150,8 @@ def main() -> None:
         "docs": args.docs, "rank0_targets": result.sums.scored_tokens,
         "sample_stride": args.sample_stride,
         "sampled_batches": -(-result.batches // (args.world * args.sample_stride)),
-        "compile": compiled, "compile_width_step": doc_cfg.compile_width_step, "compiled_graphs": result.graphs,
+        "compile": compiled, "backend": backend, "compile_width_step": doc_cfg.compile_width_step,
+        "compiled_graphs": result.graphs,
         "compile_seconds": round(result.compile_seconds, 2), "global_sgd_compile_seconds": round(sgd_compile_s, 2),
         "lora_steps": result.lora_steps, "warmup_seconds": round(warm_s, 2), "seconds": round(seconds, 2),
         "wall_seconds_with_compile": round(wall, 2),

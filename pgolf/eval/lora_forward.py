@@ -117,7 +117,7 @@ class ChunkForward:
 
     def __call__(self, ids, sel, targets, valid, stepping, denom, with_logp: bool):
         if self.width_step <= 0 and self.fn is not self._run:
-            torch._dynamo.mark_dynamic(ids, 1)
+            torch._dynamo.maybe_mark_dynamic(ids, 1)   # a specialisation would recompile (counted), not fail
         saved, self.model.cfg = self.model.cfg, self.local_cfg
         self.lora.active = self.lora.rows
         try:

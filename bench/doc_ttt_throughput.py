@@ -2,6 +2,8 @@
 
     python bench/doc_ttt_throughput.py OUT.json                     # f1855 profile on CUDA
     python bench/doc_ttt_throughput.py OUT.json --profile cpu_tiny  # CPU smoke test
+    python bench/doc_ttt_throughput.py OUT.json --docs 50000 --sample-stride 12 --set compile=false  # eager
+    python bench/doc_ttt_throughput.py OUT.json --docs 50000 --sample-stride 12 --set compile_width_step=256
 
 Model and settings come from a params profile (``--params-profile``, default
 f1855: conf/profile/f1855.yaml's model, eval_sliding.seq_len and eval_ttt),

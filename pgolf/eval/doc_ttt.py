@@ -173,7 +173,10 @@ class _BatchScorer:
                                         "nll": scored[i][m].cpu(), "adapter_steps": int(self.opt.steps[i])})
         if train:
             loss.backward()
-            self.opt.step(int(stepping.sum()))  # a prefix: rows are longest first
+            if self.forward is None:
+                self.opt.step(int(stepping.sum()))  # a prefix: rows are longest first
+            else:
+                self.forward.step(mask)
             self.opt.zero_grad()
             self.steps += 1
             if self.observer is not None:
@@ -209,7 +212,7 @@ def run_doc_ttt(model: torch.nn.Module, tokens: torch.Tensor, source: ByteSource
         backend = "inductor" if compile_enabled(cfg.compile, device) else None
     compiled = backend not in (None, "padded")
     forward = None if backend is None else ChunkForward(model, lora, seq_len, cfg.compile_width_step,
-                                                         backend if compiled else None)
+                                                         backend if compiled else None, opt)
     sgd_nll = global_sgd_forward(model, backend) if compiled else None
     compile_seconds = 0.0
     if compiled:   # token-0 inputs only: reads no validation data, changes no weight (lora_forward, global_sgd)

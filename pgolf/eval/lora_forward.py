@@ -25,9 +25,13 @@ shapes (tests/eval/test_doc_ttt_padded.py: ≤ 1e-12 in float64). The forward
 always runs with grad enabled (a no-grad call would be a second graph per
 shape); chunks where no document steps skip only the backward.
 
+The AdamW step of the padded path is :meth:`pgolf.eval.lora.RowAdamW.step_rows`
+(a row mask instead of a row count), compiled as one more graph: about a dozen
+small kernels per adapter tensor become one.
+
 Compile warm-up (:meth:`ChunkForward.warm_up`) builds every bucket's graph on
-token-0 inputs with no valid target (zero loss, zero gradients, no step), so
-it reads no validation data and changes no state.
+token-0 inputs with no valid target (zero loss, zero gradients, a step with
+no row), so it reads no validation data and changes no state.
 """
 from __future__ import annotations
 
@@ -93,8 +97,11 @@ class ChunkForward:
     ``graphs`` counts the graphs the backend compiled (every recompile adds one).
     """
 
-    def __init__(self, model: torch.nn.Module, lora, seq_len: int, width_step: int, backend: str | None):
+    def __init__(self, model: torch.nn.Module, lora, seq_len: int, width_step: int, backend: str | None,
+                 opt=None):
         self.model, self.lora, self.seq_len, self.width_step = model, lora, seq_len, width_step
+        self.opt = opt   # RowAdamW: its ``step_rows`` compiled beside the forward (one graph)
+        self.step: Callable = opt.step_rows if opt is not None else None
         self.local_cfg = model.cfg.replace(doc_attention=False)  # one object: a compiled graph guards on it
         self.graphs = 0
         self.fn: Callable = self._run
@@ -108,6 +115,8 @@ class ChunkForward:
             raise_recompile_limit(len(all_buckets(seq_len, width_step)) * 4 if width_step > 0 else 4)
             self.fn = torch.compile(self._run, backend=counting, fullgraph=True,
                                     dynamic=None if width_step <= 0 else False)
+            if opt is not None:
+                self.step = torch.compile(opt.step_rows, backend=inner, fullgraph=True, dynamic=False)
 
     def _run(self, ids, sel, targets, valid, stepping, denom, with_logp: bool):
         return chunk_loss(self.model, self.lora, ids, sel, targets, valid, stepping, denom, with_logp)
@@ -141,6 +150,8 @@ class ChunkForward:
                 _, loss, _ = self(ids, sel, sel.clone(), nothing, torch.ones(rows, dtype=torch.bool, device=dev),
                                   torch.ones(rows, dtype=torch.long, device=dev), with_logp)
                 loss.backward()
+                if self.step is not None:   # no row steps: weights, moments and step counts stay
+                    self.step(torch.zeros(rows, dtype=torch.bool, device=dev))
                 for p in self.lora.parameters():
                     p.grad = None
         synchronize(dev)

@@ -38,7 +38,7 @@ def _scorer(model, tokens, docs, backend: bool, cfg):
                        torch.device("cpu"), torch.float64)
     lora.reset_a(torch.Generator().manual_seed(0))
     opt = RowAdamW(lora.parameters(), cfg.lr, (cfg.momentum, cfg.beta2), cfg.adam_eps, cfg.weight_decay)
-    forward = ChunkForward(model, lora, SEQ_LEN, cfg.compile_width_step, None) if backend else None
+    forward = ChunkForward(model, lora, SEQ_LEN, cfg.compile_width_step, None, opt) if backend else None
     return _BatchScorer(model, tokens, docs, make_tables(VOCAB), SEQ_LEN, lora, opt, None, None, forward)
 
 
@@ -55,14 +55,24 @@ def test_padded_batch_gives_the_same_scores_and_adapter_updates_and_padding_rows
         scorer = _scorer(model, tokens, docs, padded, cfg)
         opt, counts = scorer.opt, []
 
-        def step(count, opt=opt, plain=opt.step, counts=counts):
+        def check(count, opt=opt, counts=counts):
             for p in opt.params:   # rows past the stepping prefix (finished or padding documents): exactly 0
                 assert torch.count_nonzero(p.grad[count:]) == 0
             assert any(torch.count_nonzero(p.grad[:count]) > 0 for p in opt.params)
             counts.append(count)
-            plain(count)
 
-        opt.step = step
+        if padded:   # the padded path steps by row mask (RowAdamW.step_rows)
+            def step_rows(mask, plain=scorer.forward.step):
+                count = int(mask.sum())
+                assert torch.equal(mask, torch.arange(mask.numel()) < count)
+                check(count)
+                plain(mask)
+            scorer.forward.step = step_rows
+        else:
+            def step(count, plain=opt.step):
+                check(count)
+                plain(count)
+            opt.step = step
         sums = scorer.run(batch, cfg.chunk_tokens)
         out.append((sums, scorer.lora, opt, counts))
     (s0, l0, o0, c0), (s1, l1, o1, c1) = out
@@ -71,6 +81,23 @@ def test_padded_batch_gives_the_same_scores_and_adapter_updates_and_padding_rows
     for a, b in zip(l0.parameters() + o0.exp_avg + o0.exp_avg_sq, l1.parameters() + o1.exp_avg + o1.exp_avg_sq):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-12)
     assert torch.count_nonzero(l1.b[0, "q"][3]) == 0     # the padding row was never stepped
+
+
+def test_step_rows_is_step_bit_for_bit_on_stepping_rows_and_keeps_the_others():
+    torch.manual_seed(0)
+    start = torch.randn(4, 3, 5, dtype=torch.float64)
+    a, b = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    by_count = RowAdamW([a], 0.02, (0.0, 0.99), 1e-10, 0.5)
+    by_mask = RowAdamW([b], 0.02, (0.0, 0.99), 1e-10, 0.5)
+    for count in (4, 3, 3, 1, 0, 2):
+        grad = torch.randn(4, 3, 5, dtype=torch.float64)
+        grad[count:] = 0.0   # as in a chunk: rows past the prefix get no gradient
+        a.grad, b.grad = grad.clone(), grad.clone()
+        by_count.step(count)
+        by_mask.step_rows(torch.arange(4) < count)
+        assert torch.equal(a, b) and torch.equal(by_count.steps, by_mask.steps)
+        assert all(torch.equal(x, y) for x, y in zip(by_count.exp_avg + by_count.exp_avg_sq,
+                                                     by_mask.exp_avg + by_mask.exp_avg_sq))
 
 
 def _scores(tokens, cfg, backend, **kw):

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgolf.quant.artifact import StoredTensor, decode, encode, read_artifact  # noqa: E402
 from pgolf.quant.compression import ALL_COMPRESSORS, available, compress, l1_chain  # noqa: E402
-from pgolf.quant.roles import GROUP_ROLES, ROLE_GROUPING, role_of  # noqa: E402
+from pgolf.quant.roles import GROUP_ROLES, role_grouping, role_of  # noqa: E402
 
 LEVELS = {"zstd": 22, "lzma": 9, "brotli": 11, "zpaq": 5}
 F1855_SHAPES = {"attn.c_q": (512, 512), "attn.c_k": (256, 512), "attn.c_v": (256, 512), "attn.proj": (512, 512),
@@ -101,7 +101,7 @@ def measure(tensors: list[StoredTensor], compressors: list[str], model_config: d
         _, dec = timed(lambda: decode(blob))
         files[f"plain/{c}"] = {"bytes": len(blob), "encode_s": round(enc, 1), "decode_s": round(dec, 1)}
     for c in compressors:
-        blob, enc = timed(lambda: encode(tensors, model_config, meta, c, LEVELS[c], grouping=ROLE_GROUPING))
+        blob, enc = timed(lambda: encode(tensors, model_config, meta, c, LEVELS[c], grouping=role_grouping()))
         art, dec = timed(lambda: decode(blob))
         files[f"grouped/{c}"] = {"bytes": len(blob), "encode_s": round(enc, 1), "decode_s": round(dec, 1),
                                  "frames": {f["frame"]: f["bytes"] for f in art.frames}}

@@ -2,6 +2,8 @@
 
     python bench/doc_ttt_throughput.py OUT.json                     # f1855 profile on CUDA
     python bench/doc_ttt_throughput.py OUT.json --profile cpu_tiny  # CPU smoke test
+    python bench/doc_ttt_throughput.py OUT.json --docs 50000 --sample-stride 12 --set compile=false  # eager
+    python bench/doc_ttt_throughput.py OUT.json --docs 50000 --sample-stride 12 --set compile_width_step=256
 
 Model and settings come from a params profile (``--params-profile``, default
 f1855: conf/profile/f1855.yaml's model, eval_sliding.seq_len and eval_ttt),
@@ -24,9 +26,15 @@ sample's scored targets per second; the projected LoRA-TTT time is
 share of ``--sgd-chunks`` 32,768-token chunks (2 of 16 sequences at world 8)
 after one untimed warm-up chunk, and projected for the phase chunk counts of
 F1855's seed-42 log (131 / 219 / 289, ``--phase-chunks``); its gradient
-all-reduce is not modelled. Nothing is compiled (the doc_lora path runs
-eager); one discarded batch warms up first. The eval timer of the records covers both
+all-reduce is not modelled. The eval timer of the records covers both
 parts (docs/FRONTIER.md §5.5); their 8×H100 times were 455–509 s (F1855).
+
+``eval_ttt.compile`` (on in f1855; ``--set compile=false`` for eager, ``--set
+compile_width_step=0`` for one dynamic-width graph) compiles the chunk forward
+and global SGD's forward (pgolf/eval/lora_forward.py): their warm-up
+(``compile_seconds``, ``global_sgd_compile_seconds``: token-0 inputs, no
+validation data) is reported apart and is not in the timed figures, which
+are ``run_doc_ttt``'s own timer. Eager, one discarded batch warms up first.
 """
 from __future__ import annotations
 
@@ -46,10 +54,10 @@ from pgolf.config import from_params  # noqa: E402
 from pgolf.data.bpb import SidecarBytes  # noqa: E402
 from pgolf.distributed import resolve_device  # noqa: E402
 from pgolf.eval.doc_ttt import run_doc_ttt  # noqa: E402
-from pgolf.eval.global_sgd import GlobalSGDSettings, global_sgd  # noqa: E402
+from pgolf.eval.global_sgd import GlobalSGDSettings, global_sgd, global_sgd_forward, warm_up_global_sgd  # noqa: E402
 from pgolf.eval.ttt import EvalTTTConfig  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
-from pgolf.precision import configure_backends, synchronize  # noqa: E402
+from pgolf.precision import compile_enabled, configure_backends, synchronize  # noqa: E402
 from pgolf.tools.profiles import compose  # noqa: E402
 
 CHALLENGE_TARGETS = 47_851_520   # CaseOps val targets trimmed to 2048 (docs/FRONTIER.md §1.1)
@@ -93,6 +101,9 @@ def main() -> None:
     ap.add_argument("--sample-stride", type=int, default=1,
                     help="time every K-th of rank 0's batches (run as rank 0 of world x K)")
     ap.add_argument("--phase-chunks", default=",".join(map(str, F1855_PHASE_CHUNKS)))
+    ap.add_argument("--backend", default="auto",
+                    help="chunk forward: auto (inductor if eval_ttt.compile and CUDA), eager, padded, or a "
+                         "torch.compile backend (aot_eager: a CPU smoke test of the compiled path)")
     ap.add_argument("--set", nargs="*", default=[], help="eval_ttt overrides KEY=VALUE (yaml values)")
     args = ap.parse_args()
     params = compose(args.params_profile)
@@ -113,16 +124,23 @@ def main() -> None:
     tokens = synthetic_documents(args.docs, cfg.vocab_size, args.mean_doc, 1).to(device)
     sidecar = SidecarBytes(np.full(tokens.numel(), 3, dtype=np.uint16))
     warm = synthetic_documents(doc_cfg.batch_docs, cfg.vocab_size, args.mean_doc, 2).to(device)
-    _, warm_s = timed(lambda: run_doc_ttt(model, warm, sidecar, seq_len, doc_cfg), device)
-    result, seconds = timed(lambda: run_doc_ttt(model, tokens, sidecar, seq_len, doc_cfg, rank=0,
-                                                world_size=args.world * args.sample_stride), device)
+    backend = {"auto": "inductor" if compile_enabled(doc_cfg.compile, device) else None, "eager": None}.get(
+        args.backend, args.backend)
+    compiled = backend not in (None, "padded")
+    warm_s = 0.0 if compiled else timed(lambda: run_doc_ttt(model, warm, sidecar, seq_len, doc_cfg,
+                                                            backend=backend), device)[1]
+    result, wall = timed(lambda: run_doc_ttt(model, tokens, sidecar, seq_len, doc_cfg, rank=0, backend=backend,
+                                             world_size=args.world * args.sample_stride), device)
+    seconds = result.seconds
     per_gpu = result.sums.scored_tokens / seconds
     lora_projected = CHALLENGE_TARGETS / (args.world * per_gpu)
     sgd = GlobalSGDSettings(doc_cfg.global_lr, doc_cfg.global_momentum, doc_cfg.global_grad_clip,
                             doc_cfg.global_chunk_tokens, seq_len)
-    global_sgd(model, tokens[:2 * sgd.chunk_tokens + 1], sgd, rank=0, world_size=args.world)  # warm-up
+    sgd_nll = global_sgd_forward(model, backend) if compiled else None
+    sgd_compile_s = warm_up_global_sgd(model, sgd_nll, sgd, rank=0, world_size=args.world) if compiled else 0.0
+    global_sgd(model, tokens[:2 * sgd.chunk_tokens + 1], sgd, rank=0, world_size=args.world, nll=sgd_nll)  # warm-up
     stream = tokens[:min(tokens.numel(), (args.sgd_chunks + 1) * sgd.chunk_tokens + 1)]
-    done = global_sgd(model, stream, sgd, rank=0, world_size=args.world)
+    done = global_sgd(model, stream, sgd, rank=0, world_size=args.world, nll=sgd_nll)
     per_chunk = done["seconds"] / max(done["steps"], 1)
     phase_chunks = [int(c) for c in args.phase_chunks.split(",") if c]
     sgd_projected = per_chunk * sum(phase_chunks)
@@ -134,7 +152,11 @@ def main() -> None:
         "docs": args.docs, "rank0_targets": result.sums.scored_tokens,
         "sample_stride": args.sample_stride,
         "sampled_batches": -(-result.batches // (args.world * args.sample_stride)),
+        "compile": compiled, "backend": backend, "compile_width_step": doc_cfg.compile_width_step,
+        "compiled_graphs": result.graphs,
+        "compile_seconds": round(result.compile_seconds, 2), "global_sgd_compile_seconds": round(sgd_compile_s, 2),
         "lora_steps": result.lora_steps, "warmup_seconds": round(warm_s, 2), "seconds": round(seconds, 2),
+        "wall_seconds_with_compile": round(wall, 2),
         "per_gpu_tokens_per_s": round(per_gpu, 1), "projected_8gpu_seconds_no_phases": round(lora_projected, 1),
         "global_sgd_seconds_per_chunk_rank0": round(per_chunk, 4), "phase_chunks": phase_chunks,
         "projected_global_sgd_seconds": round(sgd_projected, 1),
@@ -147,6 +169,9 @@ def main() -> None:
     print(f"{'per-GPU tok/s':>16} {'8-GPU s (no phases)':>20} {'global SGD s':>13} {'8-GPU s (phases)':>17} goal")
     print(f"{per_gpu:16,.0f} {lora_projected:20.1f} {sgd_projected:13.1f} {lora_projected + sgd_projected:17.1f} "
           f"{GOAL_SECONDS:.0f} (F1855: {', '.join(map(str, F1855_EVAL_SECONDS))})")
+    if compiled:
+        print(f"compile (outside the timed figures): chunk forward {result.compile_seconds:.1f} s in "
+              f"{result.graphs} graphs, global SGD {sgd_compile_s:.1f} s")
 
 
 if __name__ == "__main__":

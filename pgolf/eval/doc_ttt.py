@@ -31,9 +31,21 @@ and ``global_sgd`` (phase, trained docs, scored docs); the legality tests
 spy on it. ``score_adjust(logprobs [N, V], targets [N], positions [N]) -> NLL
 [N]`` replaces the scored NLL (training stays on the plain NLL).
 
-Timer: ``seconds`` covers the whole pass, global SGD included; nothing is
-compiled (``compile_seconds`` 0), and reading the artifact is outside, as
-for the other evals (pgolf/submission/budget.py).
+Compile (``eval_ttt.compile``, CUDA): the chunk forward + loss runs on
+padded shapes through one compiled function (pgolf/eval/lora_forward.py:
+rows padded to ``batch_docs``, widths to a few buckets; padding rows are
+masked out of score, loss and step), and global SGD's forward is the
+model's compiled ``token_nll`` (pgolf/eval/global_sgd.py). Off (the CPU
+default) the path is eager and unpadded, as before.
+
+Timer: ``seconds`` covers the whole pass, global SGD included; reading the
+artifact is outside, as for the other evals (pgolf/submission/budget.py).
+With compile, every graph (each width bucket × chunk size, and global SGD's)
+is built before the timer on token-0 inputs that score nothing and change
+no weight: ``compile_seconds``. It reads no validation data, so the
+challenge's rule would let it sit outside the eval timer; pgolf's budget
+still adds it to the eval budget, once, unscaled (the conservative
+reading). Any graph built later (none expected) falls inside ``seconds``.
 """
 from __future__ import annotations
 
@@ -44,17 +56,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pgolf.data.bpb import ByteSource, target_bytes
 from pgolf.distributed import all_reduce_sum_
 from pgolf.eval.documents import (Documents, ascending_index, chunk_size, owner, phase_boundaries, prefix_documents,
                                   run_batches, split_documents)
-from pgolf.eval.global_sgd import GlobalSGDSettings, config_override, document_stream, global_sgd
+from pgolf.eval.global_sgd import (GlobalSGDSettings, config_override, document_stream, global_sgd,
+                                   global_sgd_forward, warm_up_global_sgd)
 from pgolf.eval.lora import BatchedLoRA, RowAdamW
+from pgolf.eval.lora_forward import ChunkForward, chunk_loss
 from pgolf.eval.sliding import EvalSums
 from pgolf.eval.ttt import EvalTTTConfig, chunk_series
-from pgolf.precision import autocast, synchronize
+from pgolf.precision import compile_enabled, synchronize
 from pgolf.progress import Progress
 
 ScoreAdjust = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,6 +88,7 @@ class DocTTTResult:
     chunks: list[dict] = field(default_factory=list)  # running bpb per batch: {chunk: batch, ...}
     compile_seconds: float = 0.0
     tilt: Any = None          # the n-gram tilt of the scores (pgolf.eval.ngram_tilt.NgramTilt), if any
+    graphs: int = 0           # graphs compiled for the chunk forward (warm-up and any recompile)
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,9 +104,11 @@ class _BatchScorer:
     """Scores and adapts one batch of documents (module docstring, steps 1-3)."""
 
     def __init__(self, model, tokens: torch.Tensor, docs: Documents, source: ByteSource, seq_len: int,
-                 lora: BatchedLoRA, opt: RowAdamW, observer: DocObserver | None, score_adjust: ScoreAdjust | None):
+                 lora: BatchedLoRA, opt: RowAdamW, observer: DocObserver | None, score_adjust: ScoreAdjust | None,
+                 forward: ChunkForward | None = None):
         self.model, self.tokens, self.docs, self.source, self.seq_len = model, tokens, docs, source, seq_len
         self.lora, self.opt, self.observer, self.score_adjust = lora, opt, observer, score_adjust
+        self.forward = forward   # None: eager, unpadded; else the padded (maybe compiled) chunk forward
         self.device = tokens.device
         self.steps = 0
         self.windows = 0
@@ -113,6 +129,12 @@ class _BatchScorer:
         begin, end = c * chunk, np.minimum((c + 1) * chunk, n)
         first = np.maximum(0, end - self.seq_len)
         width = int((end - first).max())
+        begin = np.full(k, begin, dtype=np.int64)
+        if self.forward is not None:   # pad rows to the batch size and the width to its bucket (lora_forward)
+            pad = np.zeros(self.lora.rows - k, dtype=np.int64)
+            starts, begin, end, first = (np.concatenate([a, pad]) for a in (starts, begin, end, first))
+            stepping = np.concatenate([stepping, pad.astype(bool)])
+            width = self.forward.width(width)
         cols = np.arange(width)
         fed = cols[None, :] < (end - first)[:, None]
         ids = torch.where(torch.from_numpy(fed).to(dev),
@@ -124,18 +146,20 @@ class _BatchScorer:
         positions = torch.from_numpy(np.where(valid_np, (starts + begin)[:, None] + j, 0)).to(dev)
         valid = torch.from_numpy(valid_np).to(dev)
         targets = self.tokens[positions + 1]
-        self.lora.active = k
         train = bool(stepping.any())
-        with torch.set_grad_enabled(train), autocast(dev), config_override(self.model, doc_attention=False):
-            hidden = self.model.adapted_hidden(ids, self.lora)
-            picked = hidden.gather(1, sel[:, :, None].expand(-1, -1, hidden.shape[-1]))
-            logits = self.model.adapted_logits(picked, self.lora)
-        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        nll = -logp.gather(-1, targets[:, :, None]).squeeze(-1)
+        mask = torch.from_numpy(stepping).to(dev)
+        denom = torch.from_numpy(np.maximum(scored_n, 1)).to(dev)
+        if self.forward is None:
+            self.lora.active = k
+            with torch.set_grad_enabled(train), config_override(self.model, doc_attention=False):
+                nll, loss, logp = chunk_loss(self.model, self.lora, ids, sel, targets, valid, mask, denom, True)
+        else:
+            nll, loss, logp = self.forward(ids, sel, targets, valid, mask, denom, self.score_adjust is not None)
+        nll, valid, positions, targets = nll[:k], valid[:k], positions[:k], targets[:k]
         with torch.no_grad():
             scored = nll.detach()
             if self.score_adjust is not None:
-                adjusted = self.score_adjust(logp.detach()[valid], targets[valid], positions[valid])
+                adjusted = self.score_adjust(logp.detach()[:k][valid], targets[valid], positions[valid])
                 scored = torch.zeros_like(scored)
                 scored[valid] = adjusted.to(scored.dtype)
             nbytes = target_bytes(self.source, self.tokens[positions], targets, positions + 1)  # sidecar: by token
@@ -148,21 +172,28 @@ class _BatchScorer:
                 self.observer("score", {"doc": int(batch[i]), "chunk": c, "positions": positions[i][m].cpu(),
                                         "nll": scored[i][m].cpu(), "adapter_steps": int(self.opt.steps[i])})
         if train:
-            mask = torch.from_numpy(stepping).to(dev)
-            per_doc = torch.where(valid, nll, 0.0).sum(1) / torch.from_numpy(scored_n).to(dev, nll.dtype)
-            torch.where(mask, per_doc, 0.0).sum().backward()
-            self.opt.step(int(stepping.sum()))  # a prefix: rows are longest first
+            loss.backward()
+            if self.forward is None:
+                self.opt.step(int(stepping.sum()))  # a prefix: rows are longest first
+            else:
+                self.forward.step(mask)
             self.opt.zero_grad()
             self.steps += 1
             if self.observer is not None:
-                self.observer("step", {"docs": [int(d) for d in batch[stepping]], "chunk": c})
+                self.observer("step", {"docs": [int(d) for d in batch[stepping[:k]]], "chunk": c})
         return sums
 
 
 def run_doc_ttt(model: torch.nn.Module, tokens: torch.Tensor, source: ByteSource, seq_len: int,
                 cfg: EvalTTTConfig, *, rank: int = 0, world_size: int = 1, observer: DocObserver | None = None,
-                score_adjust: ScoreAdjust | None = None, progress: Progress | None = None) -> DocTTTResult:
-    """Per-document LoRA TTT over ``tokens`` (module docstring); ``model`` is changed in place by global SGD."""
+                score_adjust: ScoreAdjust | None = None, progress: Progress | None = None,
+                backend: str | None = "auto") -> DocTTTResult:
+    """Per-document LoRA TTT over ``tokens`` (module docstring); ``model`` is changed in place by global SGD.
+
+    ``backend``: ``auto`` compiles (inductor) when ``cfg.compile`` and on CUDA, else runs eager unpadded;
+    None eager unpadded; ``padded`` the padded chunk forward uncompiled; any other name is the
+    ``torch.compile`` backend of the padded chunk forward and of global SGD's forward (tests: ``aot_eager``).
+    """
     device = tokens.device
     docs = split_documents(tokens.cpu().numpy(), model.cfg.bos_id)
     batches = run_batches(docs, cfg.batch_docs)
@@ -177,7 +208,19 @@ def run_doc_ttt(model: torch.nn.Module, tokens: torch.Tensor, source: ByteSource
     dtype = torch.promote_types(model.tok_emb.weight.dtype, torch.float32)  # fp32 adapters; fp64 in the tests
     lora = BatchedLoRA(model, cfg.batch_docs, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets), device, dtype)
     opt = RowAdamW(lora.parameters(), cfg.lr, (cfg.momentum, cfg.beta2), cfg.adam_eps, cfg.weight_decay)
-    scorer = _BatchScorer(model, tokens, docs, source, seq_len, lora, opt, observer, score_adjust)
+    if backend == "auto":
+        backend = "inductor" if compile_enabled(cfg.compile, device) else None
+    compiled = backend not in (None, "padded")
+    forward = None if backend is None else ChunkForward(model, lora, seq_len, cfg.compile_width_step,
+                                                         backend if compiled else None, opt)
+    sgd_nll = global_sgd_forward(model, backend) if compiled else None
+    compile_seconds = 0.0
+    if compiled:   # token-0 inputs only: reads no validation data, changes no weight (lora_forward, global_sgd)
+        sizes = [cfg.chunk_tokens] + [c for _, c in cfg.short_doc_chunks]
+        compile_seconds = forward.warm_up(sizes, score_adjust is not None)
+        if bounds:
+            compile_seconds += warm_up_global_sgd(model, sgd_nll, sgd, rank=rank, world_size=world_size)
+    scorer = _BatchScorer(model, tokens, docs, source, seq_len, lora, opt, observer, score_adjust, forward)
     phase, generator = 0, lora_generator(cfg.lora_seed, 0, rank)
     lora.reset_a(generator)
     per_batch = torch.zeros(len(batches), 3, dtype=torch.float64, device=device)
@@ -207,7 +250,8 @@ def run_doc_ttt(model: torch.nn.Module, tokens: torch.Tensor, source: ByteSource
                 kept = prefix_documents(np.array(scored), asc, bounds[phase])
                 if observer is not None:
                     observer("global_sgd", {"phase": phase, "docs": kept.tolist(), "scored": list(scored)})
-                done = global_sgd(model, document_stream(tokens, docs, kept), sgd, rank=rank, world_size=world_size)
+                done = global_sgd(model, document_stream(tokens, docs, kept), sgd, rank=rank, world_size=world_size,
+                                  nll=sgd_nll)
                 sgd_seconds += done["seconds"]
                 sgd_chunks.append(done["chunks"])
                 phase += 1
@@ -222,11 +266,12 @@ def run_doc_ttt(model: torch.nn.Module, tokens: torch.Tensor, source: ByteSource
             p.requires_grad_(flag)
     rows = per_batch.cpu().numpy()
     return DocTTTResult(EvalSums.from_tensor(per_batch.sum(0)), int(windows.item()), seconds, docs.count,
-                        len(batches), phase, scorer.steps, sgd_seconds, sgd_chunks, chunk_series(rows))
+                        len(batches), phase, scorer.steps, sgd_seconds, sgd_chunks, chunk_series(rows),
+                        compile_seconds, graphs=forward.graphs if compiled else 0)
 
 
 def doc_ttt_metrics(result: DocTTTResult) -> dict:
     """The doc_lora fields of the eval_ttt metrics (beside pgolf.eval.sliding.score_metrics)."""
     return {"documents": result.documents, "batches": result.batches, "phases_done": result.phases_done,
             "lora_steps": result.lora_steps, "global_sgd_seconds": round(result.global_sgd_seconds, 3),
-            "global_sgd_chunks": result.global_sgd_chunks}
+            "global_sgd_chunks": result.global_sgd_chunks, "compiled_graphs": result.graphs}

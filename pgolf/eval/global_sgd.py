@@ -14,6 +14,16 @@ gradient norm clipped, a fresh optimizer per phase. The loss is the mean
 token cross-entropy of the chunk (the model's own forward, so document-local
 attention applies when the model has it).
 
+Forward: eager, the document mask is the ``dense`` implementation (an
+explicit [B, 1, L, L] mask: eager FlexAttention would materialise every
+score anyway). With ``eval_ttt.compile`` (:func:`global_sgd_forward`) the
+model's own ``token_nll`` is compiled instead, with the model's own document
+mask implementation (``auto``: FlexAttention's block mask on CUDA, as in
+training); the mask is the same, so the update is the same up to rounding
+(tests/eval/test_doc_ttt_padded.py). :func:`warm_up_global_sgd` builds its
+graph before the eval timer on token-0 sequences (no validation data, no
+weight change).
+
 Distributed: each rank takes a contiguous share of a chunk's sequences,
 divides its summed loss by the chunk's *global* token count, and the
 gradients are SUM all-reduced, so every rank applies the single-process
@@ -25,6 +35,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,6 +44,9 @@ from pgolf.distributed import shard_range
 from pgolf.eval.documents import Documents
 from pgolf.eval.ttt import all_reduce_grads_
 from pgolf.precision import autocast, synchronize
+
+
+TokenNLL = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (ids, targets) -> NLL [B, T]
 
 
 @dataclass(frozen=True)
@@ -81,23 +95,59 @@ def chunk_sequence_starts(total: int, chunk: int, s: GlobalSGDSettings) -> np.nd
     return starts[starts + s.seq_len + 1 <= total]
 
 
+def global_sgd_forward(model: torch.nn.Module, backend: str) -> TokenNLL:
+    """``model.token_nll`` compiled with ``backend`` (static shapes: one graph for a rank's share of a chunk)."""
+    return torch.compile(model.token_nll, backend=backend, fullgraph=True, dynamic=False)
+
+
+@contextlib.contextmanager
+def _training(model: torch.nn.Module, params: list[torch.nn.Parameter]):
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+        for p, flag in zip(params, saved):
+            p.grad = None
+            p.requires_grad_(flag)
+
+
+def warm_up_global_sgd(model: torch.nn.Module, nll: TokenNLL, s: GlobalSGDSettings, *, rank: int = 0,
+                       world_size: int = 1) -> float:
+    """One forward + backward of ``nll`` on a rank's share of a chunk of token-0 sequences; seconds."""
+    device = next(model.parameters()).device
+    lo, hi = shard_range(s.chunk_tokens // s.seq_len, rank, world_size)
+    synchronize(device)
+    began = time.perf_counter()
+    if hi > lo:
+        params = list(model.parameters())
+        with _training(model, params):
+            window = torch.zeros(hi - lo, s.seq_len + 1, dtype=torch.long, device=device)
+            with autocast(device):
+                nll(window[:, :-1], window[:, 1:]).sum().backward()
+    synchronize(device)
+    return time.perf_counter() - began
+
+
 def global_sgd(model: torch.nn.Module, stream: torch.Tensor, s: GlobalSGDSettings, *, rank: int = 0,
-               world_size: int = 1) -> dict:
-    """Train every parameter of ``model`` on ``stream`` in place; returns {chunks, steps, seconds}."""
+               world_size: int = 1, nll: TokenNLL | None = None) -> dict:
+    """Train every parameter of ``model`` on ``stream`` in place; returns {chunks, steps, seconds}.
+
+    ``nll``: the forward (:func:`global_sgd_forward`); None = eager ``token_nll`` with the dense mask.
+    """
     device = stream.device
     synchronize(device)
     began = time.perf_counter()
     total = int(stream.numel())
     chunks = -(-total // s.chunk_tokens)
     params = [p for p in model.parameters()]
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
     cols = torch.arange(s.seq_len + 1, device=device)
     steps = 0
-    model.train()
-    try:
+    with _training(model, params):
         for c in range(chunks - 1):
             starts = chunk_sequence_starts(total, c, s)
             if starts.size == 0:
@@ -111,19 +161,18 @@ def global_sgd(model: torch.nn.Module, stream: torch.Tensor, s: GlobalSGDSetting
             lo, hi = shard_range(starts.size, rank, world_size)
             if hi > lo:
                 window = stream[torch.from_numpy(starts[lo:hi]).to(device)[:, None] + cols]
-                with autocast(device), config_override(model, doc_attention_impl="dense"):
-                    nll = model.token_nll(window[:, :-1], window[:, 1:])
-                (nll.sum() / (starts.size * s.seq_len)).backward()
+                if nll is None:
+                    with autocast(device), config_override(model, doc_attention_impl="dense"):
+                        loss = model.token_nll(window[:, :-1], window[:, 1:])
+                else:
+                    with autocast(device):
+                        loss = nll(window[:, :-1], window[:, 1:])
+                (loss.sum() / (starts.size * s.seq_len)).backward()
             if world_size > 1:
                 all_reduce_grads_(params)
             if s.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             optimizer.step()
             steps += 1
-    finally:
-        model.eval()
-        for p, flag in zip(params, saved):
-            p.grad = None
-            p.requires_grad_(flag)
     synchronize(device)
     return {"chunks": chunks, "steps": steps, "seconds": time.perf_counter() - began}

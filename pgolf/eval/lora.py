@@ -140,3 +140,27 @@ class RowAdamW:
             bc2_sqrt = (1 - beta2 ** t).sqrt().to(p.dtype).view(shape)
             w.mul_(1 - self.lr * self.weight_decay)
             w.sub_(step_size * (m / (v.sqrt() / bc2_sqrt).add_(self.eps)))
+
+    @torch.no_grad()
+    def step_rows(self, stepping: torch.Tensor) -> None:
+        """``step`` on the rows where ``stepping`` [rows] is True, as whole-tensor ops kept by ``where``: no
+        row count in any shape, so one compiled graph serves every chunk (pgolf/eval/lora_forward.py). Eager,
+        a stepping row gets exactly ``step``'s arithmetic; the other rows are untouched."""
+        beta1, beta2 = self.betas
+        self.steps.add_(stepping.to(self.steps.dtype))
+        t = self.steps.double().clamp(min=1)   # rows never stepped: any finite value, discarded below
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.ndim - 1)
+            keep = stepping.view(shape)
+            g, w = p.grad, p.detach()
+            m_new = m.lerp(g, 1 - beta1)
+            v_new = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+            step_size = (self.lr / (1 - beta1 ** t)).to(p.dtype).view(shape)
+            bc2_sqrt = (1 - beta2 ** t).sqrt().to(p.dtype).view(shape)
+            w_new = w.mul(1 - self.lr * self.weight_decay)
+            w_new.sub_(step_size * (m_new / (v_new.sqrt() / bc2_sqrt).add_(self.eps)))
+            m.copy_(torch.where(keep, m_new, m))
+            v.copy_(torch.where(keep, v_new, v))
+            w.copy_(torch.where(keep, w_new, w))

@@ -80,6 +80,10 @@ class EvalTTTConfig(NgramTiltConfig):
     global_momentum: float = 0.9
     global_grad_clip: float = 1.0
     global_chunk_tokens: int = 32768
+    # doc_lora only (the chunked mode compiles with eval_sliding.compile): torch.compile the per-chunk forward +
+    # backward on padded shapes and global SGD's forward (pgolf/eval/lora_forward.py); CUDA only, CPU stays eager.
+    compile: bool = False
+    compile_width_step: int = 256   # window widths padded to multiples of this (powers of two below); 0 = dynamic
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +109,7 @@ class EvalTTTConfig(NgramTiltConfig):
         check(self.global_lr >= 0 and 0 <= self.global_momentum < 1 and self.global_grad_clip >= 0,
               "global_lr", "need global_lr >= 0, global_momentum in [0, 1), global_grad_clip >= 0")
         check(self.global_chunk_tokens >= 1, "global_chunk_tokens", "must be >= 1")
+        check(self.compile_width_step >= 0, "compile_width_step", "must be >= 0 (0 = dynamic width)")
 
 
 def chunk_lr(cfg: EvalTTTConfig, chunk: int, chunks: int) -> float:

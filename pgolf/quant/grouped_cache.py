@@ -26,7 +26,6 @@ import numpy as np
 
 from pgolf.quant.artifact import encode
 from pgolf.quant.grouped import Packing, compress_frames, l1_row_order
-from pgolf.quant.pruning import fewest
 from pgolf.quant.roles import role_grouping
 
 FRAMES_KEPT = 64  # grouped frames remembered (a probe has 9; the fit's bracket ends are reused)
@@ -75,10 +74,11 @@ class GroupedFrames:
         return out
 
 
-def calibrated_guess(estimate_at: Callable[[int], int], target: int) -> Callable[[int, int, int, int], int]:
+def calibrated_guess(estimate_at: Callable[[int], int], target: int, fewest: Callable) -> Callable[[int, int, int, int], int]:
     """The pruning search's probe placement from a cheap estimate (pgolf/quant/pruning.py:
     ``prune_to_target``'s ``estimated_size``): ``estimate_at(count)`` calibrated by exact / estimate at
-    the bracket's ends, linearly in the count between them, then searched to 1/1024 of the bracket."""
+    the bracket's ends, linearly in the count between them, then searched by the same search
+    (``fewest``, pruning's) to 1/1024 of the bracket."""
     estimates: dict[int, int] = {}
 
     def estimate(count: int) -> int:

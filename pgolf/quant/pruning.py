@@ -139,7 +139,7 @@ def prune_to_target(tensors: list[StoredTensor], target_bytes: int,
     if estimated_size is not None:  # the grouped layout's (an optional module of the bundle)
         from pgolf.quant.grouped_cache import calibrated_guess
         guess = calibrated_guess(lambda count: estimated_size(_zero_cheapest(tensors, owner, flat, count)),
-                                 target_bytes)
+                                 target_bytes, fewest)
     enough, enough_size, searched = fewest(0, size, total, enough_size, target_bytes, exact, guess)
     return PruneOutcome(_zero_cheapest(tensors, owner, flat, enough), total, enough, target_bytes,
                         enough_size, True, probes + searched)

@@ -24,8 +24,10 @@ from tests.helpers.eval_lm import make_tables
 torch.set_num_threads(1)
 # 9 documents (one longer than SEQ_LEN twice over, so its windows slide), batches of 3, short-document
 # chunks for the last batch, two phases after 2 and 4 scored documents (pauses after batches 1 and 2).
+# The spied tests run twice: eager (unpadded) and on eval_ttt.compile's padded chunk forward, uncompiled
+# (pgolf/eval/lora_forward.py; window widths in buckets 8, 16, 24).
 LENGTHS = [30, 5, 12, 50, 3, 9, 17, 26, 7]
-CFG = doc_config(prefix_docs=4, phases=2, short_doc_chunks=((10, 3),))
+CFG = doc_config(prefix_docs=4, phases=2, short_doc_chunks=((10, 3),), compile_width_step=8)
 
 
 def run_spied(tokens: torch.Tensor, cfg: EvalTTTConfig = CFG, source=None, world_size: int = 1, **kw):
@@ -43,11 +45,16 @@ def run_spied(tokens: torch.Tensor, cfg: EvalTTTConfig = CFG, source=None, world
     return result, nll, events
 
 
+@pytest.fixture(scope="module", params=[None, "padded"], ids=["eager", "padded"])
+def backend(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def spied():
+def spied(backend):
     tokens = doc_stream(LENGTHS, seed=1)
     sidecar = SidecarBytes(np.random.default_rng(0).integers(0, 7, tokens.numel()).astype(np.uint16))
-    return (tokens, sidecar) + run_spied(tokens, source=sidecar)
+    return (tokens, sidecar) + run_spied(tokens, source=sidecar, backend=backend)
 
 
 def test_documents_batches_and_phase_boundaries():
@@ -65,7 +72,7 @@ def test_documents_batches_and_phase_boundaries():
     assert prefix_documents(scored, ascending_index(docs), 2).tolist() == [6, 7]
 
 
-def test_every_target_scored_once_and_every_byte_charged(spied):
+def test_every_target_scored_once_and_every_byte_charged(spied, backend):
     tokens, sidecar, result, nll, events = spied
     targets = tokens.numel() - 1
     chunk_lengths = [len(info["positions"]) for event, info in events if event == "score"]
@@ -74,7 +81,7 @@ def test_every_target_scored_once_and_every_byte_charged(spied):
     assert result.sums.nll_sum == pytest.approx(nll.sum(), rel=1e-13)
     assert result.windows == len(chunk_lengths) and result.documents == len(LENGTHS)
     tables = make_tables(VOCAB)
-    plain, _, _ = run_spied(tokens, dataclasses.replace(CFG, prefix_docs=0), source=tables)
+    plain, _, _ = run_spied(tokens, dataclasses.replace(CFG, prefix_docs=0), source=tables, backend=backend)
     assert plain.sums.byte_sum == stream_bytes(tables, tokens.numpy())
 
 
@@ -120,7 +127,7 @@ def test_global_sgd_sees_only_documents_already_scored(spied):
     assert pauses == [2, 4] and result.phases_done == 2 and len(result.global_sgd_chunks) == 2
 
 
-def test_changing_a_document_after_position_t_changes_no_earlier_score(spied):
+def test_changing_a_document_after_position_t_changes_no_earlier_score(spied, backend):
     tokens, sidecar, _, base, events = spied
     docs = split_documents(tokens.numpy(), BOS)
     order = [info["doc"] for event, info in events if event == "score"]
@@ -130,7 +137,7 @@ def test_changing_a_document_after_position_t_changes_no_earlier_score(spied):
     changed = tokens.clone()
     span = slice(t + 1, start + int(docs.targets[d]))
     changed[span] = 2 + (changed[span] - 2 + 1 + torch.arange(changed[span].numel()) % 7) % (VOCAB - 2)
-    _, after, _ = run_spied(changed, source=sidecar)
+    _, after, _ = run_spied(changed, source=sidecar, backend=backend)
     assert np.array_equal(after[start:t], base[start:t])           # exactly 0 difference on CPU
     assert not np.array_equal(after[t:start + 30], base[t:start + 30])
     first_seen = order.index(d)
@@ -141,9 +148,9 @@ def test_changing_a_document_after_position_t_changes_no_earlier_score(spied):
         assert np.array_equal(after[s:s + n], base[s:s + n]), f"document {other} changed"
 
 
-def test_matches_the_one_document_at_a_time_float64_reference(spied):
+def test_matches_the_one_document_at_a_time_float64_reference(spied, backend):
     tokens, _, result, _, _ = spied
-    _, nll, _ = run_spied(tokens)
+    _, nll, _ = run_spied(tokens, backend=backend)
     reference = reference_doc_ttt(float64_model(0), tokens, SEQ_LEN, CFG).numpy()
     # Same arithmetic up to summation order and padding: float64 rounding only.
     np.testing.assert_allclose(nll, reference, rtol=0, atol=1e-11)

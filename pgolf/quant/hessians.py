@@ -64,6 +64,7 @@ class HessiansConfig:
     # Defaults only serve direct construction; params.yaml names every key.
     head: bool = False  # also H of the output projection's input (the tied embedding's GPTQ, docs/FRONTIER.md §4.2)
     activation_rms: bool = False  # also each input channel's RMS (AWQ-lite, docs/FRONTIER.md §4.5)
+    forward_seqs: int = 0  # sequences per forward pass (0: a whole batch); only the peak memory changes
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 1, "seq_len", "must be >= 1")
@@ -72,6 +73,7 @@ class HessiansConfig:
         check(self.ar_num_seqs >= 1, "ar_num_seqs", "must be >= 1")
         check(self.ar_batch_seqs >= 1, "ar_batch_seqs", "must be >= 1")
         check(self.ar_temperature > 0, "ar_temperature", "must be > 0")
+        check(self.forward_seqs >= 0, "forward_seqs", "must be >= 0 (0: a whole batch per forward)")
 
 
 def matmul_operand(x: torch.Tensor) -> torch.Tensor:
@@ -194,14 +196,18 @@ def train_calibration_batches(paths: Sequence[str | Path], vocab_size: int, cfg:
 
 def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
                      autocast: Callable[[], ContextManager], progress: Progress | None = None,
-                     head: bool = False, activation_rms: bool = False) -> HessianSet:
+                     head: bool = False, activation_rms: bool = False, forward_seqs: int = 0) -> HessianSet:
     """Run ``model.forward_logits`` over ``batches`` with hooks; sum over ranks.
 
     ``head``: run ``model.final_hidden`` instead (the logits feed no Hessian) and
     also sum its output, the output projection's input, under HEAD_HESSIAN_KEY.
     ``activation_rms``: also return ``sqrt(diag H / rows)`` per key, rows being
     every row that went into the sum (each visit of a reused layer counts).
-    Every rank must call this (the sums are all-reduced) even with no batches.
+    ``forward_seqs`` > 0 splits each batch into forwards of that many sequences
+    (the sums are the same up to float64 rounding; eager document-masked
+    attention materialises a batch's whole score matrix, 48 GiB for F1855's
+    384 × 2048-token batches). Every rank must call this (the sums are
+    all-reduced) even with no batches.
     """
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # tokens, sequences
@@ -210,11 +216,12 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor], device: 
     with HessianCollector(model) as collector, torch.no_grad():
         for ids in batches:
             ids = ids.to(device)
-            with autocast():
-                if head:
-                    collector.add(HEAD_HESSIAN_KEY, model.final_hidden(ids))
-                else:
-                    model.forward_logits(ids)
+            for part in ids.split(forward_seqs) if forward_seqs else (ids,):
+                with autocast():
+                    if head:
+                        collector.add(HEAD_HESSIAN_KEY, model.final_hidden(part))
+                    else:
+                        model.forward_logits(part)
             counts += torch.tensor([ids.numel(), ids.shape[0]], dtype=torch.float64, device=device)
             if progress is not None:
                 progress.advance(1, ids.numel())
@@ -297,7 +304,7 @@ def calibrate_model(cfg: HessiansConfig, ckpt: Checkpoint, train_paths: Sequence
     synchronize(ctx.device)
     sampled = time.perf_counter()
     hs = collect_hessians(model, batches, ctx.device, lambda: autocast(ctx.device), log, head=cfg.head,
-                          activation_rms=cfg.activation_rms)
+                          activation_rms=cfg.activation_rms, forward_seqs=cfg.forward_seqs)
     synchronize(ctx.device)
     finished = time.perf_counter()
     metrics = {"source": cfg.source, "num_sequences": hs.num_sequences, "num_tokens": hs.num_tokens,

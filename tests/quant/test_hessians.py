@@ -10,7 +10,7 @@ from pgolf.errors import DataError
 from pgolf.quant.hessian_file import (HessianSet, hessian_key_for_module, hessian_key_for_weight,
                                      load_hessians, save_hessians)
 from pgolf.model.sampling import autoregressive_batches
-from pgolf.quant.hessians import (HessianCollector, check_train_shards, collect_hessians,
+from pgolf.quant.hessians import (HessianCollector, HessiansConfig, check_train_shards, collect_hessians,
                                   train_calibration_batches)
 from tests.helpers.models import hessian_config, tiny_model
 from pgolf.data.shards import write_shard
@@ -216,3 +216,24 @@ def test_cuda_collection_matches_cpu():
         flat = x.reshape(-1, x.shape[-1]).bfloat16().double()
         torch.testing.assert_close(bf16.hessians[hessian_key_for_module(name)].cuda(),
                                    (flat.T @ flat).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_forwards_of_a_few_sequences_give_the_whole_batch_sums():
+    """hessians.forward_seqs only bounds memory: splitting a batch into forwards of 2 sequences gives the
+    same Hessians, head Hessian and activation RMS (float64 sums; float32 stored) and the same counts."""
+    model = tiny_model()
+    ids = torch.randint(64, (5, 16), generator=torch.Generator().manual_seed(3))
+    whole = collect_hessians(model, [ids], torch.device("cpu"), no_autocast, head=True, activation_rms=True)
+    seen: list[int] = []
+    hook = model.blocks[0].attn.c_q.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    split = collect_hessians(model, [ids], torch.device("cpu"), no_autocast, head=True, activation_rms=True,
+                             forward_seqs=2)
+    hook.remove()
+    assert seen == [2, 2, 1]  # the forwards really were of at most 2 sequences
+    assert set(split.hessians) == set(whole.hessians) and (split.num_tokens, split.num_sequences) == (80, 5)
+    for key, h in whole.hessians.items():
+        torch.testing.assert_close(split.hessians[key], h, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(split.act_rms[key], whole.act_rms[key], rtol=1e-6, atol=1e-7)
+    with pytest.raises(Exception, match="forward_seqs"):
+        HessiansConfig(source="train", seq_len=4, train_batches=1, train_batch_seqs=1, ar_num_seqs=1,
+                       ar_batch_seqs=1, ar_temperature=1.0, seed=0, forward_seqs=-1)

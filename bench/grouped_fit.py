@@ -85,7 +85,7 @@ def measure_path(name: str, tensors: list, target_drop: float, cfg, prune: bool 
     owner, flat = prune_order(tensors)
     probe = _zero_cheapest(tensors, owner, flat, owner.numel() // 100)
     _, probe_s = timed(lambda: size(probe))
-    estimate = None if cache is None else cache.estimate
+    estimate = None if cache is None else cache.grouped.estimate
     estimate_s = None if cache is None else timed(lambda: estimate(probe))[1]
     target = int(len(blob) * (1 - target_drop))
     row = {"full_encode_s": full_s, "fit_probe_s": fit_s, "prune_probe_s": probe_s, "estimate_s": estimate_s,

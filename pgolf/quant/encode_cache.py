@@ -54,12 +54,6 @@ class EncodeCache:
             self._blobs[key] = (list(tensors), blob)
         return self._blobs[key][1]
 
-    def estimate(self, tensors: list) -> int:
-        """A cheap stand-in for ``len(self.encode(tensors))`` (grouped layout only)."""
-        if self.grouped is None:
-            raise ValueError("EncodeCache.estimate is the grouped layout's (quantize.compression: grouped)")
-        return self.grouped.estimate(tensors)
-
     def _compress(self, tensors: list[StoredTensor]) -> list[bytes]:
         comp, level = self.cfg.compressor, self.cfg.compression_level
         if self.grouped is None:

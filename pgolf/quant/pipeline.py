@@ -232,7 +232,7 @@ def _meet_byte_target(result: QuantizeResult, state: Mapping[str, torch.Tensor],
             log.warning(f"fit_to_limit left the artifact at {fit.size_bytes:,} bytes, over the target "
                         f"{target:,} ({fit.demoted} matrices demoted, fit_min_bits {cfg.fit_min_bits})")
     if cfg.prune:
-        estimate = None if cfg.compression == "plain" else lambda ts: blobs.estimate(with_lqer(ts)[0])
+        estimate = None if cfg.compression == "plain" else lambda ts: blobs.grouped.estimate(with_lqer(ts)[0])
         outcome = prune_to_target(tensors, target, probe("prune"), estimate)
         tensors = outcome.tensors
         metrics.update(prune_candidates=outcome.candidates, pruned=outcome.pruned,

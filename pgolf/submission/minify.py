@@ -28,6 +28,11 @@ with the first ``ast.unparse``; none changes what runs:
   so does a name a nested function, lambda or class reads, an imported or
   ``except ... as`` name (their binding is not a name node), and what a default
   value reads (it is evaluated outside the body).
+* **Short private names**: a module's own undecorated top-level function or
+  ``NAME = value`` whose name starts with one underscore, and that no other
+  packed module names (as a name, attribute or string), gets the shortest name
+  the module does not use (pgolf/submission/short_names.py says when a name is
+  left alone).
 * **Indentation** of one space per level instead of four, and **no spaces
   between tokens** but those that keep two words apart (``a=b+1``, ``x if y``);
   each checked by parsing the result again: the tree must equal the unparsed
@@ -52,6 +57,7 @@ import tokenize
 from typing import Iterable, Mapping
 
 from pgolf.errors import DataError
+from pgolf.submission.short_names import shorten_locals, shorten_private_names
 
 
 def parse(source: bytes | str, where: str) -> ast.Module:
@@ -211,73 +217,6 @@ def drop_dead_definitions(trees: Mapping[str, ast.Module], keep: Iterable[str]) 
     return dropped
 
 
-_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
-_DYNAMIC = frozenset({"locals", "vars", "eval", "exec"})
-
-
-def _short_names() -> Iterable[str]:
-    first = string.ascii_letters + "_"
-    for n in itertools.count(1):
-        for t in itertools.product(first, *[first + string.digits] * (n - 1)):
-            yield "".join(t)
-
-
-def _body_nodes(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.AST]:
-    """The nodes of ``fn``'s body in its own scope (not inside a nested function, lambda or class)."""
-    out: list[ast.AST] = []
-    stack: list[ast.AST] = list(fn.body)
-    while stack:
-        node = stack.pop()
-        out.append(node)
-        if not isinstance(node, _SCOPES):
-            stack.extend(ast.iter_child_nodes(node))
-    return out
-
-
-def shorten_locals(tree: ast.Module) -> None:
-    """The module docstring's short local names, in place."""
-    taken = set(dir(builtins))
-    for n in ast.walk(tree):
-        if isinstance(n, ast.Name):
-            taken.add(n.id)
-        elif isinstance(n, ast.arg):
-            taken.add(n.arg)
-        elif isinstance(n, ast.alias):
-            taken.add(n.asname or n.name.split(".")[0])
-        elif isinstance(n, (*_SCOPES[:2], ast.ClassDef)):
-            taken.add(n.name)
-        elif isinstance(n, ast.ExceptHandler) and n.name:
-            taken.add(n.name)
-    for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
-        if fn.decorator_list:
-            continue
-        nodes = _body_nodes(fn)
-        if any(isinstance(n, (ast.Global, ast.Nonlocal, ast.Match)) or isinstance(n, ast.Name) and n.id in _DYNAMIC
-               for n in nodes):
-            continue
-        keep = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
-        for n in nodes:
-            if isinstance(n, _SCOPES):  # read by a nested scope (its defaults included)
-                keep.update(m.id for m in ast.walk(n) if isinstance(m, ast.Name))
-            elif isinstance(n, ast.alias):
-                keep.add(n.asname or n.name.split(".")[0])
-            elif isinstance(n, ast.ExceptHandler) and n.name:
-                keep.add(n.name)
-        names = [n for n in nodes if isinstance(n, ast.Name)]
-        # A comprehension's own variable is not the function's: outside it the same name may be a global.
-        own = {id(m) for n in nodes if isinstance(n, ast.comprehension) for m in ast.walk(n.target)}
-        bound = {n.id for n in names if isinstance(n.ctx, (ast.Store, ast.Del)) and id(n) not in own} - keep
-        uses = {name: sum(n.id == name for n in names) for name in bound}
-        fresh = (name for name in _short_names() if name not in taken)
-        mapping = {}
-        for name in sorted(bound, key=lambda b: (-uses[b], b)):
-            new = next(fresh)
-            if len(new) < len(name):
-                mapping[name] = new
-        for n in names:
-            n.id = mapping.get(n.id, n.id)
-
-
 def narrow_indent(text: str, where: str) -> str:
     """One space per indentation level (``ast.unparse`` writes four and no multi-line literals)."""
     lines = []
@@ -377,6 +316,7 @@ def minify_sources(sources: Mapping[str, bytes], keep: Iterable[str], entry: str
         drop_annotations(tree)
         shorten_locals(tree)
     drop_dead_definitions(trees, keep)
+    shorten_private_names(trees)
     kept = set(trees) if entry is None else reachable(trees, entry)
     return {path: (squeeze_spaces(narrow_indent(ast.unparse(tree), path), path) + "\n").encode("utf-8")
             for path, tree in trees.items() if path in kept}

@@ -40,7 +40,7 @@ QUANT_PARAMS = {
     "launch": {"nproc_per_node": 1, "device": "cpu"},
     "hessians": {"source": "train", "seq_len": 16, "train_batches": 2, "train_batch_seqs": 4,
                  "ar_num_seqs": 4, "ar_batch_seqs": 2, "ar_temperature": 0.8, "seed": 0,
-                 "head": False, "activation_rms": False},
+                 "head": False, "activation_rms": False, "forward_seqs": 0},
     "quantize": {"method": "gptq", "damp": 0.01, "block_size": 16, "act_order": True,
                  "clip_candidates": [0.999, 1.0], "clip_metric": "weight_mse", "attn_bits": 6,
                  "mlp_bits": 6, "embed_bits": 8, "embed_clip_quantile": 0.9999, "passthrough_numel": 256,

@@ -105,12 +105,12 @@ def test_the_estimate_keeps_row_orders_by_name(monkeypatch):
     cfg = grouped_cfg(19)
     ts = tiny_model(seed=3)
     cache = EncodeCache({}, {}, cfg)
-    estimate = cache.estimate(ts)
+    estimate = cache.grouped.estimate(ts)
     assert 0 < estimate and cache.compressed == 0  # no exact frame compressed
     pruned = _zero_cheapest(ts, *prune_order(ts), 500)
     calls, real = [], compression.l1_chain
     monkeypatch.setattr(compression, "l1_chain", lambda q, device=None: calls.append(q) or real(q, device))
-    assert cache.estimate(pruned) != estimate  # the new integers are compressed, not an old frame
+    assert cache.grouped.estimate(pruned) != estimate  # the new integers are compressed, not an old frame
     assert not calls  # the orders of the first integers seen are reused
     assert cache.encode(pruned) == fresh(pruned, cfg) and calls  # the exact encode orders by content
 
@@ -158,7 +158,7 @@ def test_grouped_pruning_meets_the_target_by_the_real_encode():
     cache = EncodeCache({}, {}, cfg)
     start = len(cache.encode(ts))
     target = start - start // 50
-    out = prune_to_target(ts, target, lambda t: len(cache.encode(t)), cache.estimate)
+    out = prune_to_target(ts, target, lambda t: len(cache.encode(t)), cache.grouped.estimate)
     assert out.fits and 0 < out.pruned < out.candidates
     assert out.size_bytes == len(fresh(out.tensors, cfg)) <= target  # the real encode, from nothing
     owner, flat = prune_order(ts)

@@ -200,3 +200,54 @@ def test_unreferenced_constant_assignments_go_and_the_rest_stay():
     namespace: dict = {}  # what is left still runs
     exec(compile(out["pkg/paths.py"], "paths", "exec"), namespace)
     assert str(namespace["USED"]) == "a/b"
+
+
+PRIVATE = b'''
+_SCALE = 3
+
+def _double(x):
+    return 2 * x
+
+def _recurse(n):
+    return 0 if n == 0 else _SCALE + _recurse(n - 1)
+
+def _by_attr():
+    return 1
+
+def _by_string():
+    return 2
+
+def _as_argument():
+    return 3
+
+def _shadowed(v):
+    return v + 1
+
+def uses_arg(_as_argument=5):
+    return _as_argument
+
+def shadows(values):
+    _shadowed = sum(values)
+    return _shadowed
+
+def main():
+    return (_double(4), _recurse(2), globals()["_by_string"](), _as_argument(), uses_arg(), shadows([1, 2]),
+            _shadowed(1))
+'''
+
+
+def test_private_top_level_names_get_short_names_unless_spelled_elsewhere():
+    sources = {"pkg/__init__.py": b"", "pkg/m.py": PRIVATE,
+               "pkg/main.py": b"import pkg.m\n\ndef main():\n    return pkg.m.main(), pkg.m._by_attr()\n"}
+    out = minify_sources(sources, keep=["main"], entry="pkg/main.py")
+    text = out["pkg/m.py"].decode()
+    words = set(re.findall(r"\w+", text))
+    assert not {"_SCALE", "_double", "_recurse", "_shadowed"} & words  # renamed: the module's own, plain names
+    # left alone: another module's attribute, a string, a parameter of the same name
+    assert {"_by_attr", "_by_string", "_as_argument"} <= words
+    results = []
+    for m_source in (PRIVATE, out["pkg/m.py"]):
+        scope: dict = {}
+        exec(compile(m_source, "m", "exec"), scope)
+        results.append(scope["main"]())
+    assert results[0] == results[1] == (8, 6, 2, 3, 5, 3, 2)

@@ -112,6 +112,11 @@ def shorten_private_names(trees: Mapping[str, ast.Module]) -> None:
     """The minifier's short private names, in place, over all packed modules at once."""
     names = {path: {n.id for n in ast.walk(t) if isinstance(n, ast.Name)} for path, t in trees.items()}
     spelled = {path: _spelled(t) for path, t in trees.items()}
+    words = {path: names[path] | set(spelled[path]) for path in trees}
+    modules_with: dict[str, int] = {}  # word -> how many modules name or spell it
+    for found in words.values():
+        for w in found:
+            modules_with[w] = modules_with.get(w, 0) + 1
     for path, tree in trees.items():
         own: dict[str, ast.stmt] = {}
         for node in tree.body:
@@ -119,9 +124,9 @@ def shorten_private_names(trees: Mapping[str, ast.Module]) -> None:
                 own[node.name] = node
             elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 own[node.targets[0].id] = node
-        elsewhere = set().union(*(names[p] | set(spelled[p]) for p in trees if p != path))
         private = sorted(name for name, node in own.items()
-                         if name.startswith("_") and not name.startswith("__") and name not in elsewhere
+                         if name.startswith("_") and not name.startswith("__")
+                         and modules_with.get(name, 0) == (name in words[path])  # no other module has it
                          and spelled[path].get(name, 0) == (0 if isinstance(node, ast.Assign) else 1))
         taken = _taken(tree) | set(spelled[path])
         fresh = (name for name in _short_names() if name not in taken)

@@ -218,7 +218,8 @@ def test_the_recorder_sees_exactly_the_fields_a_config_reads():
     assert seen == {f"quantize.{k}" for k in project_params()["quantize"]}
 
 
-@pytest.mark.parametrize("name", sorted(dvc_stages()))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "bundle" else n  # builds the bundle
+                                  for n in sorted(dvc_stages())])
 def test_each_stage_lists_exactly_the_params_it_reads(name, tmp_path):
     stage = dvc_stages()[name]
     seen: set[str] = set()

@@ -45,7 +45,7 @@ def run_spied(tokens: torch.Tensor, cfg: EvalTTTConfig = CFG, source=None, world
     return result, nll, events
 
 
-@pytest.fixture(scope="module", params=[None, "padded"], ids=["eager", "padded"])
+@pytest.fixture(scope="module", params=[None, pytest.param("padded", marks=pytest.mark.slow)], ids=["eager", "padded"])
 def backend(request):
     return request.param
 

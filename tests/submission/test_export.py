@@ -23,6 +23,8 @@ from tests.helpers.export_root import (PARAMS_YAML, REPO, SLIDING, TRAIN, TTT, m
                                        write_eval, write_size)
 from tests.helpers.models import write_tiny_artifact
 
+pytestmark = pytest.mark.slow  # each test builds a pipeline run and its bundle (seconds)
+
 
 
 @pytest.fixture

@@ -15,6 +15,9 @@ from tests.helpers.export_root import make_export_root
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "challenge_submission_keys.json"
 
 
+pytestmark = pytest.mark.slow  # every test builds an export root with its bundle (seconds)
+
+
 @pytest.fixture
 def root(tmp_path) -> Path:
     return make_export_root(tmp_path)

@@ -55,6 +55,7 @@ def test_bundle_is_deterministic_and_carries_the_driver_closure(bundle, tmp_path
     assert bundle.raw_bytes < bundle.source_bytes and bundle.counted_bytes < bundle.raw_bytes / 2
 
 
+@pytest.mark.slow
 def test_stripped_modules_behave_like_the_originals(bundle, tmp_path):
     path = tmp_path / "train_gpt.py"
     path.write_text(bundle.text, encoding="utf-8")
@@ -68,6 +69,7 @@ def test_stripped_modules_behave_like_the_originals(bundle, tmp_path):
     assert strip_docstrings(b'"""doc"""\ndef f():\n    """only a docstring"""\n', "x") == b"def f():\n    pass\n"
 
 
+@pytest.mark.slow  # the module's bundle fixture builds one (seconds)
 def test_corrupt_or_foreign_bundle_is_one_error(bundle, tmp_path):
     path = tmp_path / "train_gpt.py"
     path.write_text("print('hello')\n")

@@ -18,35 +18,15 @@ import torch.nn.functional as F
 from pgolf.eval.doc_ttt import lora_generator
 from pgolf.eval.lora import BatchedLoRA
 from pgolf.eval.ttt import EvalTTTConfig
-from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
+from tests.helpers.models import FRONTIER_BOS, FRONTIER_VOCAB, frontier_config, random_float64
 
-BOS = 1
-VOCAB = 64
+BOS, VOCAB = FRONTIER_BOS, FRONTIER_VOCAB
 SEQ_LEN = 24   # eval seq_len L: documents longer than this are scored with a sliding window
 
 
-def frontier_config(**over) -> ModelConfig:
-    """6 layers, recurrence (8 visits), two lanes, gates, document-local attention: every forward path."""
-    values = dict(vocab_size=VOCAB, num_layers=6, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
-                  mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
-                  ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=4, rope_base=10000.0, qk_norm=True,
-                  qk_gain_init=5.0, xsa_layers=tuple(range(6)), ve_layers=(), ve_dim=0, smear_gate=False,
-                  bigram_buckets=0, bigram_dim=0, vrl=False, attention_backend="auto", residual_dtype="float32",
-                  skip_gates=True, recur_start=2, recur_end=3, recur_loops=1, parallel_start_layer=4,
-                  attn_gate_window=4, attn_gate_scale=0.5, input_smear_window=4, input_smear_bos_mask=True,
-                  doc_attention=True, doc_attention_impl="dense", bos_id=BOS)
-    values.update(over)
-    return ModelConfig(**values)
-
-
 def float64_model(seed: int = 0, **over) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(frontier_config(**over)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return random_float64(frontier_config(**over), seed, std=0.3)
 
 
 def doc_stream(lengths: list[int], seed: int = 0, bos_first: bool = True) -> torch.Tensor:

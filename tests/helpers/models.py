@@ -17,14 +17,44 @@ TINY_GPT = dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_h
                 tok_emb_init_std=0.02, xsa_layers=[2], ve_layers=[1, 2], bigram_buckets=32, bigram_dim=8)
 
 
-def tiny_model(seed: int = 0):
-    """A tiny GPT with every parameter perturbed (the zero-initialised O/down banks too)."""
+def tiny_model(seed: int = 0, **over):
+    """A tiny GPT (TINY_GPT, with ``over`` on top) with every parameter perturbed (the zero-initialised
+    O/down banks too)."""
     from pgolf.model.gpt import GPT
     torch.manual_seed(seed)
-    model = GPT(tiny_model_config(**TINY_GPT))
+    model = GPT(tiny_model_config(**{**TINY_GPT, **over}))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+FRONTIER_BOS, FRONTIER_VOCAB = 1, 64
+
+
+def frontier_config(**over):
+    """6 layers, recurrence (8 visits), two lanes, gates, document-local attention: every forward path."""
+    from pgolf.model.config import ModelConfig
+    values = dict(vocab_size=FRONTIER_VOCAB, num_layers=6, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
+                  mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
+                  ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=4, rope_base=10000.0, qk_norm=True,
+                  qk_gain_init=5.0, xsa_layers=tuple(range(6)), ve_layers=(), ve_dim=0, smear_gate=False,
+                  bigram_buckets=0, bigram_dim=0, vrl=False, attention_backend="auto", residual_dtype="float32",
+                  skip_gates=True, recur_start=2, recur_end=3, recur_loops=1, parallel_start_layer=4,
+                  attn_gate_window=4, attn_gate_scale=0.5, input_smear_window=4, input_smear_bos_mask=True,
+                  doc_attention=True, doc_attention_impl="dense", bos_id=FRONTIER_BOS)
+    values.update(over)
+    return ModelConfig(**values)
+
+
+def random_float64(cfg, seed: int = 0, std: float = 0.4):
+    """Float64 GPT of ``cfg`` with every parameter drawn N(0, std²) (zero-initialised gates would hide mistakes)."""
+    from pgolf.model.gpt import GPT
+    torch.manual_seed(seed)
+    model = GPT(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * std)
     return model.eval()
 
 

@@ -18,31 +18,8 @@ from pgolf.model.gpt import GPT
 from pgolf.model.rope import apply_partial_rope
 from pgolf.model.sampling import forward_step, new_kv_cache
 from pgolf.model.topology import split_encoder_decoder, visit_order
-
-BOS = 1
-
-
-def frontier_config(**over) -> ModelConfig:
-    values = dict(vocab_size=64, num_layers=6, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
-                  mlp_leaky_slope=0.5, tie_embeddings=True, logit_softcap=30.0, tok_emb_init_std=0.005,
-                  ln_scale=True, unet_skips=True, resid_mix=True, rope_dims=4, rope_base=10000.0, qk_norm=True,
-                  qk_gain_init=5.0, xsa_layers=tuple(range(6)), ve_layers=(), ve_dim=0, smear_gate=False,
-                  bigram_buckets=0, bigram_dim=0, vrl=False, attention_backend="auto", residual_dtype="float32",
-                  skip_gates=True, recur_start=2, recur_end=3, recur_loops=1, parallel_start_layer=4,
-                  attn_gate_window=4, attn_gate_scale=0.5, input_smear_window=4, input_smear_bos_mask=True,
-                  doc_attention=True, doc_attention_impl="dense", bos_id=BOS)
-    values.update(over)
-    return ModelConfig(**values)
-
-
-def randomised(cfg: ModelConfig, seed: int = 0) -> GPT:
-    """Float64 model with every parameter random (zero-initialised gates would hide mistakes)."""
-    torch.manual_seed(seed)
-    model = GPT(cfg).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.4)
-    return model.eval()
+from tests.helpers.models import FRONTIER_BOS as BOS
+from tests.helpers.models import frontier_config, random_float64
 
 
 def sample_ids(seed: int = 1) -> torch.Tensor:
@@ -182,7 +159,7 @@ def test_visit_order_of_the_f1855_recurrence():
 @pytest.mark.slow  # >0.7 s: kept out of the fast lane (runs in the full suite)
 @pytest.mark.parametrize("looping", [True, False])
 def test_frontier_forward_and_gradients_match_the_float64_reference(looping):
-    model = randomised(frontier_config())
+    model = random_float64(frontier_config())
     model.set_recurrence(looping)
     encoder, decoder = ([0, 1, 2, 3], [2, 3, 4, 5]) if looping else ([0, 1, 2], [3, 4, 5])
     assert model.visits() == (tuple(encoder), tuple(decoder))
@@ -207,7 +184,7 @@ def test_frontier_forward_and_gradients_match_the_float64_reference(looping):
 
 def test_perturbing_one_document_leaves_every_other_documents_logits_exactly_unchanged():
     torch.manual_seed(0)
-    model = randomised(frontier_config()).float()
+    model = random_float64(frontier_config()).float()
     ids = sample_ids()
     perturbed = ids.clone()
     perturbed[0, 7:15] = (ids[0, 7:15] + 5) % 62 + 2  # inside document 2 of row 0 (never a BOS)
@@ -218,7 +195,7 @@ def test_perturbing_one_document_leaves_every_other_documents_logits_exactly_unc
     assert torch.equal(a[others], b[others])
     assert not torch.equal(a[0, 7:15], b[0, 7:15])
     # Without document masking the later document does see the change: the test can fail.
-    leaky = randomised(frontier_config(doc_attention=False)).float()
+    leaky = random_float64(frontier_config(doc_attention=False)).float()
     leaky.load_state_dict(model.state_dict())
     with torch.no_grad():
         c, d = leaky.forward_logits(ids), leaky.forward_logits(perturbed)
@@ -237,7 +214,7 @@ def test_flex_document_mask_matches_the_dense_mask_on_cpu():
 
 
 def test_input_smear_bos_mask_stops_the_previous_document_leaking_into_bos():
-    model = randomised(frontier_config(input_smear_bos_mask=True))
+    model = random_float64(frontier_config(input_smear_bos_mask=True))
     ids = sample_ids()
     e = model.tok_emb.weight[ids]
     out = model.input_smear(e, ids)
@@ -250,7 +227,7 @@ def test_input_smear_bos_mask_stops_the_previous_document_leaking_into_bos():
 
 
 def test_kv_cache_decoding_matches_the_full_forward_with_recurrence_and_lanes():
-    model = randomised(frontier_config(doc_attention=False))
+    model = random_float64(frontier_config(doc_attention=False))
     ids = sample_ids()[:, :10]
     full = model.forward_logits(ids)
     cache = new_kv_cache(model, 10)

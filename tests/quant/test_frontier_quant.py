@@ -17,7 +17,7 @@ from pgolf.quant.hessian_file import HEAD_HESSIAN_KEY, hessian_key_for_module
 from pgolf.quant.hessians import collect_hessians
 from pgolf.quant.policy import QuantizeConfig, quantize_state_dict, realised_weights
 from pgolf.quant.routing import solved_bits, tensor_class
-from tests.helpers import tiny_model_config
+from tests.helpers.models import tiny_model
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -240,16 +240,7 @@ def test_artifact_round_trip_with_protected_columns():
 
 
 def recurrent_model():
-    from pgolf.model.gpt import GPT
-    from tests.helpers.models import TINY_GPT
-    torch.manual_seed(0)
-    cfg = tiny_model_config(**{**TINY_GPT, "num_layers": 7, "xsa_layers": [2], "ve_layers": [],
-                               "recur_start": 3, "recur_end": 5, "recur_loops": 2})
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_model(0, num_layers=7, xsa_layers=[2], ve_layers=[], recur_start=3, recur_end=5, recur_loops=2)
 
 
 def test_recurrent_hessians_sum_every_visit_and_head_and_rms_match_a_plain_recompute():

@@ -19,8 +19,7 @@ from pgolf.model.gpt import unbank_state_dict
 from pgolf.quant.policy import QuantizeConfig, realised_weights
 from pgolf.quant.restore import load_dequantized_model
 from pgolf.tools.cli import main
-from tests.helpers import tiny_model_config
-from tests.helpers.models import TINY_GPT
+from tests.helpers.models import tiny_model
 
 CPU = torch.device("cpu")
 CFG = QuantizeConfig(
@@ -31,15 +30,8 @@ CFG = QuantizeConfig(
 
 
 def gated_recurrent_model() -> GPT:
-    torch.manual_seed(0)
-    cfg = tiny_model_config(**{**TINY_GPT, "num_layers": 5, "xsa_layers": [], "ve_layers": [], "bigram_buckets": 0,
-                               "bigram_dim": 0, "recur_start": 1, "recur_end": 2, "recur_loops": 2,
-                               "attn_gate_window": 8})
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_model(0, num_layers=5, xsa_layers=[], ve_layers=[], bigram_buckets=0, bigram_dim=0, recur_start=1,
+                      recur_end=2, recur_loops=2, attn_gate_window=8)
 
 
 def calibrated_model():

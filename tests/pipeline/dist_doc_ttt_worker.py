@@ -11,35 +11,26 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:   # run as a script by torchrun
     sys.path.insert(0, str(ROOT))
 
-from pgolf.distributed import init_distributed, shutdown  # noqa: E402
 from pgolf.eval.doc_ttt import run_doc_ttt  # noqa: E402
 from tests.helpers.doc_ttt_ref import DIST_CFG, DIST_LENGTHS, SEQ_LEN, VOCAB, doc_stream, float64_model  # noqa: E402
 from tests.helpers.eval_lm import make_tables  # noqa: E402
+from tests.helpers.gloo import gloo_rank  # noqa: E402
 
 
 def main() -> None:
-    from pgolf.pipeline.launch import launch_facts
-
-    torch.set_num_threads(1)
-    rank, world_size, local_rank = launch_facts()
-    init_distributed(rank, world_size, local_rank, "cpu")
     scored: dict[int, float] = {}
 
     def observer(event, info):
         if event == "score":
             scored.update(zip(info["positions"].tolist(), info["nll"].tolist()))
 
-    try:
+    with gloo_rank() as (rank, world_size):
         result = run_doc_ttt(float64_model(0), doc_stream(DIST_LENGTHS, seed=1), make_tables(VOCAB), SEQ_LEN,
                              DIST_CFG, rank=rank, world_size=world_size, observer=observer)
-    finally:
-        shutdown()
     out = {"nll": scored, "sums": [result.sums.nll_sum, result.sums.scored_tokens, result.sums.byte_sum],
            "phases_done": result.phases_done, "windows": result.windows}
     Path(f"{sys.argv[1]}.{rank}.json").write_text(json.dumps(out, allow_nan=False))

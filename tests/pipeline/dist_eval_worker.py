@@ -10,26 +10,17 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:   # run as a script by torchrun
     sys.path.insert(0, str(ROOT))
 
-from pgolf.distributed import init_distributed, shutdown  # noqa: E402
 from tests.helpers.eval_lm import run_all  # noqa: E402
+from tests.helpers.gloo import gloo_rank  # noqa: E402
 
 
 def main() -> None:
-    from pgolf.pipeline.launch import launch_facts
-
-    torch.set_num_threads(1)
-    rank, world_size, local_rank = launch_facts()
-    init_distributed(rank, world_size, local_rank, "cpu")
-    try:
+    with gloo_rank() as (rank, world_size):
         out = run_all(rank, world_size)
-    finally:
-        shutdown()
     if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(out, allow_nan=False))
 

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +9,7 @@ import pytest
 import torch
 
 from tests.helpers.doc_ttt_ref import DIST_CFG, DIST_LENGTHS, SEQ_LEN, doc_stream, float64_model, reference_doc_ttt
+from tests.helpers.gloo import run_torchrun
 
 HERE = Path(__file__).resolve().parent
 
@@ -19,12 +17,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.slow
 def test_two_ranks_match_the_two_rank_reference(tmp_path):
     prefix = tmp_path / "doc_ttt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "dist_doc_ttt_worker.py"), str(prefix)],
-        cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(HERE / "dist_doc_ttt_worker.py", str(prefix))
     ranks = [json.loads(Path(f"{prefix}.{r}.json").read_text()) for r in range(2)]
     tokens = doc_stream(DIST_LENGTHS, seed=1)
     per_rank = [{int(p): v for p, v in r["nll"].items()} for r in ranks]

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers.eval_lm import run_all
+from tests.helpers.gloo import run_torchrun
 
 HERE = Path(__file__).resolve().parent
 
@@ -18,12 +16,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     out = tmp_path / "dist.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "dist_eval_worker.py"), str(out)],
-        cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(HERE / "dist_eval_worker.py", str(out))
     two = json.loads(out.read_text())
     torch.set_num_threads(1)
     one = run_all(0, 1)

@@ -108,8 +108,28 @@ def _marks(decorators: list[ast.expr]) -> set[str]:
     return names
 
 
+def shared_subprocess_helpers() -> set[tuple[str, str]]:
+    """(module, function) of tests/helpers functions that start a subprocess (e.g. ``run_torchrun``): a test
+    that imports and calls one starts one too."""
+    found: set[tuple[str, str]] = set()
+    for path in sorted((TESTS / "helpers").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        module = "tests.helpers" + ("" if path.stem == "__init__" else f".{path.stem}")
+        found |= {(module, f.name) for f in tree.body
+                  if isinstance(f, ast.FunctionDef) and _calls_a_subprocess(f, set())}
+    return found
+
+
+def _imported_helpers(tree: ast.Module, shared: set[tuple[str, str]]) -> set[str]:
+    """The names under which ``tree`` imports one of the ``shared`` helpers."""
+    return {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+            for alias in node.names if (node.module, alias.name) in shared}
+
+
 def test_subprocess_tests_are_marked_slow_and_gpu_skips_live_in_conftest():
     unmarked, own_skips = [], []
+    shared = shared_subprocess_helpers()
+    assert ("tests.helpers.gloo", "run_torchrun") in shared  # the check sees through the shared helper
     for path in python_files():
         if not path.name.startswith("test_"):
             continue
@@ -117,7 +137,7 @@ def test_subprocess_tests_are_marked_slow_and_gpu_skips_live_in_conftest():
         module_marks = _marks([node.value for node in tree.body if isinstance(node, ast.Assign)
                                and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets)])
         functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
-        helpers: set[str] = set()
+        helpers = _imported_helpers(tree, shared)
         for _ in range(3):   # helpers calling helpers, a few levels deep
             helpers |= {f.name for f in functions if not f.name.startswith("test_") and _calls_a_subprocess(f, helpers)}
         fixtures = {f.name for f in functions if f.name in helpers and "fixture" in ast.dump(ast.Module(f.decorator_list, []))}

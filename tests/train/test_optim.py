@@ -1,9 +1,6 @@
 """The composite optimizer: roles, AdamW groups, clipping of the averaged gradient, state, 2 ranks."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ from pgolf.config import from_params, load_params
 from pgolf.errors import DataError, ParamError
 from pgolf.train.optim import OptimConfig, PgolfOptimizer
 
+from tests.helpers.gloo import run_torchrun
 from tests.helpers.optim_model import ROLES, TinyBankedModel, batch, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,12 +153,7 @@ def test_state_dict_round_trip_continues_bit_identically():
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_two_accumulation_steps(tmp_path):
     out = tmp_path / "dist_optim.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "pipeline" / "dist_optim_worker.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(REPO / "tests" / "pipeline" / "dist_optim_worker.py", str(out), timeout=120)
     result = torch.load(out, weights_only=True)
 
     # Identical averaged gradients reach identical bf16 NS inputs, so the runs

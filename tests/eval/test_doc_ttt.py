@@ -177,7 +177,7 @@ def test_adapters_and_phases_change_the_scores():
     assert not np.allclose(adapted, frozen) and not np.allclose(adapted, no_phase)
 
 
-def test_score_adjust_receives_normalised_rows_and_global_positions():
+def test_score_adjust_receives_normalised_rows_and_global_positions(backend):
     tokens = doc_stream([20, 9], seed=3)
     cfg = dataclasses.replace(CFG, prefix_docs=0)
     seen = []
@@ -188,8 +188,8 @@ def test_score_adjust_receives_normalised_rows_and_global_positions():
         seen.append(positions)
         return -logprobs.gather(-1, targets[:, None])[:, 0] + 1.0
 
-    plain, nll, _ = run_spied(tokens, cfg)
-    tilted, tilted_nll, _ = run_spied(tokens, cfg, score_adjust=adjust)
+    plain, nll, _ = run_spied(tokens, cfg, backend=backend)
+    tilted, tilted_nll, _ = run_spied(tokens, cfg, backend=backend, score_adjust=adjust)
     assert sorted(torch.cat(seen).tolist()) == list(range(tokens.numel() - 1))
     np.testing.assert_allclose(tilted_nll, nll + 1.0, rtol=0, atol=1e-12)   # training stays on the plain NLL
     assert tilted.sums.nll_sum == pytest.approx(plain.sums.nll_sum + tokens.numel() - 1, rel=1e-12)

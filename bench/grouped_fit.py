@@ -96,7 +96,7 @@ def measure_path(name: str, tensors: list, target_drop: float, cfg, prune: bool 
         row.update(prune_probes=outcome.probes, pruned=outcome.pruned, candidates=outcome.candidates,
                    pruned_bytes=outcome.size_bytes, fits=outcome.fits)
     if cache is not None:
-        row["frames_compressed"] = cache.compressed
+        row["frames_compressed"] = cache.grouped.compressed
     return row, {"blob": blob, "outcome": outcome, "encode": size}
 
 

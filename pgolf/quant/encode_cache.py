@@ -28,11 +28,6 @@ class EncodeCache:
             from pgolf.quant.grouped_cache import GroupedFrames
             self.grouped = GroupedFrames(model_config, meta)
 
-    @property
-    def compressed(self) -> int:
-        """Grouped frames compressed so far (the rest came from memory); 0 for the plain layout."""
-        return self.grouped.compressed if self.grouped is not None else 0
-
     def frames(self, tensors: list) -> list[bytes]:
         """Each tensor's own frame: the file's frames (plain), or the fit's size estimates (grouped:
         the tensor's arrays alone, through the grouped layout's compressor)."""

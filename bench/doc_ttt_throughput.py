@@ -134,6 +134,9 @@ def main() -> None:
     seconds = result.seconds
     per_gpu = result.sums.scored_tokens / seconds
     lora_projected = CHALLENGE_TARGETS / (args.world * per_gpu)
+    print(f"LoRA TTT: {result.sums.scored_tokens:,} targets in {seconds:.1f} s = {per_gpu:,.0f} tok/s per GPU "
+          f"(compile {result.compile_seconds:.1f} s apart, eager warm-up {warm_s:.1f} s); projected 8-GPU "
+          f"{lora_projected:.1f} s without phases", flush=True)  # before global SGD: survives a time limit
     sgd = GlobalSGDSettings(doc_cfg.global_lr, doc_cfg.global_momentum, doc_cfg.global_grad_clip,
                             doc_cfg.global_chunk_tokens, seq_len)
     sgd_nll = global_sgd_forward(model, backend) if compiled else None

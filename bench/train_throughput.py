@@ -16,6 +16,7 @@ number of steps after an untimed compile warm-up, on synthetic or real tokens.
     python bench/train_throughput.py --levers --train-set mix_order_reduction=false --steps 8 \
         --warmup-steps 2 --out levers.json
     python bench/train_throughput.py --levers baseline fused_mlp --out two.json  # a subset
+    python bench/train_throughput.py --levers baseline fa4 --out fa4.json  # needs pip install '.[fa4]'
 
 ``--levers``: every variant builds its own Trainer from the same seed, compiles
 (untimed warm-up, then the state is restored), and runs the same timed steps
@@ -66,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pgolf.config import from_params, load_params  # noqa: E402
 from pgolf.distributed import init_distributed, shutdown  # noqa: E402
 from pgolf.data.loader import TokenStream, open_train_stream  # noqa: E402
+from pgolf.model.attention import ATTENTION_BACKENDS  # noqa: E402
 from pgolf.model.gpt import BANK_NAMES, GPT, ModelConfig  # noqa: E402
 from pgolf.train.optim import OptimConfig  # noqa: E402
 from pgolf.precision import peak_memory, synchronize  # noqa: E402
@@ -172,7 +174,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="torch.compile on CUDA (default on; CPU always eager)")
     ap.add_argument("--qat", action=argparse.BooleanOptionalAction, default=True,
                     help="put the (off) late-QAT switch in the graph, as a training run with QAT does")
-    ap.add_argument("--attention-backend", choices=["auto", "flash", "cudnn", "efficient", "math"],
+    ap.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS),
                     help="override the model's attention_backend")
     ap.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override model fields, values parsed as YAML (e.g. residual_dtype=float32)")
@@ -209,7 +211,10 @@ LEVERS = {
     "fused_loss": ({"fused_loss": True}, {}),
     "cuda_graphs": ({}, {"compile_mode": "reduce-overhead"}),
     "all": ({"fused_mlp": True, "fused_loss": True}, {"compile_mode": "reduce-overhead"}),
+    # FlashAttention-4's Hopper kernels (needs the flash-attn-4 package; not in the default set)
+    "fa4": ({"attention_backend": "fa4"}, {}),
 }
+DEFAULT_LEVERS = ["baseline", "fused_mlp", "fused_loss", "cuda_graphs", "all"]
 
 
 def set_inductor_options(items: list[str]) -> None:
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(args.levers or []) - set(LEVERS))
     if unknown:
         raise SystemExit(f"error: --levers: unknown {unknown}; choose from {list(LEVERS)}")
-    chosen = (args.levers or list(LEVERS)) if args.levers is not None else ["baseline"]
+    chosen = (args.levers or DEFAULT_LEVERS) if args.levers is not None else ["baseline"]
     on_gpu = ctx.device.type == "cuda"
     variants: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

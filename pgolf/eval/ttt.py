@@ -322,4 +322,4 @@ def untrained_reason(result: "TTTResult", cfg: EvalTTTConfig, targets: int) -> s
     if result.train_steps > 0 or cfg.epochs == 0:
         return None
     return (f"val has {targets:,} targets, within one chunk of eval_ttt.chunk_tokens {cfg.chunk_tokens:,}: "
-            "nothing was trained on, this is the sliding score (lower eval_ttt.chunk_tokens for TTT to act)")
+            "nothing was trained on (lower it for TTT to act)")

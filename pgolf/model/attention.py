@@ -24,7 +24,8 @@ from pgolf.model.rope import apply_partial_rope
 # DocMask in annotations: pgolf.model.doc_attention's, not imported here (only when model.doc_attention);
 # KVCache: pgolf.model.sampling's (only when sampling)
 
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+# fa4: FlashAttention-4's Hopper kernels (pgolf/model/fa4_attention.py, the optional flash-attn-4 package)
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "fa4")
 DOC_ATTENTION_IMPLS = ("auto", "dense", "flex")  # model.doc_attention_impl (pgolf/model/doc_attention.py)
 
 _SDPA_BACKENDS = {
@@ -84,6 +85,9 @@ def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *,
     group = q.shape[1] // k.shape[1]
     use_kernel = (backend != "auto" and q.device.type == "cuda" and attn_mask is None
                   and q.dtype in (torch.float16, torch.bfloat16))
+    if use_kernel and backend == "fa4":  # the model's backend: full causal sequences (KV caches use "decode")
+        from pgolf.model.fa4_attention import fa4_causal_attention  # only with model.attention_backend fa4
+        return fa4_causal_attention(q, k, v)
     if use_kernel and group > 1 and backend in EXPAND_KV_BACKENDS:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)

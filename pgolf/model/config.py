@@ -40,7 +40,7 @@ class ModelConfig:
     bigram_buckets: int        # 0 disables BigramHash
     bigram_dim: int
     vrl: bool                  # value residual gates on layers 1..L-1
-    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"]
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "fa4"]
     # Residual stream dtype: "float32", or "autocast" = the autocast dtype (bf16 on
     # GPU) whenever autocast is on, as in the records (bf16 embedding tables made
     # their whole stream bf16); fp32 runs (CPU) are unaffected either way.

@@ -167,8 +167,7 @@ def check_train_shards(paths: Sequence[str | Path]) -> list[Path]:
         raise DataError("hessians: no train shards given for calibration")
     for path in paths:
         if not _TRAIN_SHARD.match(path.name):
-            raise DataError(f"{path}: not a train shard (train_NNNNNN.bin); Hessian calibration "
-                            f"never reads validation or other data")
+            raise DataError(f"{path}: not a train shard (train_NNNNNN.bin): calibration reads train data only")
     return paths
 
 

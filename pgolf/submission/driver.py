@@ -217,7 +217,7 @@ def run(p: dict, code_path: Path, rank: int = 0, world_size: int = 1, local_rank
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_gpt.py", description="pgolf submission run (see the docstring)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override an embedded param for this run, e.g. train.max_train_seconds=120")
+                        help="override an embedded param")
     return parser.parse_args(argv)
 
 

@@ -30,6 +30,7 @@ OPTIONAL_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
                        ("pgolf.quant.grouped", "pgolf.quant.grouped_cache", "pgolf.quant.compression")),
     "AWQ-lite": ("quantize.awq_top_k > 0", ("pgolf.quant.awq", "pgolf.quant.protected")),
     "frontier gates": ("model.attn_gate_window > 0 or model.input_smear_window > 0", ("pgolf.model.frontier_gates",)),
+    "FA4": ("model.attention_backend == 'fa4'", ("pgolf.model.fa4_attention",)),
     "document-local attention": ("model.doc_attention", ("pgolf.model.doc_attention",)),
     "fused kernels": ("model.fused_mlp or model.fused_loss",
                       ("pgolf.model.fused_mlp", "pgolf.model.fused_loss", "pgolf.model.triton_support")),

@@ -263,8 +263,7 @@ def test_ttt_says_when_val_fits_in_one_chunk(tmp_path, tiny_data, capfd):
     assert metrics["chunks"] == 1 and metrics["train_steps"] == 0 and metrics["ttt_trained"] is False
     warning = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: val has")]
     assert warning == [f"warning: val has {metrics['scored_tokens']:,} targets, within one chunk of "
-                       "eval_ttt.chunk_tokens 10,000,000: nothing was trained on, this is the sliding score "
-                       "(lower eval_ttt.chunk_tokens for TTT to act)"]
+                       "eval_ttt.chunk_tokens 10,000,000: nothing was trained on (lower it for TTT to act)"]
     saved = json.loads((tmp_path / "artifacts" / "eval_ttt" / "metrics.json").read_text())
     assert saved["ttt_trained"] is False
     assert warning[0].removeprefix("warning: ") in (tmp_path / "artifacts" / "eval_ttt" / "eval_ttt.log").read_text()

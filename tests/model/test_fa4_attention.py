@@ -96,10 +96,12 @@ def test_the_wrapper_gives_causal_gqa_attention_and_its_gradients(stand_in):
 def test_the_custom_ops_pass_torch_opcheck(stand_in):
     """Schema, fake-tensor shapes (what compile sees) against the real call, autograd registration."""
     q, k, v = (t.detach().transpose(1, 2).contiguous() for t in qkv())
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")  # AOT dispatch: the compile test
     torch.library.opcheck(fa4_attention.fa4_forward, tuple(t.clone().requires_grad_() for t in (q, k, v))
-                          + (8 ** -0.5,))
+                          + (8 ** -0.5,), test_utils=utils)
     out, lse = fa4_attention.fa4_forward(q, k, v, 8 ** -0.5)
-    torch.library.opcheck(fa4_attention.fa4_backward, (torch.ones_like(out), q, k, v, out, lse, 8 ** -0.5))
+    torch.library.opcheck(fa4_attention.fa4_backward, (torch.ones_like(out), q, k, v, out, lse, 8 ** -0.5),
+                          test_utils=utils)
 
 
 def test_a_compiled_function_keeps_the_attention_in_one_graph(stand_in):

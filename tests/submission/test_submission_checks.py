@@ -80,6 +80,7 @@ def test_corrupt_or_foreign_bundle_is_one_error(bundle, tmp_path):
         read_bundle(path)
 
 
+@pytest.mark.slow  # the module's bundle fixture builds one (seconds)
 def test_inspect_shows_counted_bytes_and_modules(bundle, tmp_path, capsys):
     path = tmp_path / "renamed.py"
     path.write_text(bundle.text, encoding="utf-8")

@@ -41,36 +41,25 @@ def attention(q, k, v, backend: SDPBackend | str | None, expand_kv: bool) -> tor
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not expand_kv)
 
 
+def median_ms(fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (CUDA events), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def time_fwd_bwd(fn, inputs, grad_out, warmup: int, iters: int) -> float:
     """Median milliseconds of forward + backward."""
-    for _ in range(warmup):
-        torch.autograd.grad(fn(*inputs), inputs, grad_out)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.autograd.grad(fn(*inputs), inputs, grad_out)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def time_forward(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of a forward alone."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return median_ms(lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out), warmup, iters)
 
 
 def main() -> None:
@@ -123,7 +112,7 @@ def main() -> None:
             ms = time_fwd_bwd(lambda a, b, c: attention(a, b, c, backend, expand_kv),
                               (q, k, v), grad_out, args.warmup, args.iters)
             with torch.no_grad():
-                fwd_ms = time_forward(lambda: attention(q, k, v, backend, expand_kv), args.warmup, args.iters)
+                fwd_ms = median_ms(lambda: attention(q, k, v, backend, expand_kv), args.warmup, args.iters)
             print(f"{label} {ms:8.2f} ms fwd+bwd  {fwd_ms:6.2f} ms fwd   {err}")
         except (RuntimeError, AssertionError, ImportError) as exc:
             print(f"{label}   unsupported: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")

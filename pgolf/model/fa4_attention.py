@@ -12,17 +12,18 @@ fuses around the calls as it does around cuDNN's.
 
 Layout: FA4 takes [B, T, H, hd]; the caller's [B, H, T, hd] tensors are
 transposed views of that layout, so the transposes are free. GQA is native
-(KV heads H/KV times fewer, query head h reads KV head h // (H/KV)).
+(KV heads H/KV times fewer, query head h reads KV head h // (H/KV)). The
+forward also returns the per-row log-sum-exp (lse, fp32 [B, H, T]), which
+the backward needs.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
 
 from pgolf.errors import ParamError
-
-# lse: the forward's per-row log-sum-exp, fp32 [B, H, T]; the backward needs it.
 
 
 def available() -> bool:
@@ -31,6 +32,7 @@ def available() -> bool:
         importlib.util.find_spec("flash_attn.cute") is not None
 
 
+@functools.cache  # called by every forward and backward: look the package up once
 def _interface():
     if not available():
         raise ParamError("model.attention_backend", "fa4 needs the flash-attn-4 package "

@@ -49,10 +49,7 @@ the stages, tools or tests call is dead inside it, though alive in the repositor
 from __future__ import annotations
 
 import ast
-import builtins
 import io
-import itertools
-import string
 import tokenize
 from typing import Iterable, Mapping
 

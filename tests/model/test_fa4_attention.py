@@ -20,13 +20,20 @@ from pgolf.model.attention import sdpa_gqa
 F64 = torch.float64
 
 
-def reference(q, k, v):
-    """Causal GQA attention in [B, H, T, hd], written out (query head h reads KV head h // (H/KV))."""
+def expanded_causal_scores(q, k, v):
+    """(scores with the causal mask, k and v repeated to q's heads) for [B, H, T, hd] inputs; query head h
+    reads KV head h // (H/KV)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     t = q.shape[2]
-    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(
+        torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return scores, k, v
+
+
+def reference(q, k, v):
+    """Causal GQA attention in [B, H, T, hd], written out."""
+    scores, _, v = expanded_causal_scores(q, k, v)
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -35,11 +42,7 @@ def stand_in_interface():
     def forward(q, k, v, softmax_scale, causal, return_lse):
         assert causal and return_lse and softmax_scale == q.shape[-1] ** -0.5
         qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-        group = qh.shape[1] // kh.shape[1]
-        scores = qh @ kh.repeat_interleave(group, dim=1).transpose(-1, -2) * softmax_scale
-        t = qh.shape[2]
-        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # [B, H, T]
+        lse = torch.logsumexp(expanded_causal_scores(qh, kh, vh)[0], dim=-1)  # [B, H, T]
         out = reference(qh, kh, vh).transpose(1, 2).contiguous()
         return out, lse.float(), None, None, None  # FA4's lse is fp32
 
@@ -48,11 +51,9 @@ def stand_in_interface():
         # P = exp(S − lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = s·dS K, dK = s·dSᵀ Q;
         # a KV head's gradient sums its query heads'
         qh, kh, vh, oh, doh = (t.transpose(1, 2) for t in (q, k, v, out, dout))
-        group = qh.shape[1] // kh.shape[1]
-        kr, vr = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
-        t = qh.shape[2]
-        scores = (qh @ kr.transpose(-1, -2) * scale).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1),
-                                                                 float("-inf"))
+        assert scale == qh.shape[-1] ** -0.5
+        scores, kr, vr = expanded_causal_scores(qh, kh, vh)
+        group, t = qh.shape[1] // kh.shape[1], qh.shape[2]
         assert lse.dtype == torch.float32 and lse.shape == scores.shape[:-1]
         p = torch.softmax(scores, dim=-1)  # exp(S − lse) with lse recomputed in float64
         dv = p.transpose(-1, -2) @ doh
@@ -130,7 +131,7 @@ def test_off_cuda_the_fa4_backend_is_plain_sdpa(monkeypatch):
 def test_without_the_package_the_error_names_the_key(monkeypatch):
     monkeypatch.setattr(fa4_attention, "available", lambda: False)
     with pytest.raises(ParamError, match=r"model.attention_backend: fa4 needs the flash-attn-4 package"):
-        fa4_attention._interface()
+        fa4_attention._interface.__wrapped__()  # the uncached lookup
 
 
 def test_the_backend_is_a_valid_param():

@@ -58,6 +58,7 @@ from pgolf.eval.global_sgd import GlobalSGDSettings, global_sgd, global_sgd_forw
 from pgolf.eval.ttt import EvalTTTConfig  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
 from pgolf.precision import compile_enabled, configure_backends, synchronize  # noqa: E402
+from pgolf.progress import StageLog  # noqa: E402
 from pgolf.tools.profiles import compose  # noqa: E402
 
 CHALLENGE_TARGETS = 47_851_520   # CaseOps val targets trimmed to 2048 (docs/FRONTIER.md §1.1)
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--sgd-chunks", type=int, default=4, help="global SGD chunks timed")
     ap.add_argument("--sample-stride", type=int, default=1,
                     help="time every K-th of rank 0's batches (run as rank 0 of world x K)")
+    ap.add_argument("--progress-lines", type=int, default=10, help="progress lines over the sampled batches")
     ap.add_argument("--phase-chunks", default=",".join(map(str, F1855_PHASE_CHUNKS)))
     ap.add_argument("--backend", default="auto",
                     help="chunk forward: auto (inductor if eval_ttt.compile and CUDA), eager, padded, or a "
@@ -129,8 +131,9 @@ def main() -> None:
     compiled = backend not in (None, "padded")
     warm_s = 0.0 if compiled else timed(lambda: run_doc_ttt(model, warm, sidecar, seq_len, doc_cfg,
                                                             backend=backend), device)[1]
-    result, wall = timed(lambda: run_doc_ttt(model, tokens, sidecar, seq_len, doc_cfg, rank=0, backend=backend,
-                                             world_size=args.world * args.sample_stride), device)
+    with StageLog(None, lines_per_task=args.progress_lines) as log:   # lines on stdout: a time limit keeps them
+        result, wall = timed(lambda: run_doc_ttt(model, tokens, sidecar, seq_len, doc_cfg, rank=0, backend=backend,
+                                                 world_size=args.world * args.sample_stride, progress=log), device)
     seconds = result.seconds
     per_gpu = result.sums.scored_tokens / seconds
     lora_projected = CHALLENGE_TARGETS / (args.world * per_gpu)

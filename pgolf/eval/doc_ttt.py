@@ -56,6 +56,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pgolf.data.bpb import ByteSource, target_bytes
 from pgolf.distributed import all_reduce_sum_
@@ -130,27 +131,31 @@ class _BatchScorer:
         first = np.maximum(0, end - self.seq_len)
         width = int((end - first).max())
         begin = np.full(k, begin, dtype=np.int64)
-        if self.forward is not None:   # pad rows to the batch size and the width to its bucket (lora_forward)
-            pad = np.zeros(self.lora.rows - k, dtype=np.int64)
+        rows = k
+        if self.forward is not None:   # pad rows and the width to their buckets (lora_forward)
+            rows, width = self.forward.rows(k), self.forward.width(width)
+            pad = np.zeros(rows - k, dtype=np.int64)
             starts, begin, end, first = (np.concatenate([a, pad]) for a in (starts, begin, end, first))
             stepping = np.concatenate([stepping, pad.astype(bool)])
-            width = self.forward.width(width)
         cols = np.arange(width)
         fed = cols[None, :] < (end - first)[:, None]
-        ids = torch.where(torch.from_numpy(fed).to(dev),
-                          self.tokens[torch.from_numpy(np.where(fed, (starts + first)[:, None] + cols, 0)).to(dev)], 0)
         scored_n = end - begin
         j = np.arange(chunk)
         valid_np = j[None, :] < scored_n[:, None]
-        sel = torch.from_numpy(np.minimum((begin - first)[:, None] + j, width - 1)).to(dev)
-        positions = torch.from_numpy(np.where(valid_np, (starts + begin)[:, None] + j, 0)).to(dev)
-        valid = torch.from_numpy(valid_np).to(dev)
+        # every index this chunk needs, in one host→device copy (each copy from pageable memory waits for the device)
+        packed = torch.from_numpy(np.concatenate([
+            np.where(fed, (starts + first)[:, None] + cols, -1).ravel(),
+            np.minimum((begin - first)[:, None] + j, width - 1).ravel(),
+            np.where(valid_np, (starts + begin)[:, None] + j, 0).ravel(),
+            valid_np.ravel(), stepping, np.maximum(scored_n, 1)]).astype(np.int64)).to(dev)
+        index, sel, positions, valid, mask, denom = packed.split([rows * width, rows * chunk, rows * chunk,
+                                                                  rows * chunk, rows, rows])
+        ids = torch.where(index >= 0, self.tokens[index.clamp(min=0)], 0).view(rows, width)
+        sel, positions, valid = sel.view(rows, chunk), positions.view(rows, chunk), valid.view(rows, chunk).bool()
+        mask = mask.bool()
         targets = self.tokens[positions + 1]
         train = bool(stepping.any())
-        mask = torch.from_numpy(stepping).to(dev)
-        denom = torch.from_numpy(np.maximum(scored_n, 1)).to(dev)
         if self.forward is None:
-            self.lora.active = k
             with torch.set_grad_enabled(train), config_override(self.model, doc_attention=False):
                 nll, loss, logp = chunk_loss(self.model, self.lora, ids, sel, targets, valid, mask, denom, True)
         else:
@@ -175,8 +180,8 @@ class _BatchScorer:
             loss.backward()
             if self.forward is None:
                 self.opt.step(int(stepping.sum()))  # a prefix: rows are longest first
-            else:
-                self.forward.step(mask)
+            else:   # the compiled step's mask covers all batch_docs rows (static shape)
+                self.forward.step(F.pad(mask, (0, self.lora.rows - rows)))
             self.opt.zero_grad()
             self.steps += 1
             if self.observer is not None:
@@ -217,9 +222,15 @@ def run_doc_ttt(model: torch.nn.Module, tokens: torch.Tensor, source: ByteSource
     compile_seconds = 0.0
     if compiled:   # token-0 inputs only: reads no validation data, changes no weight (lora_forward, global_sgd)
         sizes = [cfg.chunk_tokens] + [c for _, c in cfg.short_doc_chunks]
+        if progress is not None:   # its end line gives the warm-up's seconds even if the run is cut short
+            progress.start("doc ttt compile warm-up", 2 if bounds else 1, "parts")
         compile_seconds = forward.warm_up(sizes, score_adjust is not None)
+        if progress is not None:
+            progress.advance(1)
         if bounds:
             compile_seconds += warm_up_global_sgd(model, sgd_nll, sgd, rank=rank, world_size=world_size)
+            if progress is not None:
+                progress.advance(1)
     scorer = _BatchScorer(model, tokens, docs, source, seq_len, lora, opt, observer, score_adjust, forward)
     phase, generator = 0, lora_generator(cfg.lora_seed, 0, rank)
     lora.reset_a(generator)

@@ -16,9 +16,9 @@ head   the final hidden state      the logits, before the soft-cap
 ====== =========================== ======================================
 
 Initialisation: ``A ~ U(±1/√in)``, ``B = 0`` (so a fresh adapter is the
-identity). A forward over the first ``k`` documents of the batch uses rows
-``0..k-1`` (the active documents are a prefix because a batch is ordered by
-length, longest first).
+identity). A forward over ``k`` rows of input uses adapter rows ``0..k-1``
+(the running documents are a prefix because a batch is ordered by length,
+longest first; the padded forward adds rows that score nothing).
 
 :class:`RowAdamW` is AdamW (decoupled weight decay, bias correction) applied
 row by row: a step updates only the first ``count`` rows (in place; the rest
@@ -59,7 +59,6 @@ class BatchedLoRA:
         if unknown:
             raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known {list(LORA_TARGETS)}")
         self.rows, self.rank, self.scale = rows, rank, alpha / rank
-        self.active = rows
         shapes = target_shapes(model)
         slots = [s for s in range(visit_slots(model))]
         self.a: dict[tuple[int, str], torch.Tensor] = {}
@@ -89,11 +88,13 @@ class BatchedLoRA:
             b.zero_()
 
     def __call__(self, slot: int, target: str, x: torch.Tensor) -> torch.Tensor | None:
-        """Delta for rows ``0..active-1``: x [active, T, in] → [active, T, out]; None for a disabled target."""
+        """Delta for rows ``0..k-1``: x [k, T, in] → [k, T, out]; None for a disabled target.
+
+        k is read off ``x`` (not stored), so a compiled forward with a dynamic row count keeps one graph."""
         a = self.a.get((slot, target))
         if a is None:
             return None
-        k = self.active
+        k = x.shape[0]
         low = torch.bmm(x, a[:k].transpose(1, 2).to(x.dtype))
         return torch.bmm(low, self.b[slot, target][:k].transpose(1, 2).to(x.dtype)) * self.scale
 

@@ -7,17 +7,21 @@ compiled with ``torch.compile``. A chunk's shapes change from chunk to chunk
 (the running documents shrink, the windows widen by the chunk size up to the
 eval seq_len L), so the inputs are padded to a few shapes first:
 
-* rows → the batch size (``batch_docs``): padding rows hold token 0, score
-  no target and take no step. Their loss terms are removed with ``where``
-  (denominator clamped to 1), so the loss does not depend on them and their
-  adapters' gradients are exactly zero; :class:`pgolf.eval.lora.RowAdamW`
-  steps only the stepping prefix anyway. The model is row-independent, so
-  real rows are unchanged.
+* rows k → ``row_bucket(k)``: with static shapes (``compile_width_step`` >
+  0) the batch size (``batch_docs``); with the dynamic graph (step 0) the
+  next power of two, at least 2 (dynamo specialises a size of 1), so the
+  long tail of a batch (a few long documents still running) does not pay
+  for ``batch_docs`` rows. Padding rows hold token 0, score no target and
+  take no step. Their loss terms are removed with ``where`` (denominator
+  clamped to 1), so the loss does not depend on them and their adapters'
+  gradients are exactly zero; :class:`pgolf.eval.lora.RowAdamW` steps only
+  the stepping rows anyway. The model is row-independent, so real rows are
+  unchanged.
 * width w → ``width_bucket(w)``: with ``compile_width_step`` S > 0 the next
   power of two (at least min(S, 64)) while w ≤ S, else the next multiple of
   S, capped at L (one static graph per bucket: 12 for L = 2560, S = 256,
   chunk 48); S = 0 pads to a multiple of 16 and compiles one graph with the
-  width marked dynamic. Right padding with token 0 does not change a causal
+  width and the row count marked dynamic. Right padding with token 0 does not change a causal
   model's outputs at the real positions.
 
 Rounding differs from the unpadded eager path only through the matmul
@@ -56,6 +60,13 @@ def width_bucket(width: int, seq_len: int, step: int) -> int:
     else:
         bucket = -(-width // step) * step
     return min(bucket, max(seq_len, width))
+
+
+def row_bucket(rows: int, batch_rows: int, step: int) -> int:
+    """The padded row count of a chunk with ``rows`` running documents (module docstring)."""
+    if step > 0:
+        return batch_rows
+    return min(batch_rows, max(2, 1 << (int(rows) - 1).bit_length()))
 
 
 def all_buckets(seq_len: int, step: int) -> list[int]:
@@ -124,11 +135,15 @@ class ChunkForward:
     def width(self, width: int) -> int:
         return width_bucket(width, self.seq_len, self.width_step)
 
+    def rows(self, rows: int) -> int:
+        return row_bucket(rows, self.lora.rows, self.width_step)
+
     def __call__(self, ids, sel, targets, valid, stepping, denom, with_logp: bool):
         if self.width_step <= 0 and self.fn is not self._run:
             torch._dynamo.maybe_mark_dynamic(ids, 1)   # a specialisation would recompile (counted), not fail
+            for t in (ids, sel, targets, valid, stepping, denom):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         saved, self.model.cfg = self.model.cfg, self.local_cfg
-        self.lora.active = self.lora.rows
         try:
             with torch.enable_grad():
                 return self.fn(ids, sel, targets, valid, stepping, denom, with_logp)
@@ -138,7 +153,7 @@ class ChunkForward:
     def warm_up(self, chunks: list[int], with_logp: bool) -> float:
         """Build the graph of every bucket for every chunk size in ``chunks`` (module docstring); seconds."""
         dev = next(iter(self.lora.a.values())).device
-        rows = self.lora.rows
+        rows = self.lora.rows   # the largest row bucket: a dynamic graph built on it serves the smaller ones
         synchronize(dev)
         began = time.perf_counter()
         widths = all_buckets(self.seq_len, self.width_step) if self.width_step > 0 else [self.width(self.seq_len)]

@@ -83,7 +83,7 @@ class EvalTTTConfig(NgramTiltConfig):
     # doc_lora only (the chunked mode compiles with eval_sliding.compile): torch.compile the per-chunk forward +
     # backward on padded shapes and global SGD's forward (pgolf/eval/lora_forward.py); CUDA only, CPU stays eager.
     compile: bool = False
-    compile_width_step: int = 256   # window widths padded to multiples of this (powers of two below); 0 = dynamic
+    compile_width_step: int = 256   # widths padded to multiples of this (powers of two below); 0 = dynamic width, rows
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -5,10 +5,11 @@ uint32 index length, the JSON index, the data section); only its packing in
 the file differs. The integer arrays of the quantised 2-D tensors that have a
 role (the writer's :class:`Grouping`; pgolf/quant/roles.py: ``tok_emb`` and the
 six block matrices) are taken out of the data section and stored by role group: each matrix's rows
-in greedy L1 order (pgolf/quant/compression.py) when its role is a sorted one, then transposed
-(columns of integers lie together), the group's matrices concatenated in
-index order. Everything else (the index, scales, LQER factors, passthrough
-tensors, other integers; then the uint16 row permutations) is the remainder.
+in greedy L1 order (pgolf/quant/compression.py) when its role is a sorted one, the group's matrices
+concatenated in index order, either each transposed (columns of integers lie together) or row-major:
+the writer compresses both and keeps the smaller frame, group by group (which one wins depends on the
+compressor and the role; docs/LOG.md). Everything else (the index, scales, LQER factors,
+passthrough tensors, other integers; then the uint16 row permutations) is the remainder.
 
 Packed bytes, after the file header (all integers little-endian)::
 
@@ -17,8 +18,9 @@ Packed bytes, after the file header (all integers little-endian)::
     frame 1  the remainder
     frame 2… one per role group, in the grouping's order (roles with no matrix omitted)
 
-The layout names each frame's compressor and decompressed length and each
-member's name, offset in the data section, rows, cols and whether it is
+The layout names each frame's compressor, decompressed length and whether its
+members are transposed (absent in files written before the choice: transposed),
+and each member's name, offset in the data section, rows, cols and whether it is
 sorted, so the reader rebuilds the logical payload byte for byte. One frame
 per group keeps each group's size exact and separately measurable.
 
@@ -112,14 +114,14 @@ class Packing:
     compress: Callable[[Sequence[bytes], str, int], list[bytes]] = compress_frames
 
 
-def _stored(q: np.ndarray, m: Member, row_order: Callable[[str, np.ndarray], np.ndarray]) -> tuple[bytes, bytes]:
-    """(transposed, row-ordered integers; the permutation's bytes or b"")."""
+def _stored(q: np.ndarray, m: Member, row_order: Callable[[str, np.ndarray], np.ndarray]) -> tuple[np.ndarray, bytes]:
+    """(the row-ordered integers [rows, cols]; the permutation's bytes or b"")."""
     if not m.sorted:
-        return np.ascontiguousarray(q.T).tobytes(), b""
+        return q, b""
     perm = np.asarray(row_order(m.name, q))
     if perm.shape != (m.rows,):
         raise ValueError(f"row order of {m.name}: {perm.shape} for {m.rows} rows")
-    return np.ascontiguousarray(q[perm].T).tobytes(), perm.astype(_PERM_DTYPE).tobytes()
+    return q[perm], perm.astype(_PERM_DTYPE).tobytes()
 
 
 def pack(entries: Sequence[dict], head: bytes, data: bytes, compressor: str, level: int,
@@ -129,8 +131,7 @@ def pack(entries: Sequence[dict], head: bytes, data: bytes, compressor: str, lev
     groups = group_members(entries, grouping)
     members = sorted((m for ms in groups.values() for m in ms), key=lambda m: m.offset)
     remainder, perms, cursor = [head], [], 0
-    streams: dict[str, list[bytes]] = {role: [] for role in groups}
-    stored_of: dict[str, bytes] = {}
+    stored_of: dict[str, np.ndarray] = {}
     for m in members:
         remainder.append(data[cursor:m.offset])
         q = np.frombuffer(data, dtype=np.int8, count=m.rows * m.cols, offset=m.offset).reshape(m.rows, m.cols)
@@ -138,19 +139,27 @@ def pack(entries: Sequence[dict], head: bytes, data: bytes, compressor: str, lev
         perms.append(perm)
         cursor = m.offset + m.rows * m.cols
     remainder.append(data[cursor:])
-    for role, ms in groups.items():
-        streams[role] = [stored_of[m.name] for m in ms]
-    raw = {"remainder": b"".join(remainder + perms), **{role: b"".join(s) for role, s in streams.items()}}
-    layout = {"groups": [{"role": role, "compressor": compressor, "raw_bytes": len(raw[role]),
-                          "members": [[m.name, m.offset, m.rows, m.cols, m.sorted] for m in ms]}
-                         for role, ms in groups.items()],
-              "remainder": {"compressor": compressor, "raw_bytes": len(raw["remainder"])}}
+    roles = list(groups)
+    transposed = [b"".join(np.ascontiguousarray(stored_of[m.name].T).tobytes() for m in groups[r]) for r in roles]
+    row_major = [b"".join(stored_of[m.name].tobytes() for m in groups[r]) for r in roles]
+    remainder_bytes = b"".join(remainder + perms)
+    packed = packing.compress([remainder_bytes, *transposed, *row_major], compressor, level)
+    # per group the smaller frame; a tie keeps the transposed one (the layout of files without the flag)
+    flips = [len(packed[1 + len(roles) + i]) < len(packed[1 + i]) for i in range(len(roles))]
+    frames_of = {"remainder": packed[0],
+                 **{r: packed[1 + len(roles) * f + i] for i, (r, f) in enumerate(zip(roles, flips))}}
+    raw_len = {"remainder": len(remainder_bytes), **{r: len(t) for r, t in zip(roles, transposed)}}
+    layout = {"groups": [{"role": r, "compressor": compressor, "raw_bytes": raw_len[r], "transposed": not f,
+                          "members": [[m.name, m.offset, m.rows, m.cols, m.sorted] for m in groups[r]]}
+                         for r, f in zip(roles, flips)],
+              "remainder": {"compressor": compressor, "raw_bytes": raw_len["remainder"]}}
     layout_bytes = json.dumps(layout, sort_keys=True, separators=(",", ":")).encode("utf-8")
     names = ["layout", "remainder", *groups]
-    frames = packing.compress([layout_bytes, *(raw[n] for n in names[1:])], compressor, level)
+    frames = packing.compress([layout_bytes], compressor, level) + [frames_of[n] for n in names[1:]]
+    raw_len["layout"] = len(layout_bytes)
     table = struct.pack(f"<I{len(frames)}Q", len(frames), *(len(f) for f in frames))
-    records = [{"frame": n, "compressor": compressor, "raw_bytes": len(layout_bytes) if n == "layout" else len(raw[n]),
-                "bytes": len(f)} for n, f in zip(names, frames)]
+    records = [{"frame": n, "compressor": compressor, "raw_bytes": raw_len[n], "bytes": len(f)}
+               for n, f in zip(names, frames)]
     return table + b"".join(frames), records
 
 
@@ -183,10 +192,11 @@ def _layout(frame: bytes, compressor: str, where: str) -> dict:
     try:
         layout = json.loads(_open(frame, compressor, LAYOUT_LIMIT, "layout", where).decode("utf-8"))
         groups = [(g["role"], g["compressor"], int(g["raw_bytes"]),
-                   [Member(str(n), int(o), int(r), int(c), bool(s)) for n, o, r, c, s in g["members"]])
+                   [Member(str(n), int(o), int(r), int(c), bool(s)) for n, o, r, c, s in g["members"]],
+                   bool(g.get("transposed", True)))
                   for g in layout["groups"]]
         rem = layout["remainder"]
-        if any(min(m.offset, m.rows, m.cols) < 0 for _, _, _, ms in groups for m in ms):
+        if any(min(m.offset, m.rows, m.cols) < 0 for _, _, _, ms, _ in groups for m in ms):
             raise ValueError("a member has a negative offset or shape")
         return {"groups": groups, "remainder": (rem["compressor"], int(rem["raw_bytes"]))}
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -203,7 +213,7 @@ def unpack(packed: bytes, compressor: str, raw_len: int, where: str) -> tuple[by
     groups = layout["groups"]
     if len(frames) != 2 + len(groups):
         raise DataError(f"{where}: {len(frames)} grouped frames for {len(groups)} groups")
-    members = sorted((m for _, _, _, ms in groups for m in ms), key=lambda m: m.offset)
+    members = sorted((m for _, _, _, ms, _ in groups for m in ms), key=lambda m: m.offset)
     rem_comp, rem_len = layout["remainder"]
     if rem_len > raw_len + 2 * sum(m.rows for m in members):
         raise DataError(f"{where}: grouped remainder of {rem_len} bytes exceeds the payload")
@@ -211,7 +221,7 @@ def unpack(packed: bytes, compressor: str, raw_len: int, where: str) -> tuple[by
     records = [{"frame": "layout", "compressor": compressor, "raw_bytes": None, "bytes": len(frames[0])},
                {"frame": "remainder", "compressor": rem_comp, "raw_bytes": rem_len, "bytes": len(frames[1])}]
     stored: dict[str, np.ndarray] = {}
-    for (role, comp, size, ms), frame in zip(groups, frames[2:]):
+    for (role, comp, size, ms, transposed), frame in zip(groups, frames[2:]):
         if size != sum(m.rows * m.cols for m in ms) or size > raw_len:
             raise DataError(f"{where}: grouped frame {role} declares {size} bytes for its members")
         stream = np.frombuffer(_open(frame, comp, size, role, where), dtype=np.int8)
@@ -219,8 +229,9 @@ def unpack(packed: bytes, compressor: str, raw_len: int, where: str) -> tuple[by
             raise DataError(f"{where}: grouped frame {role} decompressed to {stream.size} bytes, layout says {size}")
         records.append({"frame": role, "compressor": comp, "raw_bytes": size, "bytes": len(frame)})
         at = 0
-        for m in ms:
-            stored[m.name] = stream[at:at + m.rows * m.cols].reshape(m.cols, m.rows)
+        for m in ms:   # each member back to [rows, cols] (still in its stored row order)
+            values = stream[at:at + m.rows * m.cols]
+            stored[m.name] = values.reshape(m.cols, m.rows).T if transposed else values.reshape(m.rows, m.cols)
             at += m.rows * m.cols
     if len(remainder) != rem_len or len(remainder) < 4:
         raise DataError(f"{where}: grouped remainder decompressed to {len(remainder)} bytes, layout says {rem_len}")
@@ -246,7 +257,7 @@ def _rebuild(remainder: bytes, members: list[Member], stored: dict[str, np.ndarr
         gap = m.offset - p
         out[head_len + p:head_len + m.offset] = remainder[r:r + gap]
         r += gap
-        q = np.ascontiguousarray(stored[m.name].T)
+        q = np.ascontiguousarray(stored[m.name])
         if m.sorted:
             perm = np.frombuffer(perms[perm_at:perm_at + 2 * m.rows], dtype=_PERM_DTYPE).astype(np.int64)
             perm_at += 2 * m.rows

@@ -28,7 +28,7 @@ from pgolf.quant.artifact import encode
 from pgolf.quant.grouped import Packing, compress_frames, l1_row_order
 from pgolf.quant.roles import role_grouping
 
-FRAMES_KEPT = 64  # grouped frames remembered (a probe has 9; the fit's bracket ends are reused)
+FRAMES_KEPT = 128  # grouped frames remembered (a probe compresses 16: layout, remainder, 7 groups × 2 layouts)
 ESTIMATE_COMPRESSOR, ESTIMATE_LEVEL = "zstd", 3
 
 

@@ -14,7 +14,7 @@ import torch
 from pgolf.eval.doc_ttt import _BatchScorer, run_doc_ttt
 from pgolf.eval.documents import split_documents
 from pgolf.eval.lora import BatchedLoRA, RowAdamW
-from pgolf.eval.lora_forward import ChunkForward, all_buckets, width_bucket
+from pgolf.eval.lora_forward import ChunkForward, all_buckets, row_bucket, width_bucket
 from tests.helpers.doc_ttt_ref import BOS, SEQ_LEN, VOCAB, doc_config, doc_stream, float64_model
 from tests.helpers.eval_lm import make_tables
 
@@ -32,6 +32,12 @@ def test_width_buckets():
             assert w <= width_bucket(w, 2560, step) <= 2560
 
 
+def test_row_buckets():
+    assert [row_bucket(k, 64, 0) for k in (1, 2, 3, 5, 33, 63, 64)] == [2, 2, 4, 8, 64, 64, 64]
+    assert [row_bucket(k, 24, 0) for k in (13, 17, 24)] == [16, 24, 24]      # capped at the batch size
+    assert {row_bucket(k, 64, 256) for k in range(1, 65)} == {64}            # static shapes: always the batch
+
+
 def _scorer(model, tokens, docs, backend: bool, cfg):
     lora = BatchedLoRA(model, cfg.batch_docs, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets),
                        torch.device("cpu"), torch.float64)
@@ -41,18 +47,27 @@ def _scorer(model, tokens, docs, backend: bool, cfg):
     return _BatchScorer(model, tokens, docs, make_tables(VOCAB), SEQ_LEN, lora, opt, None, None, forward)
 
 
-def test_padded_batch_gives_the_same_scores_and_adapter_updates_and_padding_rows_get_zero_gradient():
+@pytest.mark.parametrize("width_step, forward_rows", [(8, [4] * 7), (0, [4, 4, 4, 4, 2, 2, 2])])
+def test_padded_batch_gives_the_same_scores_and_adapter_updates_and_padding_rows_get_zero_gradient(
+        width_step, forward_rows):
     tokens = doc_stream(LENGTHS, seed=1)
     docs = split_documents(tokens.numpy(), BOS)
     model = float64_model(0)
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = doc_config(batch_docs=4, compile_width_step=8)
+    cfg = doc_config(batch_docs=4, compile_width_step=width_step)
     batch = np.array([3, 0, 7])          # 50, 30, 26 targets: 3 documents in 4 rows, windows slide past 24
     out = []
     for padded in (False, True):
         scorer = _scorer(model, tokens, docs, padded, cfg)
         opt, counts = scorer.opt, []
+        if padded:   # the rows each chunk forward saw: the batch (static) or the row bucket (dynamic)
+            seen, run = [], scorer.forward.fn
+
+            def spy(ids, *rest, seen=seen, run=run):
+                seen.append(ids.shape[0])
+                return run(ids, *rest)
+            scorer.forward.fn = spy
 
         def check(count, opt=opt, counts=counts):
             for p in opt.params:   # rows past the stepping prefix (finished or padding documents): exactly 0
@@ -76,6 +91,7 @@ def test_padded_batch_gives_the_same_scores_and_adapter_updates_and_padding_rows
         out.append((sums, scorer.lora, opt, counts))
     (s0, l0, o0, c0), (s1, l1, o1, c1) = out
     assert c0 == c1 == [3, 3, 3, 1, 1, 1] and torch.equal(o0.steps, o1.steps)
+    assert seen == forward_rows
     torch.testing.assert_close(s1, s0, rtol=1e-13, atol=0)
     for a, b in zip(l0.parameters() + o0.exp_avg + o0.exp_avg_sq, l1.parameters() + o1.exp_avg + o1.exp_avg_sq):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-12)
@@ -116,7 +132,17 @@ def test_compiled_run_matches_eager_with_one_dynamic_width_graph():
     tokens = doc_stream(LENGTHS, seed=1)
     cfg = doc_config(prefix_docs=4, phases=2, compile_width_step=0, lora_targets=("q", "mlp", "head"))   # 1 chunk size
     eager, base, eager_model = _scores(tokens, cfg, None)
-    compiled, nll, compiled_model = _scores(tokens, cfg, "aot_eager")
+    seen = []
+
+    class Recorder:   # the progress calls: the compile warm-up is reported before the batches start
+        def start(self, task, total, unit):
+            seen.append(("start", task, total))
+
+        def advance(self, n=1, tokens=0):
+            seen.append(("advance", n))
+    compiled, nll, compiled_model = _scores(tokens, cfg, "aot_eager", progress=Recorder())
+    assert seen[:4] == [("start", "doc ttt compile warm-up", 2), ("advance", 1), ("advance", 1),
+                        ("start", "doc ttt batches", compiled.batches)]
     np.testing.assert_allclose(nll, base, rtol=0, atol=1e-12)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):   # after two phases of global SGD
         torch.testing.assert_close(q, p, rtol=0, atol=1e-12)

@@ -65,7 +65,18 @@ def test_throughput_bench_runs_on_a_cpu(tmp_path):
                            "--world", "2", "--sample-stride", "2", "--set", "batch_docs=4", "lora_rank=4", "global_chunk_tokens=4096"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "doc ttt batches: 2/2 batches" in proc.stdout   # progress lines before the end (a time limit keeps them)
     result = json.loads(out.read_text())
     assert result["rank0_targets"] > 0 and result["per_gpu_tokens_per_s"] > 0
     assert result["sample_stride"] == 2 and result["sampled_batches"] == 2  # 6 batches, every 4th
     assert result["projected_8gpu_seconds_with_phases"] > result["projected_8gpu_seconds_no_phases"]
+
+
+@pytest.mark.slow
+def test_trace_bench_counts_one_dynamic_graph_on_a_cpu():
+    proc = subprocess.run([sys.executable, str(REPO / "bench/doc_ttt_trace.py"), "--params-profile", "cpu_frontier",
+                           "--width-step", "0", "--seq-len", "32", "--rows", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chunk forward + backward: 1 dynamic (rows, width) graph(s)" in proc.stdout
+    assert "RowAdamW.step_rows over" in proc.stdout

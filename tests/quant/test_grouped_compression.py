@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 
 import numpy as np
@@ -94,21 +95,85 @@ def test_grouped_round_trip_is_exact_and_frames_are_reported_exactly(compressor)
     assert records[1]["raw_bytes"] == payload - sum(rows.values()) + 2 * sorted_rows
 
 
-def test_the_stored_group_stream_is_the_row_ordered_transpose():
-    ts = model_tensors(seed=1, layers=1)
-    blob = encode(ts, {}, {}, "zstd", 3, grouping=ROLE_GROUPING)
+def stored_frames(blob: bytes) -> dict[str, bytes]:
     lengths = frame_table(blob)
     packed = blob[HEADER_BYTES + 4 + 8 * len(lengths):]
     starts = np.cumsum([0] + lengths)
-    frames = [packed[starts[i]:starts[i + 1]] for i in range(len(lengths))]
+    return {role: packed[starts[i]:starts[i + 1]] for i, role in enumerate(["layout", "remainder", *GROUP_ROLES])}
+
+
+def structured_tensors():
+    """model_tensors(seed 1, one layer) with c_k's rows all equal (row-major packs it smaller) and mlp.proj's
+    rows each constant (transposed packs it smaller), so the writer's choice goes both ways."""
+    ts = model_tensors(seed=1, layers=1)
+    g = torch.Generator().manual_seed(3)
+    for name, w in (("blocks.0.attn.c_k.weight", torch.randn(1, 32, generator=g).expand(16, 32)),
+                    ("blocks.0.mlp.proj.weight", torch.randn(32, 1, generator=g).expand(32, 64))):
+        i = next(i for i, t in enumerate(ts) if t.name == name)
+        ts[i] = stored(name, w.contiguous())
+    return ts
+
+
+def grouped_zstd(ts: list) -> tuple[bytes, dict[str, bytes], dict]:
+    """(the grouped zstd-3 blob, its frames by name, its layout JSON)."""
+    blob = encode(ts, {}, {}, "zstd", 3, grouping=ROLE_GROUPING)
+    frames = stored_frames(blob)
+    return blob, frames, json.loads(compression.decompress(frames["layout"], "zstd", 1 << 20))
+
+
+def group_streams(group: dict, ts: list) -> tuple[bytes, bytes]:
+    """(transposed, row-major) stream of a layout group's members, each in its stored row order."""
+    q = {t.name: t.q.numpy() for t in ts if t.quantized}
+    ms = [q[n][compression.l1_chain(torch.from_numpy(q[n])).numpy()] if srt else q[n]
+          for n, _, _, _, srt in group["members"]]
+    return (b"".join(np.ascontiguousarray(a.T).tobytes() for a in ms), b"".join(a.tobytes() for a in ms))
+
+
+def test_each_group_is_stored_in_the_layout_that_compresses_smaller():
+    ts = structured_tensors()
+    blob, frames, layout = grouped_zstd(ts)
+    flags = {g["role"]: g["transposed"] for g in layout["groups"]}
+    assert flags["attn.c_k"] is False and flags["mlp.proj"] is True   # both ways on this input
+    for g in layout["groups"]:
+        transposed, row_major = group_streams(g, ts)
+        sizes = [len(compression.compress(x, "zstd", 3)) for x in (transposed, row_major)]
+        want = transposed if sizes[0] <= sizes[1] else row_major
+        assert g["transposed"] == (sizes[0] <= sizes[1]) and len(frames[g["role"]]) == min(sizes)
+        assert compression.decompress(frames[g["role"]], "zstd", 1 << 20) == want
+    for x, y in zip(ts, decode(blob).tensors):   # both layouts read back exactly
+        assert x.name == y.name and (x.q is None or torch.equal(x.q, y.q))
+
+
+def test_a_layout_without_the_flag_reads_as_transposed():
+    """Files written before the writer chose per group have no ``transposed`` key: every group transposed."""
+    ts = model_tensors(seed=1, layers=1)
+    blob, frames, layout = grouped_zstd(ts)
+    streams = {g["role"]: compression.decompress(frames[g["role"]], "zstd", 1 << 20) for g in layout["groups"]}
+    for g in layout["groups"]:   # the old writer: every group transposed, no flag
+        if not g.pop("transposed"):
+            streams[g["role"]] = group_streams(g, ts)[0]
+    old = [compression.compress(json.dumps(layout, sort_keys=True, separators=(",", ":")).encode(), "zstd", 3),
+           frames["remainder"], *(compression.compress(streams[r], "zstd", 3) for r in GROUP_ROLES)]
+    packed = struct.pack(f"<I{len(old)}Q", len(old), *map(len, old)) + b"".join(old)
+    for x, y in zip(ts, decode(_resealed(blob, packed)).tensors):
+        assert x.name == y.name and (x.q is None or torch.equal(x.q, y.q))
+
+
+def test_the_stored_group_stream_is_the_row_ordered_matrix():
+    ts = model_tensors(seed=1, layers=1)
+    blob, frames, layout = grouped_zstd(ts)
+    transposed = {g["role"]: g["transposed"] for g in layout["groups"]}
     emb = next(t for t in ts if t.name == "tok_emb.weight")
     fc = next(t for t in ts if t.name == "blocks.0.mlp.fc.weight")
     k = next(t for t in ts if t.name == "blocks.0.attn.c_k.weight")
-    stream = {role: compression.decompress(f, "zstd", 1 << 20) for role, f in zip(["layout", "remainder", *GROUP_ROLES], frames)}
+    stream = {role: compression.decompress(f, "zstd", 1 << 20) for role, f in frames.items()}
+
+    def laid(a: np.ndarray, role: str) -> bytes:
+        return np.ascontiguousarray(a.T if transposed[role] else a).tobytes()
     perm = compression.l1_chain(emb.q)
-    assert stream["tok_emb"] == emb.q.numpy()[perm.numpy()].T.tobytes()
-    assert stream["mlp.fc"] == fc.q.numpy()[compression.l1_chain(fc.q).numpy()].T.tobytes()
-    assert stream["attn.c_k"] == k.q.numpy().T.tobytes()  # not a sorted role: transposed only
+    assert stream["tok_emb"] == laid(emb.q.numpy()[perm.numpy()], "tok_emb")
+    assert stream["mlp.fc"] == laid(fc.q.numpy()[compression.l1_chain(fc.q).numpy()], "mlp.fc")
+    assert stream["attn.c_k"] == laid(k.q.numpy(), "attn.c_k")  # not a sorted role: no row order
     q_perm = compression.l1_chain(next(t for t in ts if t.name == "blocks.0.attn.c_q.weight").q)
     # Permutations close the remainder, members in data-section order (blocks.0.* sort before tok_emb).
     perms = [q_perm, compression.l1_chain(fc.q), perm]

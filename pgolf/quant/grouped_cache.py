@@ -4,7 +4,7 @@ An encode is byte for byte ``artifact.encode``'s with the grouped layout
 (pgolf/quant/grouped.py, row orders by content), through its
 :class:`~pgolf.quant.grouped.Packing` hooks: frames are kept by the SHA-256 of
 (compressor, level, raw stream), so a fit round that demotes one matrix
-recompresses only that matrix's group and the remainder (a frame is never
+recompresses only that matrix's group (both its layouts) and the remainder (a frame is never
 reused for other bytes), and the frames an encode does need are compressed
 on threads, one per frame.
 

@@ -38,6 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import timed  # noqa: E402
+
 from pgolf.quant.artifact import StoredTensor, decode, encode, read_artifact  # noqa: E402
 from pgolf.quant.compression import ALL_COMPRESSORS, available, compress, l1_chain  # noqa: E402
 from pgolf.quant.roles import GROUP_ROLES, role_grouping, role_of  # noqa: E402
@@ -73,12 +75,6 @@ def group_layouts(members: list[StoredTensor]) -> tuple[dict[str, bytes], int, f
              "transposed": b"".join(np.ascontiguousarray(q.T).tobytes() for q in qs),
              "l1_transposed": b"".join(np.ascontiguousarray(q[p].T).tobytes() for q, p in zip(qs, perms))},
             2 * sum(len(p) for p in perms), chain_s)
-
-
-def timed(fn):
-    began = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - began
 
 
 def measure(tensors: list[StoredTensor], compressors: list[str], model_config: dict, meta: dict) -> dict:

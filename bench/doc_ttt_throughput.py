@@ -42,13 +42,14 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import timed  # noqa: E402
 
 from pgolf.config import from_params  # noqa: E402
 from pgolf.data.bpb import SidecarBytes  # noqa: E402
@@ -57,7 +58,7 @@ from pgolf.eval.doc_ttt import run_doc_ttt  # noqa: E402
 from pgolf.eval.global_sgd import GlobalSGDSettings, global_sgd, global_sgd_forward, warm_up_global_sgd  # noqa: E402
 from pgolf.eval.ttt import EvalTTTConfig  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
-from pgolf.precision import compile_enabled, configure_backends, synchronize  # noqa: E402
+from pgolf.precision import compile_enabled, configure_backends  # noqa: E402
 from pgolf.progress import StageLog  # noqa: E402
 from pgolf.tools.profiles import compose  # noqa: E402
 
@@ -79,14 +80,6 @@ def synthetic_documents(docs: int, vocab: int, mean: float, seed: int) -> torch.
     stream = rng.integers(2, vocab, int(lengths.sum()) + 1)
     stream[np.concatenate([[0], np.cumsum(lengths)])] = 1
     return torch.from_numpy(stream)
-
-
-def timed(fn, device: torch.device):
-    synchronize(device)
-    began = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - began
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import timed  # noqa: E402
+
 from pgolf.data.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import resolve_device  # noqa: E402
 from pgolf.eval.sliding import EvalSlidingConfig, nll_forward, score_sliding_windows  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
 from pgolf.tools.profiles import model_preset  # noqa: E402
-from pgolf.precision import configure_backends, synchronize  # noqa: E402
+from pgolf.precision import configure_backends  # noqa: E402
 from pgolf.eval.ttt import EvalTTTConfig, run_ttt  # noqa: E402
 from pgolf.eval.windows import CHALLENGE_VAL_TARGETS  # noqa: E402
 
@@ -66,14 +67,6 @@ def compile_phases() -> dict[str, float]:
     from torch._dynamo.utils import compile_times
     names, values = compile_times(repr="csv", aggregate=True)
     return {n: round(float(v), 2) for n, v in zip(names, values)}
-
-
-def timed(fn, device: torch.device) -> tuple[object, float]:
-    synchronize(device)
-    began = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - began
 
 
 def projection(rank_targets: int, seconds: float, world: int) -> dict:

@@ -20,12 +20,13 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import timed  # noqa: E402
 
 import pgolf.quant.hessians as hessians_mod  # noqa: E402
 from pgolf.quant.artifact import encode  # noqa: E402
@@ -34,7 +35,7 @@ from pgolf.quant.hessians import collect_hessians  # noqa: E402
 from pgolf.quant.hessian_file import hessian_key_for_weight  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
 from pgolf.model.layout import BLOCK_MATRICES, first_reader, hessian_key, weight_name  # noqa: E402
-from pgolf.precision import autocast, synchronize  # noqa: E402
+from pgolf.precision import autocast  # noqa: E402
 from pgolf.quant.policy import QuantizeConfig, quantize_state_dict  # noqa: E402
 from pgolf.tools.profiles import model_preset  # noqa: E402
 
@@ -45,14 +46,6 @@ RECORD_QUANT = QuantizeConfig(
     clip_candidates=(0.999, 0.9995, 0.9999, 0.99999, 1.0), clip_metric="weight_mse", attn_bits=6,
     mlp_bits=6, embed_bits=8, embed_clip_quantile=0.9999984, passthrough_numel=65536,
     compressor="lzma", zstd_level=22, lzma_preset=9, prune=False, prune_margin_bytes=0)
-
-
-def timed(fn, device: torch.device) -> tuple[object, float]:
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - start
 
 
 def bench_hessians(device: torch.device, num_seqs: int, seq_len: int, batch_seqs: int) -> dict:

@@ -34,13 +34,14 @@ import functools
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import timed  # noqa: E402
 
 from bench.compression_groups import synthetic_tensors  # noqa: E402  (one builder of the synthetic state)
 from pgolf.quant import compression  # noqa: E402
@@ -51,12 +52,6 @@ from pgolf.quant.pruning import _zero_cheapest, prune_order, prune_to_target  # 
 from pgolf.quant.roles import SORTED_ROLES, role_grouping, role_of  # noqa: E402
 
 OLD_PACKING = Packing(l1_row_order, functools.partial(compress_frames, threads=1))
-
-
-def timed(fn):
-    began = time.perf_counter()
-    out = fn()
-    return out, round(time.perf_counter() - began, 2)
 
 
 def demote_one(tensors: list) -> list:
@@ -80,19 +75,20 @@ def measure_path(name: str, tensors: list, target_drop: float, cfg, prune: bool 
     else:
         cache = EncodeCache({}, {}, cfg)
         size = cache.encode
-    blob, full_s = timed(lambda: size(tensors))
-    _, fit_s = timed(lambda: size(demote_one(tensors)))
+    blob, full_s = timed(lambda: size(tensors), digits=2)
+    _, fit_s = timed(lambda: size(demote_one(tensors)), digits=2)
     owner, flat = prune_order(tensors)
     probe = _zero_cheapest(tensors, owner, flat, owner.numel() // 100)
-    _, probe_s = timed(lambda: size(probe))
+    _, probe_s = timed(lambda: size(probe), digits=2)
     estimate = None if cache is None else cache.grouped.estimate
-    estimate_s = None if cache is None else timed(lambda: estimate(probe))[1]
+    estimate_s = None if cache is None else timed(lambda: estimate(probe), digits=2)[1]
     target = int(len(blob) * (1 - target_drop))
     row = {"full_encode_s": full_s, "fit_probe_s": fit_s, "prune_probe_s": probe_s, "estimate_s": estimate_s,
            "bytes": len(blob), "target_bytes": target}
     outcome = None
     if prune:
-        outcome, row["prune_s"] = timed(lambda: prune_to_target(tensors, target, lambda ts: len(size(ts)), estimate))
+        outcome, row["prune_s"] = timed(lambda: prune_to_target(tensors, target, lambda ts: len(size(ts)), estimate),
+                                       digits=2)
         row.update(prune_probes=outcome.probes, pruned=outcome.pruned, candidates=outcome.candidates,
                    pruned_bytes=outcome.size_bytes, fits=outcome.fits)
     if cache is not None:
@@ -106,7 +102,7 @@ def chain_seconds(tensors: list) -> dict[str, float]:
     for t in tensors:
         shape = "x".join(map(str, t.shape))
         if t.quantized and role_of(t.name) in SORTED_ROLES and shape not in out:
-            out[shape] = timed(lambda: compression.l1_chain(t.q))[1]
+            out[shape] = timed(lambda: compression.l1_chain(t.q), digits=2)[1]
     return out
 
 

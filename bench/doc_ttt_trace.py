@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import timed  # noqa: E402
+
+from pgolf.config import from_params  # noqa: E402
 from pgolf.eval.lora import BatchedLoRA, RowAdamW  # noqa: E402
 from pgolf.eval.lora_forward import ChunkForward  # noqa: E402
 from pgolf.eval.ttt import EvalTTTConfig  # noqa: E402
-from pgolf.config import from_params  # noqa: E402
 from pgolf.model.gpt import GPT, ModelConfig  # noqa: E402
 from pgolf.tools.profiles import compose  # noqa: E402
 
@@ -50,15 +51,14 @@ def main() -> None:
     for p in lora.parameters():
         p.grad = torch.zeros_like(p)
     step = torch.compile(opt.step_rows, backend=args.backend, fullgraph=True, dynamic=False)
-    began = time.perf_counter()
-    step(torch.zeros(args.rows, dtype=torch.bool, device=device))
-    step_s = time.perf_counter() - began
+    step_s = timed(lambda: step(torch.zeros(args.rows, dtype=torch.bool, device=device)), device)[1]
     torch._dynamo.reset()
     forward = ChunkForward(model, lora, args.seq_len, args.width_step, args.backend)   # no step: timed above
     seconds = forward.warm_up([cfg.chunk_tokens], False)
     kind = "dynamic (rows, width)" if args.width_step <= 0 else "static"
     print(f"chunk forward + backward: {forward.graphs} {kind} graph(s) in {seconds:.1f} s; RowAdamW.step_rows "
           f"over {len(lora.parameters())} adapter tensors: {step_s:.1f} s ({args.backend}, {args.device})")
+
 
 if __name__ == "__main__":
     main()

@@ -21,8 +21,8 @@ eval seq_len L), so the inputs are padded to a few shapes first:
   power of two (at least min(S, 64)) while w ≤ S, else the next multiple of
   S, capped at L (one static graph per bucket: 12 for L = 2560, S = 256,
   chunk 48); S = 0 pads to a multiple of 16 and compiles one graph with the
-  width and the row count marked dynamic. Right padding with token 0 does not change a causal
-  model's outputs at the real positions.
+  width and the row count marked dynamic. Right padding with token 0 does
+  not change a causal model's outputs at the real positions.
 
 Rounding differs from the unpadded eager path only through the matmul
 shapes (tests/eval/test_doc_ttt_padded.py: ≤ 1e-12 in float64). The forward

@@ -144,14 +144,15 @@ def pack(entries: Sequence[dict], head: bytes, data: bytes, compressor: str, lev
     row_major = [b"".join(stored_of[m.name].tobytes() for m in groups[r]) for r in roles]
     remainder_bytes = b"".join(remainder + perms)
     packed = packing.compress([remainder_bytes, *transposed, *row_major], compressor, level)
+    n = len(roles)
     # per group the smaller frame; a tie keeps the transposed one (the layout of files without the flag)
-    flips = [len(packed[1 + len(roles) + i]) < len(packed[1 + i]) for i in range(len(roles))]
-    frames_of = {"remainder": packed[0],
-                 **{r: packed[1 + len(roles) * f + i] for i, (r, f) in enumerate(zip(roles, flips))}}
+    chosen = {r: (t, True) if len(t) <= len(w) else (w, False)
+              for r, t, w in zip(roles, packed[1:1 + n], packed[1 + n:])}
+    frames_of = {"remainder": packed[0], **{r: frame for r, (frame, _) in chosen.items()}}
     raw_len = {"remainder": len(remainder_bytes), **{r: len(t) for r, t in zip(roles, transposed)}}
-    layout = {"groups": [{"role": r, "compressor": compressor, "raw_bytes": raw_len[r], "transposed": not f,
+    layout = {"groups": [{"role": r, "compressor": compressor, "raw_bytes": raw_len[r], "transposed": chosen[r][1],
                           "members": [[m.name, m.offset, m.rows, m.cols, m.sorted] for m in groups[r]]}
-                         for r, f in zip(roles, flips)],
+                         for r in roles],
               "remainder": {"compressor": compressor, "raw_bytes": raw_len["remainder"]}}
     layout_bytes = json.dumps(layout, sort_keys=True, separators=(",", ":")).encode("utf-8")
     names = ["layout", "remainder", *groups]
